@@ -1,0 +1,65 @@
+"""Reading and validating `metadata_clean_<artist>.jsonl` (CONTRACT.md, 'Manifest')."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .files import PathEscapesRoot, resolve_inside
+
+REQUIRED_KEYS = ("audio", "duration", "sample_rate")
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, empty or malformed; the message names the file and line."""
+
+
+def manifest_path(root: str | Path, artist: str) -> Path:
+    return Path(root) / f"metadata_clean_{artist}.jsonl"
+
+
+def read_manifest(path: str | Path, root: str | Path, allow_outside_root: bool = False) -> list[dict]:
+    """Parse and check every line; each entry gains `path`, the resolved `.th` file.
+
+    Raises ManifestError naming the file (and line) for: missing file, empty manifest, a line that
+    is not a JSON object, missing required keys, a path escaping the root, a missing token file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} does not exist: run scripts/3_data_preparation.py first")
+    entries = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            entries.append(_parse_line(line, f"{path}:{number}", root, allow_outside_root))
+    if not entries:
+        raise ManifestError(f"manifest {path} is empty: no token files were prepared for this artist")
+    return entries
+
+
+def _parse_line(line: str, where: str, root, allow_outside_root: bool) -> dict:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"{where}: not valid JSON ({error.msg})") from None
+    if not isinstance(entry, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(entry).__name__}")
+    missing = [key for key in REQUIRED_KEYS if key not in entry]
+    if missing:
+        raise ManifestError(f"{where}: missing key(s) {', '.join(missing)}")
+    try:
+        entry["path"] = resolve_inside(root, entry["audio"], allow_outside=allow_outside_root)
+    except PathEscapesRoot as error:
+        raise ManifestError(f"{where}: {error} (refused; pass --allow-outside-root to trust it)") from None
+    if not entry["path"].is_file():
+        raise ManifestError(f"{where}: token file {entry['audio']} does not exist")
+    return entry
+
+
+def check_uniform(entries: list[dict], keys=("codebooks", "bandwidth"), where: str = "manifest") -> None:
+    """All entries must agree on Q and bandwidth (one model consumes them all)."""
+    for key in keys:
+        values = {entry.get(key) for entry in entries if key in entry}
+        if len(values) > 1:
+            raise ManifestError(f"{where}: entries mix {key} values {sorted(values, key=str)}; "
+                                "re-tokenize the artist with one --bandwidth")

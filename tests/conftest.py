@@ -1,0 +1,51 @@
+"""Shared fixtures: the scripts folder on sys.path, a seeded random codec, synthetic audio."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+
+
+@pytest.fixture(scope="session")
+def random_codec():
+    """The 48 kHz Encodec architecture with seeded random weights (built once per test session)."""
+    from pipeline.codec import load_codec
+
+    return load_codec("random:0")
+
+
+@pytest.fixture(scope="session")
+def transformer_module():
+    """scripts/4_Transformer.py imported as a module."""
+    from pipeline.stages import load_stage
+
+    return load_stage("4_Transformer")
+
+
+def sine_tone(seconds: float, rate: int = 48_000, channels: int = 2, freq: float = 440.0,
+              amplitude: float = 0.3) -> np.ndarray:
+    """A deterministic `[n, channels]` float32 tone."""
+    t = np.arange(int(round(seconds * rate))) / rate
+    tone = amplitude * np.sin(2 * np.pi * freq * t)
+    return np.repeat(tone[:, None], channels, axis=1).astype(np.float32)
+
+
+def run_script(script: str, *args, cwd=None, check: bool = False, env=None, timeout: float = 600):
+    """Run `scripts/<script>` in a subprocess; returns the CompletedProcess (text output)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    result = subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)], cwd=cwd,
+                            capture_output=True, text=True, env=full_env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} exited {result.returncode}\nstdout:\n{result.stdout}\n"
+                             f"stderr:\n{result.stderr}")
+    return result
