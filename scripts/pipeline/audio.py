@@ -59,3 +59,40 @@ def resample(block: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndar
     if rate == target:
         return block
     return soxr.resample(block, rate, target, quality="HQ").astype(np.float32, copy=False)
+
+
+DEFAULT_TARGET_LUFS = -20.0  # ITU-R BS.1770 integrated loudness target
+PEAK_CEILING_DBFS = -1.0  # the gain is capped so that no sample exceeds this
+
+
+def integrated_loudness(wave: np.ndarray, rate: int = SAMPLE_RATE) -> float:
+    """BS.1770 integrated loudness of `[n, 2]` in LUFS (-inf for silence or < 400 ms)."""
+    import pyloudnorm
+
+    if wave.shape[0] < int(0.4 * rate):
+        return float("-inf")
+    return float(pyloudnorm.Meter(rate).integrated_loudness(wave.astype(np.float64)))
+
+
+def normalisation_gain(loudness: float, peak: float, target_lufs: float = DEFAULT_TARGET_LUFS) -> float:
+    """Linear gain that brings `loudness` to the target, capped so `peak * gain` stays under the ceiling."""
+    if not np.isfinite(loudness) or peak <= 0:
+        return 1.0
+    gain = 10 ** ((target_lufs - loudness) / 20)
+    ceiling = 10 ** (PEAK_CEILING_DBFS / 20)
+    return float(min(gain, ceiling / peak))
+
+
+def load_conditioned(path, target_lufs: float = DEFAULT_TARGET_LUFS, max_seconds: float | None = None) -> np.ndarray:
+    """Decode any file stage 1 reads and condition it the same way: `[n, 2]` float32, 48 kHz, normalised.
+
+    `max_seconds` keeps only the beginning (e.g. a generation prompt).
+    """
+    data, rate = read_audio(path)
+    if max_seconds is not None:
+        data = data[: int(round(max_seconds * rate))]
+    if not np.isfinite(data).all():
+        raise AudioDecodeError(f"{path}: holds NaN or infinite samples")
+    wave = resample(to_stereo(data), rate)  # [n, C] at rate -> [m, 2] at 48 kHz
+    gain = normalisation_gain(integrated_loudness(wave), float(np.abs(wave).max(initial=0.0)), target_lufs)
+    return (wave * gain).astype(np.float32)
