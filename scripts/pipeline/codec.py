@@ -212,3 +212,36 @@ def load_codec(spec: str, device: str = "cpu") -> Codec:
         return Codec(_random_model(seed), name=f"random:{seed}", pretrained=False, device=device)
     model = _pretrained_model(spec)
     return Codec(model, name=spec, pretrained=True, device=device)
+
+
+def probe(spec: str, timeout: float = 3.0) -> str:
+    """Can `spec` be loaded without waiting on retries? 'random' | 'local' | 'cached' | 'downloadable' | 'unavailable'."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if parse_random_spec(spec) is not None:
+        return "random"
+    if Path(spec).expanduser().exists():
+        return "local" if (Path(spec).expanduser() / "config.json").is_file() else "unavailable"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = [try_to_load_from_cache(spec, name) for name in ("config.json", "model.safetensors")]
+    if all(isinstance(path, str) for path in cached):
+        return "cached"
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return "unavailable"
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return "unavailable"
+    return "downloadable"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Say whether a codec spec can be loaded here (used by run_pipeline.sh).")
+    parser.add_argument("--probe", required=True, metavar="SPEC", help="hub id, local folder or random[:seed]")
+    print(probe(parser.parse_args().probe))

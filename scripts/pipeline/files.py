@@ -11,6 +11,12 @@ from typing import Iterator
 TMP_MARK = ".tmp-"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(final_path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `final_path`; rename it into place only if the block succeeds.
@@ -24,6 +30,7 @@ def atomic_path(final_path: str | Path) -> Iterator[Path]:
                                     dir=final_path.parent)
     os.close(fd)
     tmp_path = Path(tmp_name)
+    os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual mode
     try:
         yield tmp_path
         with open(tmp_path, "rb") as handle:

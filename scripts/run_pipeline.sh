@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Run stages 1 -> 5 for every artist folder in raw_audio/ (or the artists named), ESPnet-style.
+#
+#   bash scripts/run_pipeline.sh                      # every artist in ./raw_audio; the demo if there is none
+#   bash scripts/run_pipeline.sh --stage 4 "My Band"  # re-train and generate for one artist
+#
+# With no raw_audio/ folder (and no artist named), it writes a small synthesized demo corpus into
+# demo_run/ and runs the whole pipeline on it with the tiny model (a few minutes on 2 CPU cores).
+set -euo pipefail
+
+SCRIPTS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python3}"
+
+usage() {
+  cat <<USAGE
+Usage: bash scripts/run_pipeline.sh [options] [ARTIST ...]
+
+Runs scripts/1_audio_preprocessing.py .. scripts/5_MusicPrediction.py for each artist
+(default: every folder in ROOT/raw_audio). One artist's failure is reported and the loop goes
+on; a summary table ends the run. Exit status 1 if any artist failed.
+
+Options (defaults in brackets; demo defaults in braces):
+  --root DIR            project root holding raw_audio/ [current directory] {./demo_run}
+  --stage N             first stage to run, 1..5 [1]
+  --stop-stage M        last stage to run, 1..5 [5]
+  --demo                run the demo corpus even if ROOT/raw_audio exists
+  --preset NAME         model size: tiny, small, base [small] {tiny}
+  --epochs N            training epochs [20] {4}
+  --context-frames N    training window in codec frames (150 = 1 s) [1500] {300}
+  --pattern NAME        codebook pattern: parallel or delay [delay]
+  --bandwidth KBPS      Encodec bandwidth 3, 6, 12 or 24 [6]
+  --codec SPEC          hub id, local folder, random[:seed], or auto
+                        [facebook/encodec_48khz] {auto: pretrained if cached or downloadable,
+                        else the random codec with a warning banner}
+  --clip-seconds S      length of the training clips [60] {10}
+  --seconds S           seconds of music to generate per artist [30] {10}
+  --device DEV          auto, cpu or cuda [auto]
+  --nproc N             processes for stages 2 and 4 under torchrun (GPUs on this machine) [1]
+  --stageK-args "..."   extra options passed to stage K (K = 1..5), e.g. --stage5-args "--top-k 100"
+  -h, --help            this help
+USAGE
+}
+
+log() { printf '%s run_pipeline %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" >&2; }
+die() { log "ERROR: $*"; exit 2; }
+
+ROOT="" STAGE=1 STOP_STAGE=5 DEMO=0 PRESET="" EPOCHS="" CONTEXT="" PATTERN="delay" BANDWIDTH=6
+CODEC="" CLIP_SECONDS="" SECONDS_OUT="" DEVICE=auto NPROC=1
+declare -a ARTISTS=() EXTRA1=() EXTRA2=() EXTRA3=() EXTRA4=() EXTRA5=()
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --root) ROOT="$2"; shift 2 ;;
+    --stage) STAGE="$2"; shift 2 ;;
+    --stop-stage) STOP_STAGE="$2"; shift 2 ;;
+    --demo) DEMO=1; shift ;;
+    --preset) PRESET="$2"; shift 2 ;;
+    --epochs) EPOCHS="$2"; shift 2 ;;
+    --context-frames) CONTEXT="$2"; shift 2 ;;
+    --pattern) PATTERN="$2"; shift 2 ;;
+    --bandwidth) BANDWIDTH="$2"; shift 2 ;;
+    --codec) CODEC="$2"; shift 2 ;;
+    --clip-seconds) CLIP_SECONDS="$2"; shift 2 ;;
+    --seconds) SECONDS_OUT="$2"; shift 2 ;;
+    --device) DEVICE="$2"; shift 2 ;;
+    --nproc) NPROC="$2"; shift 2 ;;
+    --stage[1-5]-args) read -r -a _words <<<"$2"; eval "EXTRA${1:7:1}+=(\"\${_words[@]}\")"; shift 2 ;;
+    --) shift; ARTISTS+=("$@"); break ;;
+    -*) usage >&2; die "unknown option $1" ;;
+    *) ARTISTS+=("$1"); shift ;;
+  esac
+done
+[[ "$STAGE" =~ ^[1-5]$ && "$STOP_STAGE" =~ ^[1-5]$ && "$STAGE" -le "$STOP_STAGE" ]] \
+  || die "--stage and --stop-stage must be 1..5 with stage <= stop-stage"
+
+# ---- the demo: a synthesized corpus when there is no music to work on -------------------------
+if [[ -z "$ROOT" && ( "$DEMO" == 1 || ( ! -d raw_audio && ${#ARTISTS[@]} -eq 0 ) ) ]]; then
+  DEMO=1 ROOT="demo_run"
+fi
+ROOT="${ROOT:-.}"
+mkdir -p "$ROOT"
+ROOT="$(cd "$ROOT" && pwd)"
+if [[ "$DEMO" == 1 ]]; then
+  PRESET="${PRESET:-tiny}" EPOCHS="${EPOCHS:-4}" CONTEXT="${CONTEXT:-300}" CLIP_SECONDS="${CLIP_SECONDS:-10}"
+  SECONDS_OUT="${SECONDS_OUT:-10}" CODEC="${CODEC:-auto}"
+  log "demo: writing a synthesized two-artist corpus into $ROOT/raw_audio (kept if already there)"
+  "$PYTHON" "$SCRIPTS/pipeline/demo.py" --root "$ROOT" >/dev/null
+fi
+PRESET="${PRESET:-small}" EPOCHS="${EPOCHS:-20}" CONTEXT="${CONTEXT:-1500}" CLIP_SECONDS="${CLIP_SECONDS:-60}"
+SECONDS_OUT="${SECONDS_OUT:-30}" CODEC="${CODEC:-facebook/encodec_48khz}"
+
+if [[ "$CODEC" == auto ]]; then
+  availability="$(PYTHONPATH="$SCRIPTS" "$PYTHON" -m pipeline.codec --probe facebook/encodec_48khz)"
+  if [[ "$availability" == unavailable ]]; then
+    CODEC="random:0"
+    cat >&2 <<BANNER
+
+  ************************************************************************************
+  *  The pretrained Encodec weights (facebook/encodec_48khz) are not cached and the  *
+  *  Hugging Face hub cannot be reached: this run uses a RANDOM, UNTRAINED codec.    *
+  *  Every stage works, but the generated audio is noise-like, NOT music.            *
+  *  Get the weights: see README.md, "Codec weights" (one download, then offline).   *
+  ************************************************************************************
+
+BANNER
+  else
+    CODEC="facebook/encodec_48khz"
+    log "codec: facebook/encodec_48khz ($availability)"
+  fi
+fi
+
+if [[ ${#ARTISTS[@]} -eq 0 ]]; then
+  [[ -d "$ROOT/raw_audio" ]] || die "no $ROOT/raw_audio folder: put songs in raw_audio/<artist>/ (or run with --demo)"
+  while IFS= read -r -d '' dir; do ARTISTS+=("$(basename "$dir")"); done \
+    < <(find "$ROOT/raw_audio" -mindepth 1 -maxdepth 1 -type d ! -name '.*' -print0 | sort -z)
+  [[ ${#ARTISTS[@]} -gt 0 ]] || die "no artist folders in $ROOT/raw_audio"
+fi
+
+launcher() {  # stages 2 and 4 may run as several processes under torchrun
+  if [[ "$NPROC" -gt 1 ]]; then echo "torchrun --standalone --nproc_per_node=$NPROC"; else echo "$PYTHON"; fi
+}
+
+run_stage() {  # run_stage N ARTIST -> the stage's exit status (0 ok, 1 partial, 2+ failed)
+  local n="$1" artist="$2" common=(--artist "$artist" --root "$ROOT")
+  local -n extra="EXTRA$n"
+  case "$n" in
+    1) "$PYTHON" "$SCRIPTS/1_audio_preprocessing.py" "${common[@]}" --clip-seconds "$CLIP_SECONDS" "${extra[@]}" ;;
+    2) $(launcher) "$SCRIPTS/2_Tokenization.py" "${common[@]}" --codec "$CODEC" --bandwidth "$BANDWIDTH" \
+         --device "$DEVICE" "${extra[@]}" ;;
+    3) "$PYTHON" "$SCRIPTS/3_data_preparation.py" "${common[@]}" "${extra[@]}" ;;
+    4) $(launcher) "$SCRIPTS/4_Transformer.py" "${common[@]}" --preset "$PRESET" --epochs "$EPOCHS" \
+         --context-frames "$CONTEXT" --pattern "$PATTERN" --device "$DEVICE" "${extra[@]}" ;;
+    5) "$PYTHON" "$SCRIPTS/5_MusicPrediction.py" "${common[@]}" --seconds "$SECONDS_OUT" --device "$DEVICE" \
+         "${extra[@]}" ;;
+  esac
+}
+
+STAGE_NAMES=("" "preprocessing" "tokenization" "data preparation" "training" "generation")
+RESULTS="$(mktemp)"
+trap 'rm -f "$RESULTS"' EXIT
+any_failed=0
+for artist in "${ARTISTS[@]}"; do
+  started=$(date +%s) status="ok"
+  log "=== $artist: stages $STAGE..$STOP_STAGE"
+  for ((n = STAGE; n <= STOP_STAGE; n++)); do
+    log "--- $artist: stage $n (${STAGE_NAMES[$n]})"
+    rc=0
+    run_stage "$n" "$artist" || rc=$?
+    if [[ "$rc" -eq 1 ]]; then
+      status="partial"
+      log "$artist: stage $n finished, but some items failed (see its report); going on"
+    elif [[ "$rc" -ne 0 ]]; then
+      status="failed at stage $n"
+      any_failed=1
+      log "$artist: stage $n failed (exit $rc); going on with the next artist"
+      break
+    fi
+  done
+  printf '%s\t%s\t%s\n' "$artist" "$status" "$(( $(date +%s) - started ))" >>"$RESULTS"
+done
+
+echo
+PYTHONPATH="$SCRIPTS" "$PYTHON" -m pipeline.summary --root "$ROOT" --results "$RESULTS" --list-outputs
+if [[ "$DEMO" == 1 ]]; then
+  cat <<NEXT
+
+Demo finished: listen to the WAVs above, look at the spectrograms and model_results/*/loss.png.
+Next, with your own music:
+  mkdir -p raw_audio/"My Artist"   # put that artist's songs there (WAV, FLAC, OGG, MP3, ...)
+  bash scripts/run_pipeline.sh     # every artist in raw_audio/; see --help and README.md
+NEXT
+  [[ "$CODEC" == random:* ]] && echo "(This demo used an untrained codec: its audio is not music. README.md, \"Codec weights\".)"
+fi
+exit "$any_failed"
