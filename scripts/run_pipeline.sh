@@ -24,6 +24,8 @@ Options (defaults in brackets; demo defaults in braces):
   --stage N             first stage to run, 1..5 [1]
   --stop-stage M        last stage to run, 1..5 [5]
   --demo                run the demo corpus even if ROOT/raw_audio exists
+  --demo-tracks N       demo tracks per artist [3]
+  --demo-track-seconds S  length of each demo track [20]
   --preset NAME         model size: tiny, small, base [small] {tiny}
   --epochs N            training epochs [20] {4}
   --context-frames N    training window in codec frames (150 = 1 s) [1500] {300}
@@ -45,7 +47,7 @@ log() { printf '%s run_pipeline %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" >&2; }
 die() { log "ERROR: $*"; exit 2; }
 
 ROOT="" STAGE=1 STOP_STAGE=5 DEMO=0 PRESET="" EPOCHS="" CONTEXT="" PATTERN="delay" BANDWIDTH=6
-CODEC="" CLIP_SECONDS="" SECONDS_OUT="" DEVICE=auto NPROC=1
+CODEC="" CLIP_SECONDS="" SECONDS_OUT="" DEVICE=auto NPROC=1 DEMO_TRACKS=3 DEMO_TRACK_SECONDS=20
 declare -a ARTISTS=() EXTRA1=() EXTRA2=() EXTRA3=() EXTRA4=() EXTRA5=()
 
 while [[ $# -gt 0 ]]; do
@@ -55,6 +57,8 @@ while [[ $# -gt 0 ]]; do
     --stage) STAGE="$2"; shift 2 ;;
     --stop-stage) STOP_STAGE="$2"; shift 2 ;;
     --demo) DEMO=1; shift ;;
+    --demo-tracks) DEMO_TRACKS="$2"; shift 2 ;;
+    --demo-track-seconds) DEMO_TRACK_SECONDS="$2"; shift 2 ;;
     --preset) PRESET="$2"; shift 2 ;;
     --epochs) EPOCHS="$2"; shift 2 ;;
     --context-frames) CONTEXT="$2"; shift 2 ;;
@@ -85,7 +89,8 @@ if [[ "$DEMO" == 1 ]]; then
   PRESET="${PRESET:-tiny}" EPOCHS="${EPOCHS:-4}" CONTEXT="${CONTEXT:-300}" CLIP_SECONDS="${CLIP_SECONDS:-10}"
   SECONDS_OUT="${SECONDS_OUT:-10}" CODEC="${CODEC:-auto}"
   log "demo: writing a synthesized two-artist corpus into $ROOT/raw_audio (kept if already there)"
-  "$PYTHON" "$SCRIPTS/pipeline/demo.py" --root "$ROOT" >/dev/null
+  "$PYTHON" "$SCRIPTS/pipeline/demo.py" --root "$ROOT" --tracks "$DEMO_TRACKS" \
+    --seconds "$DEMO_TRACK_SECONDS" >/dev/null
 fi
 PRESET="${PRESET:-small}" EPOCHS="${EPOCHS:-20}" CONTEXT="${CONTEXT:-1500}" CLIP_SECONDS="${CLIP_SECONDS:-60}"
 SECONDS_OUT="${SECONDS_OUT:-30}" CODEC="${CODEC:-facebook/encodec_48khz}"

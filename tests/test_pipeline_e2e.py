@@ -1,0 +1,143 @@
+"""End to end: scripts/run_pipeline.sh on the synthetic demo corpus and on real songs (subprocesses)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import REPO, SCRIPTS
+
+RUN_PIPELINE = SCRIPTS / "run_pipeline.sh"
+SMALL_RUN = ["--codec", "random:0", "--preset", "tiny", "--epochs", "2", "--context-frames", "150",
+             "--bandwidth", "6", "--device", "cpu"]
+
+
+def run_pipeline(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    return subprocess.run(["bash", str(RUN_PIPELINE), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=900)
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    """sha256 of every output file (not the logs/reports that carry timings)."""
+    digests = {}
+    for folder in ("data_processed", "encoded_tokens", "music_transformer"):
+        for path in sorted((root / folder).rglob("*")):
+            if path.is_file() and path.suffix in {".wav", ".th"}:
+                digests[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    for path in sorted(root.glob("metadata_clean_*.jsonl")) + sorted((root / "model_results").rglob("*.pt")):
+        digests[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
+
+
+def check_contract(root: Path, artist: str, clip_seconds: float, generated_seconds: float) -> dict:
+    """Every stage's outputs exist and satisfy ../shared/CONTRACT.md; returns a few counts."""
+    clips = sorted((root / "data_processed" / artist).rglob("*.wav"))
+    assert clips, f"stage 1 wrote no clip for {artist}"
+    for clip in clips:
+        info = sf.info(clip)
+        assert (info.samplerate, info.channels) == (48_000, 2)
+        assert info.frames == round(clip_seconds * 48_000)
+    tokens = sorted((root / "encoded_tokens" / artist).rglob("*.th"))
+    assert len(tokens) == len(clips)
+    for path in tokens:
+        token = torch.load(path, weights_only=True)
+        assert token["codes"].dtype == torch.int16 and token["codes"].shape[:2] == (1, 4)
+        assert token["codes"].shape[2] == 150 * token["scales"].numel()
+        assert token["num_samples"] == round(clip_seconds * 48_000) and token["format"] == 1
+    manifest = [json.loads(line) for line in (root / f"metadata_clean_{artist}.jsonl").read_text().splitlines()]
+    assert len(manifest) == len(tokens)
+    for entry in manifest:
+        assert {"audio", "duration", "sample_rate", "frames", "codebooks", "bandwidth", "codec", "source", "track",
+                "split", "median_scale"} <= entry.keys()
+        assert (root / entry["audio"]).is_file()
+    results = root / "model_results" / artist
+    checkpoints = sorted(results.glob("music_transformer_ep*.pt"))
+    assert checkpoints and (results / "metrics.jsonl").is_file() and (results / "loss.png").is_file()
+    checkpoint = torch.load(checkpoints[-1], weights_only=True)
+    assert not any(key.startswith(("module.", "_orig_mod.")) for key in checkpoint["model"])
+    metrics = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
+    wavs = sorted((root / "music_transformer" / artist).glob("*.wav"))
+    assert wavs, f"stage 5 wrote no WAV for {artist}"
+    for wav in wavs:
+        audio, rate = sf.read(wav, always_2d=True)
+        assert rate == 48_000 and audio.shape[1] == 2
+        assert abs(audio.shape[0] - generated_seconds * 48_000) <= 48_000 / 150  # within one codec frame
+        assert np.abs(audio).max() <= 1.0
+        for suffix in (".json", ".th", ".png"):
+            assert wav.with_suffix(suffix).is_file()
+    return {"clips": len(clips), "metrics": metrics}
+
+
+@pytest.mark.slow
+def test_demo_pipeline_runs_end_to_end_and_reruns_idempotently(tmp_path):
+    args = ["--demo", "--root", tmp_path / "demo", "--demo-tracks", "2", "--demo-track-seconds", "9",
+            "--clip-seconds", "4", "--seconds", "2", *SMALL_RUN]
+    first = run_pipeline(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    root = tmp_path / "demo"
+    for artist in ("demo_sunny_arps", "demo_night_bells"):
+        counts = check_contract(root, artist, clip_seconds=4, generated_seconds=2)
+        assert counts["clips"] == 2 * 2  # two 9 s tracks -> two 4 s clips each (the 1 s tails dropped)
+    assert "demo_sunny_arps" in first.stdout and "valid NLL" in first.stdout
+    assert "untrained codec" in first.stdout + first.stderr
+    before = file_digests(root)
+    second = run_pipeline(*args, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert file_digests(root) == before, "a re-run must skip finished work and leave results identical"
+
+
+def test_pipeline_reports_a_failing_artist_and_goes_on(tmp_path):
+    (tmp_path / "raw_audio" / "broken").mkdir(parents=True)
+    (tmp_path / "raw_audio" / "broken" / "song.wav").write_text("not audio")
+    result = run_pipeline("--stop-stage", "1", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "broken" in result.stdout and "failed at stage 1" in result.stdout
+
+
+def test_pipeline_refuses_bad_stage_range(tmp_path):
+    result = run_pipeline("--stage", "4", "--stop-stage", "2", cwd=tmp_path)
+    assert result.returncode == 2 and "stage <= stop-stage" in result.stderr
+
+
+
+
+def _real_songs() -> list[Path]:
+    listing = subprocess.run(["dpkg", "-L", "fretsonfire-songs-sectoid"], capture_output=True, text=True)
+    if listing.returncode != 0:
+        return []
+    # each song folder holds guitar.ogg and song.ogg; song.ogg is the backing mix
+    return sorted(Path(line) for line in listing.stdout.splitlines() if line.endswith("/song.ogg"))
+
+
+@pytest.mark.slow
+def test_real_music_end_to_end(tmp_path):
+    songs = _real_songs()
+    if len(songs) < 2:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install fretsonfire-songs-sectoid (see .ci/run)")
+        pytest.skip("real music not installed: apt-get install fretsonfire-songs-sectoid")
+    artist_dir = tmp_path / "raw_audio" / "Sectoid"
+    artist_dir.mkdir(parents=True)
+    excerpt_seconds = {0: 13.0, 1: 9.5}
+    for index, song in enumerate(songs[:2]):
+        data, rate = sf.read(song, always_2d=True)
+        start = int(30 * rate)  # an excerpt from the middle of the song: no silence at its ends
+        excerpt = data[start:start + int(excerpt_seconds[index] * rate)]
+        assert excerpt.shape[0] == int(excerpt_seconds[index] * rate), f"{song} is shorter than expected"
+        sf.write(artist_dir / f"{song.parent.name}.ogg", excerpt, rate, format="OGG")
+    result = run_pipeline("--clip-seconds", "3", "--seconds", "2", *SMALL_RUN, "--epochs", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = check_contract(tmp_path, "Sectoid", clip_seconds=3, generated_seconds=2)
+    assert counts["clips"] == sum(math.floor(seconds / 3) for seconds in excerpt_seconds.values())  # 4 + 3
+    losses = [row["train_loss"] for row in counts["metrics"]]
+    assert losses[-1] < losses[0], f"training loss did not decrease: {losses}"
