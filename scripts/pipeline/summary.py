@@ -39,7 +39,7 @@ def final_valid_nll(root: Path, artist: str) -> str:
     if not lines:
         return "-"
     last = json.loads(lines[-1])
-    value = last.get("valid_bits_per_frame", last.get("train_bits_per_frame"))
+    value = last.get("valid_nll_bits_per_frame", last.get("train_nll_bits_per_frame"))
     return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
 
 
