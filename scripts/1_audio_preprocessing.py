@@ -234,13 +234,16 @@ def rms_dbfs(samples: np.ndarray) -> float:
 
 
 def quantise(clip: np.ndarray) -> np.ndarray:
-    """float `[n, 2]` -> int16 by plain rounding (no dither: byte-identical on every run).
+    """float `[n, 2]` -> int16 by plain rounding (no dither: byte-identical on every run); overwrites `clip`.
 
     16-bit: the clips are normalised to -20 LUFS with a -1 dBFS peak cap, so 16 bits leave
     ~75 dB between the music and the rounding noise, far more than the codec keeps, at half
     the disk of float32. The clip to the int16 range never engages below the peak cap.
     """
-    return np.clip(np.rint(clip * PCM_FULL_SCALE), -PCM_FULL_SCALE - 1, PCM_FULL_SCALE).astype(np.int16)
+    np.multiply(clip, PCM_FULL_SCALE, out=clip)
+    np.rint(clip, out=clip)
+    np.clip(clip, -PCM_FULL_SCALE - 1, PCM_FULL_SCALE, out=clip)
+    return clip.astype(np.int16)
 
 
 def iter_trimmed(path: Path, start: int, end: int):
@@ -290,8 +293,8 @@ def write_clips(track: Track, out_dir: Path, start: int, end: int, gain: float, 
     """Pass 2: cut [start, end) into clips, gain, fade, drop silent ones, write the rest; return their indices."""
     written = []
     spans = iter_clips(track.source, start, end, settings.clip_samples, settings.pad_tail)
-    for index, (buffer, content) in enumerate(spans):
-        clip = buffer * np.float32(gain)  # [clip_samples, 2]
+    for index, (clip, content) in enumerate(spans):  # the clip buffer is reused: work in place
+        clip *= np.float32(gain)
         if rms_dbfs(clip[:content]) < settings.silence_db:
             info["silent_clips_dropped"] += 1
             continue
