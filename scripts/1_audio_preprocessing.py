@@ -192,8 +192,8 @@ def scan_track(path: Path) -> TrackScan:
     window_peaks, n_samples, peak = [], 0, 0.0
     for block in stream_stereo(path):  # [n, 2] at 48 kHz
         meter.add(block)
-        windows, carry = split_windows(carry, block, TRIM_WINDOW)  # [k, TRIM_WINDOW, 2]
-        window_peaks.append(np.abs(windows).max(axis=(1, 2), initial=0.0))  # [k, TRIM_WINDOW, 2] -> [k]
+        windows, carry = split_windows(carry, block, TRIM_WINDOW)
+        window_peaks += [np.abs(window).max(axis=(1, 2), initial=0.0) for window in windows]  # [k, W, 2] -> [k]
         peak = max(peak, float(np.abs(block).max(initial=0.0)))
         n_samples += block.shape[0]
     if carry.shape[0]:
@@ -229,7 +229,8 @@ def apply_fades(clip: np.ndarray, content: int, fade: int) -> None:
 
 
 def rms_dbfs(samples: np.ndarray) -> float:
-    mean_square = float(np.mean(np.square(samples, dtype=np.float64))) if samples.size else 0.0
+    """RMS level over all samples and channels; einsum sums without a squared copy of a 60 s clip."""
+    mean_square = float(np.einsum("nc,nc->", samples, samples)) / samples.size if samples.size else 0.0
     return 10 * math.log10(mean_square) if mean_square > 0 else float("-inf")
 
 
@@ -313,15 +314,13 @@ def plan_clips(trimmed: int, settings: ClipSettings) -> tuple[int, int]:
     return whole + (1 if tail and settings.pad_tail else 0), tail
 
 
-def condition_track(track: Track, out_dir: Path, settings: ClipSettings, result: TrackResult) -> dict:
-    """Both passes for one track; returns the marker contents."""
-    scan = scan_track(track.source)
-    gain = normalisation_gain(scan.loudness, scan.peak, settings.target_lufs)
-    loudness_known = math.isfinite(scan.loudness) and scan.peak > 0
-    uncapped_gain = 10 ** ((settings.target_lufs - scan.loudness) / 20) if loudness_known else 1.0
-    start, end = trim_bounds(scan, gain, settings.trim_db)
-    n_clips, tail = plan_clips(end - start, settings)
-    info = {
+def describe(scan: TrackScan, gain: float, bounds: tuple[int, int], settings: ClipSettings) -> dict:
+    """The per-track figures of the marker and report.json."""
+    start, end = bounds
+    _, tail = plan_clips(end - start, settings)
+    known = math.isfinite(scan.loudness) and scan.peak > 0
+    uncapped_gain = 10 ** ((settings.target_lufs - scan.loudness) / 20) if known else 1.0
+    return {
         "duration_s": round(scan.n_samples / SAMPLE_RATE, 3),
         "loudness_lufs": round(scan.loudness, 2) if math.isfinite(scan.loudness) else None,
         "peak_dbfs": round(20 * math.log10(scan.peak), 2) if scan.peak > 0 else None,
@@ -329,16 +328,28 @@ def condition_track(track: Track, out_dir: Path, settings: ClipSettings, result:
         "gain_capped_by_peak": gain < uncapped_gain,
         "trimmed_s": [round(start / SAMPLE_RATE, 3), round(end / SAMPLE_RATE, 3)],
         "silent_clips_dropped": 0,
-        "tail_dropped_s": round(tail / SAMPLE_RATE, 3) if tail and not settings.pad_tail else 0.0,
-        "tail_padded_s": round(tail / SAMPLE_RATE, 3) if tail and settings.pad_tail else 0.0,
+        "tail_dropped_s": round(tail / SAMPLE_RATE, 3) if not settings.pad_tail else 0.0,
+        "tail_padded_s": round(tail / SAMPLE_RATE, 3) if settings.pad_tail else 0.0,
     }
+
+
+def why_no_clip(track: Track, bounds: tuple[int, int], settings: ClipSettings) -> str:
+    start, end = bounds
     if end <= start:
-        result.messages.append(("WARNING", f"{display(track.relative)}: silent (nothing above {settings.trim_db:g} "
-                                           "dBFS after normalisation): no clip"))
-    elif n_clips == 0:
-        result.messages.append(("WARNING", f"{display(track.relative)}: {(end - start) / SAMPLE_RATE:.2f} s after "
-                                           f"trimming silence, shorter than one {settings.clip_seconds:g} s clip: "
-                                           "no clip (use --pad-tail or a shorter --clip-seconds to keep it)"))
+        return f"{display(track.relative)}: silent (nothing above {settings.trim_db:g} dBFS after normalisation): no clip"
+    return (f"{display(track.relative)}: {(end - start) / SAMPLE_RATE:.2f} s after trimming silence, shorter than "
+            f"one {settings.clip_seconds:g} s clip: no clip (use --pad-tail or a shorter --clip-seconds to keep it)")
+
+
+def condition_track(track: Track, out_dir: Path, settings: ClipSettings, result: TrackResult) -> dict:
+    """Both passes for one track; returns the marker contents."""
+    scan = scan_track(track.source)
+    gain = normalisation_gain(scan.loudness, scan.peak, settings.target_lufs)
+    start, end = trim_bounds(scan, gain, settings.trim_db)
+    info = describe(scan, gain, (start, end), settings)
+    n_clips, _ = plan_clips(end - start, settings)
+    if n_clips == 0:
+        result.messages.append(("WARNING", why_no_clip(track, (start, end), settings)))
     clip_indices = write_clips(track, out_dir, start, end, gain, settings, info) if n_clips else []
     info["clips"] = len(clip_indices)
     return {"version": MARKER_VERSION, "track": display(track.relative), "settings": asdict(settings),

@@ -294,7 +294,8 @@ def test_kill_and_rerun_ends_with_the_files_of_an_uninterrupted_run(stage1, tmp_
     process.wait()
     assert not (out / "report.json").exists(), "the run finished before it could be killed"
     for path in out.glob("*.wav"):  # whatever carries a final name is a whole clip
-        assert sf.info(str(path)).frames == 48_000, path
+        if ".tmp-" not in path.name:
+            assert sf.info(str(path)).frames == 48_000, path
     assert run_stage(stage1, reference_root) == 0
     assert run_stage(stage1, killed_root) == 0
     assert clip_files(killed_root) == clip_files(reference_root)

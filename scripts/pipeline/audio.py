@@ -161,12 +161,19 @@ def resample(block: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndar
     return soxr.resample(block, rate, target, quality="HQ").astype(np.float32, copy=False)
 
 
-def split_windows(carry: np.ndarray, block: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut `carry + block` (`[n, C]`) into whole windows `[k, size, C]`; return them and the leftover `[r, C]`."""
-    joined = np.concatenate([carry, block]) if carry.shape[0] else block  # [r + n, C]
-    whole = joined.shape[0] // size * size
-    windows = joined[:whole].reshape(-1, size, joined.shape[1])  # [k*size, C] -> [k, size, C]
-    return windows, joined[whole:].copy()
+def split_windows(carry: np.ndarray, block: np.ndarray, size: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Cut `carry + block` (`[n, C]`) into whole windows; return them (a list of `[k, size, C]` views) and the
+    leftover `[r, C]`. Only the window that straddles the two is copied: blocks are large, windows small."""
+    windows = []
+    if carry.shape[0]:
+        need = size - carry.shape[0]
+        if block.shape[0] < need:
+            return [], np.concatenate([carry, block])
+        windows.append(np.concatenate([carry, block[:need]])[None])  # [size, C] -> [1, size, C]
+        block = block[need:]
+    whole = block.shape[0] // size * size
+    windows.append(block[:whole].reshape(-1, size, block.shape[1]))  # [k*size, C] -> [k, size, C]
+    return windows, block[whole:].copy()
 
 
 DEFAULT_TARGET_LUFS = -20.0  # ITU-R BS.1770 integrated loudness target
@@ -215,9 +222,9 @@ class LoudnessMeter:
 
     def add(self, block: np.ndarray) -> None:
         filtered, self.state = scipy.signal.sosfilt(self.sos, block, axis=0, zi=self.state)  # float64 out
-        windows, self.carry = split_windows(self.carry, filtered, self.hop)  # [k, hop, 2]
-        if windows.shape[0]:
-            self.hop_energy.append(np.einsum("khc,khc->kc", windows, windows))  # [k, hop, 2] -> [k, 2]
+        windows, self.carry = split_windows(self.carry, filtered, self.hop)
+        for window in windows:
+            self.hop_energy.append(np.einsum("khc,khc->kc", window, window))  # [k, hop, 2] -> [k, 2]
 
     def integrated(self) -> float:
         """Integrated loudness in LUFS; -inf for silence or less than one 400 ms block."""
