@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 import sys
@@ -431,7 +432,9 @@ def run_tracks(tracks: list[Track], out_dir: Path, settings: ClipSettings, overw
                 yield process_track(track, out_dir, settings, overwrite)
                 bar.update()
             return
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # fork on Linux: the workers inherit the loaded modules, also when main() runs inside pytest
+        context = multiprocessing.get_context("fork") if sys.platform == "linux" else None
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             futures = [pool.submit(process_track, track, out_dir, settings, overwrite) for track in tracks]
             for future in futures:  # submission order: the log reads the same for every --workers
                 yield future.result()
