@@ -31,7 +31,7 @@ from pipeline.audio import (  # noqa: E402
     DEFAULT_TARGET_LUFS, PEAK_CEILING_DBFS, AudioDecodeError, LoudnessMeter, normalisation_gain, split_windows,
     stream_stereo)
 from pipeline.cli import (  # noqa: E402
-    StageError, StageReport, make_parser, non_negative_float, positive_float, positive_int, run_main, setup_logging)
+    StageError, StageReport, make_parser, positive_float, positive_int, run_main, setup_logging)
 from pipeline.contract import CHANNELS, SAMPLE_RATE  # noqa: E402
 from pipeline.files import atomic_path, atomic_write_json, is_temporary, remove_stale_temporaries  # noqa: E402
 
@@ -46,7 +46,7 @@ PCM_FULL_SCALE = 32767  # int16 output; see `quantise`
 AUDIO_EXTENSIONS = frozenset({
     ".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd", ".caf",
     ".w64", ".rf64", ".voc", ".sf", ".ircam", ".nist", ".sph", ".paf", ".svx", ".8svx", ".avr", ".htk",
-    ".mat", ".mat4", ".mat5", ".pvf", ".sds", ".sd2", ".xi", ".wve", ".mpc"})
+    ".mat4", ".mat5", ".pvf", ".sds", ".sd2", ".xi", ".wve"})
 
 
 @dataclass(frozen=True)
@@ -337,7 +337,8 @@ def describe(scan: TrackScan, gain: float, bounds: tuple[int, int], settings: Cl
 def why_no_clip(track: Track, bounds: tuple[int, int], settings: ClipSettings) -> str:
     start, end = bounds
     if end <= start:
-        return f"{display(track.relative)}: silent (nothing above {settings.trim_db:g} dBFS after normalisation): no clip"
+        return (f"{display(track.relative)}: silent (nothing above {settings.trim_db:g} dBFS after normalisation): "
+                "no clip")
     return (f"{display(track.relative)}: {(end - start) / SAMPLE_RATE:.2f} s after trimming silence, shorter than "
             f"one {settings.clip_seconds:g} s clip: no clip (use --pad-tail or a shorter --clip-seconds to keep it)")
 

@@ -231,6 +231,7 @@ def copy_raw(source_root: Path, target_root: Path) -> None:
     shutil.copytree(source_root / "raw_audio", target_root / "raw_audio", symlinks=True)
 
 
+@pytest.mark.slow
 def test_workers_2_gives_byte_identical_clips(stage1, processed, tmp_path):
     root, _, _ = processed
     copy_raw(root, tmp_path)
@@ -277,6 +278,7 @@ def test_unfinished_track_is_redone_and_leftovers_are_removed(stage1, tmp_path):
     assert clip_files(tmp_path) == reference
 
 
+@pytest.mark.slow
 def test_kill_and_rerun_ends_with_the_files_of_an_uninterrupted_run(stage1, tmp_path):
     reference_root, killed_root = tmp_path / "reference", tmp_path / "killed"
     raw = reference_root / "raw_audio" / ARTIST
