@@ -95,8 +95,9 @@ class TrackResult:
 
 
 def display(path) -> str:
-    """A path as text that always encodes to UTF-8 (undecodable bytes of odd file names escaped)."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A path as one printable line of UTF-8: undecodable bytes and control characters escaped."""
+    text = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def is_hidden(relative: PurePosixPath) -> bool:
@@ -286,7 +287,7 @@ def default_file_mode() -> int:
 
 def write_clip(samples: np.ndarray, path: Path) -> None:
     with atomic_path(path) as tmp:
-        sf.write(str(tmp), quantise(samples), SAMPLE_RATE, subtype="PCM_16", format="WAV")
+        sf.write(os.fsencode(tmp), quantise(samples), SAMPLE_RATE, subtype="PCM_16", format="WAV")
         os.chmod(tmp, default_file_mode())
 
 

@@ -322,3 +322,15 @@ def test_help_explains_every_option(stage1):
                    "--silence-db", "--trim-db", "--pad-tail", "--workers"):
         assert option in text
     assert "default: -20.0" in text and "default: 60.0" in text and "default: -45.0" in text
+
+
+def test_names_that_are_not_utf8_or_hold_a_newline_work_and_are_reported_readably(stage1, tmp_path):
+    raw = tmp_path / "raw_audio" / ARTIST
+    write(raw, "plain.wav", sine_tone(2.0), 48_000)
+    os.rename(raw / "plain.wav", os.fsencode(raw) + b"/caf\xe9 (latin-1)\nline.wav")
+    assert run_stage(stage1, tmp_path) == 0
+    out = tmp_path / "data_processed" / ARTIST
+    assert sorted(os.listdir(os.fsencode(out))) == [b".stage1", b"caf\xe9 (latin-1)\nline_000.wav",
+                                                    b"caf\xe9 (latin-1)\nline_001.wav", b"report.json"]
+    assert list(read_report(tmp_path)["details"]["tracks"]) == ["caf\\xe9 (latin-1)\\nline.wav"]
+    assert run_stage(stage1, tmp_path) == 0 and read_report(tmp_path)["skipped"] == 1

@@ -99,7 +99,7 @@ def open_audio(path) -> sf.SoundFile:
     path = Path(path)
     _check_is_audio_file(path)
     try:
-        sound = sf.SoundFile(str(path))
+        sound = sf.SoundFile(os.fsencode(path))  # bytes: names that are not valid UTF-8 open too
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as error:
         reason = getattr(error, "error_string", None) or str(error)  # libsndfile's words, without the path
         raise AudioDecodeError(path, f"cannot decode audio ({reason.strip()})") from None
