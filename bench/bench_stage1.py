@@ -39,8 +39,8 @@ def find_songs() -> list[Path]:
     return sorted(songs)
 
 
-def run_measured(command: list[str]) -> tuple[float, float]:
-    """Run a process to completion; (wall seconds, its peak RSS in MiB)."""
+def run_measured(command: list[str]) -> tuple[float, float, float]:
+    """Run a process to completion; (wall seconds, CPU seconds, its peak RSS in MiB)."""
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
@@ -49,7 +49,7 @@ def run_measured(command: list[str]) -> tuple[float, float]:
     stderr = process.stderr.read().decode(errors="replace")
     if process.returncode not in (0, 1):
         sys.exit(f"{command[:3]} failed ({process.returncode}):\n{stderr[-2000:]}")
-    return wall, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
 def stage1_command(root: Path, *extra) -> list[str]:
@@ -57,7 +57,10 @@ def stage1_command(root: Path, *extra) -> list[str]:
 
 
 def bench_songs(work: Path) -> tuple[float, float]:
-    """(stage 1 × real time, sox × real time) on the package's songs, one process at a time."""
+    """(stage 1 × real time, sox × real time) on the package's songs, one process at a time.
+
+    CPU seconds are printed too: on a machine shared with other jobs they move less than wall time.
+    """
     songs = find_songs()
     raw = work / "songs" / "raw_audio" / "bench"
     for index, song in enumerate(songs):  # symlinks: stage 1 follows them
@@ -67,22 +70,24 @@ def bench_songs(work: Path) -> tuple[float, float]:
     seconds = sum(sf.info(str(song)).duration for song in songs)
     print(f"{len(songs)} OGG songs from {SONG_PACKAGE}, {seconds / 60:.1f} min of audio")
 
-    stage1_wall, stage1_rss = run_measured(stage1_command(work / "songs"))
-    stage1_wall2, _ = run_measured(stage1_command(work / "songs", "--workers", "2"))
+    stage1_wall, stage1_cpu, stage1_rss = run_measured(stage1_command(work / "songs"))
+    stage1_wall2, stage1_cpu2, _ = run_measured(stage1_command(work / "songs", "--workers", "2"))
     print(f"stage 1, 1 worker : {stage1_wall:6.2f} s  {seconds / stage1_wall:6.1f}x real time  "
-          f"peak RSS {stage1_rss:.0f} MiB")
-    print(f"stage 1, 2 workers: {stage1_wall2:6.2f} s  {seconds / stage1_wall2:6.1f}x real time")
+          f"CPU {stage1_cpu:6.2f} s  peak RSS {stage1_rss:.0f} MiB")
+    print(f"stage 1, 2 workers: {stage1_wall2:6.2f} s  {seconds / stage1_wall2:6.1f}x real time  "
+          f"CPU {stage1_cpu2:6.2f} s")
 
     sox_out = work / "sox"
-    sox_wall = 0.0
+    sox_wall = sox_cpu = 0.0
     for index, song in enumerate(songs):
         target = sox_out / f"{index:02d}"
         target.mkdir(parents=True)
         command = ["sox", "-D", "--norm=-1", str(song), "-b", "16", str(target / "clip.wav"),
                    "channels", "2", "rate", "-h", "48k", "trim", "0", "60", ":", "newfile", ":", "restart"]
-        wall, _ = run_measured(command)
-        sox_wall += wall
-    print(f"sox, 1 process    : {sox_wall:6.2f} s  {seconds / sox_wall:6.1f}x real time")
+        wall, cpu, _ = run_measured(command)
+        sox_wall, sox_cpu = sox_wall + wall, sox_cpu + cpu
+    print(f"sox, 1 process    : {sox_wall:6.2f} s  {seconds / sox_wall:6.1f}x real time  CPU {sox_cpu:6.2f} s")
+    print(f"stage 1 / sox speed by CPU time (1 worker): {sox_cpu / stage1_cpu:.2f}")
     return seconds / stage1_wall, seconds / sox_wall
 
 
@@ -110,7 +115,7 @@ def bench_long(work: Path, hours: float) -> None:
         started = time.perf_counter()
         seconds = write_long_flac(raw / "long.flac", length)
         made = time.perf_counter() - started
-        wall, rss = run_measured(stage1_command(root))
+        wall, _, rss = run_measured(stage1_command(root))
         size = (raw / "long.flac").stat().st_size / 2**20
         print(f"{label} FLAC ({size:.0f} MiB, written in {made:.0f} s): stage 1 {wall:.1f} s "
               f"({seconds / wall:.1f}x real time), peak RSS {rss:.0f} MiB")
