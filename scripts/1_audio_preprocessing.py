@@ -346,7 +346,8 @@ def why_no_clip(track: Track, bounds: tuple[int, int], settings: ClipSettings) -
 
 def condition_track(track: Track, out_dir: Path, settings: ClipSettings, result: TrackResult) -> dict:
     """Both passes for one track; returns the marker contents."""
-    scan = scan_track(track.source)
+    scan = scan_track(track.source)  # first: it names what is wrong with a bad file
+    signature = source_signature(track)  # before pass 2: a file replaced meanwhile is redone next run
     gain = normalisation_gain(scan.loudness, scan.peak, settings.target_lufs)
     start, end = trim_bounds(scan, gain, settings.trim_db)
     info = describe(scan, gain, (start, end), settings)
@@ -356,7 +357,7 @@ def condition_track(track: Track, out_dir: Path, settings: ClipSettings, result:
     clip_indices = write_clips(track, out_dir, start, end, gain, settings, info) if n_clips else []
     info["clips"] = len(clip_indices)
     return {"version": MARKER_VERSION, "track": display(track.relative), "settings": asdict(settings),
-            "source": source_signature(track), "clip_indices": clip_indices, **info}
+            "source": signature, "clip_indices": clip_indices, **info}
 
 
 def process_track(track: Track, out_dir: Path, settings: ClipSettings, overwrite: bool) -> TrackResult:
