@@ -809,8 +809,9 @@ class Trainer:
     def end_epoch(self) -> dict:
         totals = self.epoch_totals
         if self.info.is_distributed:
+            seconds = totals[-1].clone()  # rank 0's own: the others' also hold their wait for its writes
             torch.distributed.all_reduce(totals)
-            totals[-1] /= self.info.world_size  # seconds: the ranks ran side by side
+            totals[-1] = seconds
         metrics = self.epoch_metrics(totals)
         self.progress.epoch += 1
         self.progress.epoch_batches_done = 0

@@ -374,3 +374,27 @@ def test_parameter_groups_and_schedule(stage4):
     assert schedule(0) == 0.25 and schedule(3) == 1.0
     assert schedule(20) == pytest.approx(0.1) and schedule(100) == pytest.approx(0.1)
     assert all(schedule(s) >= schedule(s + 1) for s in range(4, 30))
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_train_and_write_one_loadable_checkpoint(stage4, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import SCRIPTS
+
+    write_dataset(tmp_path, lengths=(100, 100, 100, 60))  # 3 x 4 = 12 training windows of 32 frames
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(SCRIPTS / "4_Transformer.py"), "--artist", "A", "--root", str(tmp_path), *TINY, "--epochs", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    folder = results(tmp_path)
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["best.pt", "last.pt", "music_transformer_ep1.pt"]
+    assert not list(folder.glob(".*tmp-*"))
+    checkpoint = load(folder / "music_transformer_ep1.pt")
+    assert checkpoint["step"] == 3  # each rank trained its 6 windows in 3 batches of 2, not all 12
+    assert checkpoint["metrics"]["frames"] == 12 * 32  # but every window was trained once, across the ranks
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1  # only rank 0 wrote
+    model = stage4.MusicTransformer(stage4.ModelArgs(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["model"])
