@@ -398,3 +398,27 @@ def test_ddp_two_cpu_processes_train_and_write_one_loadable_checkpoint(stage4, t
     assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1  # only rank 0 wrote
     model = stage4.MusicTransformer(stage4.ModelArgs(**checkpoint["model_args"]))
     model.load_state_dict(checkpoint["model"])
+
+
+def test_grad_checkpointing_gives_the_same_gradients(stage4):
+    tokens = torch.randint(0, 1024, (2, 16, 4))
+    inputs, targets = stage4.build_sequence(tokens, "parallel")
+    gradients = []
+    for checkpointing in (False, True):
+        model = tiny_model(stage4).train()  # dropout 0: the recomputed forward matches
+        if checkpointing:
+            model.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        logits, _ = model(inputs)
+        stage4.sequence_losses(logits, targets, 0.1)[0].backward()
+        gradients.append(model.embeddings[1].weight.grad.clone())
+    torch.testing.assert_close(gradients[0], gradients[1])
+
+
+def test_overwrite_starts_over(stage4, tmp_path):
+    write_dataset(tmp_path)
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "2"]) == 0
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "1", "--overwrite"]) == 0
+    folder = results(tmp_path)
+    assert not (folder / "music_transformer_ep2.pt").exists()
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1
+    assert load(folder / "last.pt")["epoch"] == 1
