@@ -310,9 +310,11 @@ def windows_per_clip(length: int, context: int) -> int:
 def epoch_windows(store: TokenStore, clips: np.ndarray, context: int, seed: int, epoch: int) -> np.ndarray:
     """This epoch's training windows `[N, 2]` (clip, start), shuffled; the same on every rank."""
     rng = np.random.default_rng([seed, epoch])
-    windows = [np.stack([np.full_like(starts, clip), starts], axis=1)  # [n, 2]
-               for clip in clips for starts in [train_window_starts(int(store.lengths[clip]), context, rng)]]
-    windows = np.concatenate(windows, axis=0)  # [N, 2]
+    windows = []
+    for clip in clips:
+        starts = train_window_starts(int(store.lengths[clip]), context, rng)  # [n]
+        windows.append(np.stack([np.full_like(starts, clip), starts], axis=1))  # [n] -> [n, 2]
+    windows = np.concatenate(windows, axis=0)  # n_clips x [n, 2] -> [N, 2]
     return windows[rng.permutation(len(windows))]
 
 
