@@ -431,3 +431,13 @@ def test_overwrite_starts_over(stage4, tmp_path):
     assert not (folder / "music_transformer_ep2.pt").exists()
     assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1
     assert load(folder / "last.pt")["epoch"] == 1
+
+
+def test_leftover_micro_batches_still_make_an_optimizer_step(stage4, tmp_path):
+    write_dataset(tmp_path, lengths=(70, 70, 70, 30))  # 3 x 3 = 9 windows -> 5 micro-batches of 2
+    args = ["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "1", "--grad-accum", "2"]
+    assert stage4.main(args) == 0
+    checkpoint = load(results(tmp_path) / "last.pt")
+    assert checkpoint["step"] == 3  # 2 + 2 + the leftover 1
+    assert checkpoint["scheduler"]["last_epoch"] == 3  # the schedule counts optimizer steps
+    assert checkpoint["metrics"]["frames"] == 9 * 32
