@@ -871,7 +871,8 @@ class Trainer:
 
     # -- writing (rank 0 only) ---------------------------------------------------------------------
     def checkpoint(self, metrics: dict | None) -> dict:
-        return {
+        """The contract's checkpoint; tensors on the CPU so a machine without a GPU loads it as it is."""
+        return to_cpu({
             "format": CHECKPOINT_FORMAT,
             "model": self.raw_model.state_dict(),
             "model_args": asdict(self.model_args),
@@ -890,7 +891,7 @@ class Trainer:
             "train_args": plain(self.args),
             "best_valid_nll": self.progress.best_valid_nll,
             "metrics": metrics,
-        }
+        })
 
     def write_epoch(self, metrics: dict, improved: bool) -> None:
         path = epoch_checkpoint_path(self.folder, self.progress.epoch)
@@ -908,6 +909,17 @@ class Trainer:
         self.log.info("saved a resumable checkpoint %s (epoch %d, %d batches into it, step %d)",
                       self.folder / "last.pt", self.progress.epoch + 1, self.progress.epoch_batches_done,
                       self.progress.step)
+
+
+def to_cpu(value):
+    """A nested dict / list of tensors with every tensor moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(item) for item in value)
+    return value
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
@@ -1103,7 +1115,9 @@ def train_from_command_line(namespace, explicit: set[str], info: DistInfo, devic
     trainer = Trainer(args, model_args, data, folder, namespace.artist, info, device, log)
     if checkpoint is not None:
         trainer.restore(checkpoint, args["lr"] if "lr" in explicit else None)
-        log.info("resumed from epoch %d, step %d", trainer.progress.epoch, trainer.progress.step)
+        progress = trainer.progress
+        log.info("resuming epoch %d (%d batches into it) at optimizer step %d", progress.epoch + 1,
+                 progress.epoch_batches_done, progress.step)
     status = trainer.run()
     log.info("%s: %d epochs, %d steps, best NLL %s bits/frame; outputs in %s", namespace.artist,
              trainer.progress.epoch, trainer.progress.step,
