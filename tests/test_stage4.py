@@ -1,0 +1,443 @@
+"""Stage 4: the model's semantics and the training engine, on tiny models and random tokens."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import StageError
+from pipeline.contract import BOS, PAD, TokenFile, save_token_file
+
+BANDWIDTH = {2: 3.0, 4: 6.0, 8: 12.0}
+TINY = ["--preset", "tiny", "--context-frames", "32", "--batch-size", "2", "--log-level", "WARNING"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine run far faster on one thread (no OpenMP spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def stage4(transformer_module):
+    return transformer_module
+
+
+def write_tokens(root, rel, frames, q=4, seed=0, bandwidth=None):
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1024, (1, q, frames), generator=generator, dtype=torch.int16)
+    token_file = TokenFile(codes=codes, scales=torch.ones(1), num_samples=frames * 320,
+                           bandwidth=bandwidth or BANDWIDTH[q], codec="random:0", chunk_frames=frames)
+    save_token_file(token_file, root / rel)
+    return token_file
+
+
+def write_dataset(root, artist="A", lengths=(100, 70, 50), q=4, valid=1, entry_overrides=None):
+    """Token files of the given lengths (the last `valid` in the valid split) and their manifest."""
+    lines = []
+    for index, frames in enumerate(lengths):
+        rel = f"encoded_tokens/{artist}/clip_{index}.th"
+        write_tokens(root, rel, frames, q=q, seed=index)
+        line = {"audio": rel, "duration": frames / 150, "sample_rate": 48000, "frames": frames, "codebooks": q,
+                "bandwidth": BANDWIDTH[q], "codec": "random:0", "source": f"data_processed/{artist}/{index}.wav",
+                "track": f"track{index}", "split": "valid" if index >= len(lengths) - valid else "train",
+                "median_scale": 1.0 + index}
+        line.update((entry_overrides or {}).get(index, {}))
+        lines.append(line)
+    path = root / f"metadata_clean_{artist}.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def results(root, artist="A"):
+    return root / "model_results" / artist
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def tiny_model(stage4, q=4, context=40, dropout=0.0):
+    torch.manual_seed(0)
+    return stage4.MusicTransformer(stage4.model_args_for("tiny", q, context, {"dropout": dropout}))
+
+
+# ---- the model ----------------------------------------------------------------------------------
+def test_pad_in_any_codebook_masks_the_frame_and_leaves_earlier_outputs_alone(stage4):
+    model = tiny_model(stage4).eval()
+    tokens = torch.randint(0, 1024, (2, 12, 4))
+    padded = tokens.clone()
+    padded[0, 7, 2] = PAD  # only codebook 2 of frame 7
+    mask = stage4.padding_mask(padded)
+    assert mask.shape == (2, 12) and mask.dtype == torch.long
+    assert mask[0, 7] == 0 and mask.sum() == 2 * 12 - 1
+    with torch.no_grad():
+        clean, _ = model(tokens)
+        masked, _ = model(padded)
+    assert clean.shape == (2, 12, 4, 1026)
+    torch.testing.assert_close(masked[0, :7], clean[0, :7])  # causal: nothing before the PAD changes
+    torch.testing.assert_close(masked[1], clean[1])
+    assert not torch.allclose(masked[0, 8:], clean[0, 8:])  # later frames no longer see frame 7
+
+
+def test_heads_are_tied_to_the_embeddings(stage4):
+    model = tiny_model(stage4)
+    tables = {table.weight.data_ptr() for table in model.embeddings}
+    shaped_like_a_table = [name for name, p in model.named_parameters() if p.shape == (1026, model.args.d_embed)]
+    assert shaped_like_a_table == [f"embeddings.{q}.weight" for q in range(4)]  # no separate head matrix
+    tokens = torch.randint(0, 500, (1, 6, 4))  # rows 500.. never looked up: their gradient comes from the heads
+    logits, _ = model(tokens)
+    logits[..., 900].sum().backward()
+    for table in model.embeddings:
+        assert table.weight.data_ptr() in tables
+        assert table.weight.grad[900].abs().sum() > 0
+        assert table.weight.grad[700].abs().sum() == 0  # neither looked up nor in the loss
+
+
+@pytest.mark.parametrize("q", [2, 4])
+def test_delay_shift_round_trips_and_every_token_is_a_target_once(stage4, q):
+    frames = torch.randint(0, 1024, (3, 9, q))
+    grid = stage4.delay_shift(frames, BOS)
+    assert grid.shape == (3, 9 + q - 1, q)
+    assert torch.equal(stage4.delay_unshift(grid), frames)
+    for pattern in stage4.PATTERNS:
+        inputs, targets = stage4.build_sequence(frames, pattern)
+        steps = 9 + stage4.extra_steps(pattern, q)
+        assert inputs.shape == targets.shape == (3, steps, q)
+        assert torch.equal(inputs[:, 0], torch.full((3, q), BOS))
+        assert (targets != PAD).sum() == frames.numel()
+        assert torch.equal(torch.sort(targets[targets != PAD]).values, torch.sort(frames.flatten()).values)
+
+
+def test_strip_prefixes(stage4):
+    weights = {"module._orig_mod.embeddings.0.weight": 1, "_orig_mod.backbone.h.0.attn.c_attn.bias": 2,
+               "head_proj.1.weight": 3, "backbone.module.ln_f.weight": 4}
+    assert stage4.strip_prefixes(weights) == {"embeddings.0.weight": 1, "backbone.h.0.attn.c_attn.bias": 2,
+                                              "head_proj.1.weight": 3, "backbone.ln_f.weight": 4}
+
+
+@pytest.mark.parametrize("pattern", ["parallel", "delay"])
+def test_tiny_model_overfits_one_clip(stage4, pattern):
+    torch.manual_seed(0)
+    frames = torch.randint(0, 1024, (1, 24, 4))
+    inputs, targets = stage4.build_sequence(frames, pattern)
+    model = tiny_model(stage4, context=24)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    history = []
+    for _ in range(120):
+        logits, _ = model(inputs)
+        loss, nll_sums, counts = stage4.sequence_losses(logits, targets, 0.1)
+        history.append(stage4.bits_per_frame(nll_sums, counts)[0])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert history[0] == pytest.approx(4 * 10.0, abs=2.0)  # ~log2(1024) bits per codebook at the start
+    assert history[-1] < 0.25 * history[0]  # memorised: a quarter of the uniform NLL or less
+
+
+# ---- data ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("length", [1, 31, 32, 33, 64, 100, 257])
+def test_training_windows_cover_every_frame(stage4, length):
+    rng = np.random.default_rng(length)
+    seen_starts = set()
+    for _ in range(5):
+        starts = stage4.train_window_starts(length, 32, rng)
+        assert len(starts) == stage4.windows_per_clip(length, 32)
+        covered = np.zeros(length, dtype=bool)
+        for start in starts:
+            assert 0 <= start and (start + 32 <= length or (start == 0 and length < 32))
+            covered[start:start + 32] = True
+        assert covered.all()
+        seen_starts.add(tuple(starts))
+    if length > 64:
+        assert len(seen_starts) > 1  # the offsets move between epochs
+
+
+def test_store_batches_and_frame_dropout(stage4, tmp_path):
+    manifest = write_dataset(tmp_path, lengths=(40, 20))
+    entries = stage4.read_training_manifest(tmp_path, "A")
+    data = stage4.load_dataset(entries)
+    store = data.store
+    assert store.codes.dtype == np.int16 and store.codes.shape == (60, 4) and store.codes.flags.c_contiguous
+    assert data.token_contract["median_scale"] == 1.5 and data.token_contract["n_codebooks"] == 4
+    clip1 = load(tmp_path / "encoded_tokens/A/clip_1.th")["codes"][0].T  # [T, Q]
+    frames = stage4.gather_frames(store, np.array([[1, 0]]), 32)
+    assert torch.equal(frames[0, :20], clip1) and (frames[0, 20:] == PAD).all()
+    windows = np.array([[0, 0], [0, 8]])
+    clean_in, clean_out = stage4.make_batch(store, windows, 32, "parallel")
+    dropped_in, dropped_out = stage4.make_batch(store, windows, 32, "parallel", 0.5, np.random.default_rng(0))
+    assert torch.equal(dropped_out, clean_out)  # targets keep every frame
+    hidden = (dropped_in == PAD).all(-1)  # [B, S]
+    assert 10 < hidden.sum() < 54 and not hidden[:, 0].any()  # whole frames, never the BOS
+    assert torch.equal(dropped_in[~hidden], clean_in[~hidden])
+    assert manifest.is_file()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist: run scripts/3_data_preparation.py"),
+    ("empty", "is empty"),
+    ("missing file", "token file encoded_tokens/A/clip_1.th does not exist"),
+    ("mixed q", "mix codebooks"),
+    ("mixed bandwidth", "mix bandwidth"),
+    ("no train", "no usable clip has split 'train'"),
+])
+def test_bad_manifest_fails_at_start_up_with_its_reason(stage4, tmp_path, case, message):
+    if case == "empty":
+        (tmp_path / "metadata_clean_A.jsonl").write_text("\n")
+    elif case == "missing file":
+        write_dataset(tmp_path)
+        (tmp_path / "encoded_tokens/A/clip_1.th").unlink()
+    elif case == "mixed q":
+        write_dataset(tmp_path, entry_overrides={1: {"codebooks": 8}})
+    elif case == "mixed bandwidth":
+        write_dataset(tmp_path, entry_overrides={1: {"bandwidth": 12.0}})
+    elif case == "no train":
+        write_dataset(tmp_path, lengths=(40, 40), valid=2)
+    with pytest.raises(StageError, match=message):
+        stage4.main(["--artist", "A", "--root", tmp_path, *TINY])
+    assert not (results(tmp_path) / "last.pt").exists()
+
+
+def test_unreadable_token_file_is_named_and_skipped(stage4, tmp_path, capfd):
+    write_dataset(tmp_path, lengths=(40, 40, 30))
+    (tmp_path / "encoded_tokens/A/clip_1.th").write_bytes(b"not a torch file")
+    status = stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "1"])
+    assert status == 1  # finished, one item failed
+    log = capfd.readouterr().err
+    assert "skipping a token file" in log and "clip_1.th: not a readable token file" in log
+    assert (results(tmp_path) / "music_transformer_ep1.pt").is_file()
+
+
+# ---- the engine ------------------------------------------------------------------------------------
+def test_checkpoint_layout_loads_with_weights_only_into_a_plain_model(stage4, tmp_path):
+    write_dataset(tmp_path)
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "2", "--keep-last", "1"]) == 0
+    folder = results(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt", "loss.png", "metrics.jsonl",
+                                                        "music_transformer_ep2.pt"]
+    checkpoint = load(folder / "music_transformer_ep2.pt")
+    for key in ("format", "model", "model_args", "token_contract", "artist", "optimizer", "scheduler", "scaler",
+                "rng", "epoch", "step", "train_args", "best_valid_nll", "metrics"):
+        assert key in checkpoint, key
+    assert checkpoint["format"] == 1 and checkpoint["epoch"] == 2 and checkpoint["artist"] == "A"
+    assert checkpoint["token_contract"] == {"n_codebooks": 4, "bandwidth": 6.0, "codec": "random:0",
+                                            "pattern": "parallel", "frame_rate": 150, "sample_rate": 48000,
+                                            "context_frames": 32, "median_scale": 2.0}
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
+    model = stage4.MusicTransformer(stage4.ModelArgs(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["model"])
+    assert checkpoint["train_args"]["context_frames"] == 32 and isinstance(checkpoint["train_args"]["lr"], float)
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("train_loss", "train_nll_bits_per_frame", "valid_nll_bits_per_frame", "valid_nll_bits_per_codebook",
+                "lr", "frames_per_s", "elapsed_s"):
+        assert key in records[-1], key
+    assert len(records[-1]["valid_nll_bits_per_codebook"]) == 4
+    assert math.isclose(sum(records[-1]["valid_nll_bits_per_codebook"]), records[-1]["valid_nll_bits_per_frame"])
+    assert checkpoint["best_valid_nll"] == min(r["valid_nll_bits_per_frame"] for r in records)
+    # a finished run is skipped; an unfinished one asks for --resume or --overwrite
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "2"]) == 0
+    with pytest.raises(StageError, match="--resume"):
+        stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "3"])
+
+
+def test_both_patterns_train_and_report_comparable_nll(stage4, tmp_path):
+    first, last = {}, {}
+    for pattern in ("parallel", "delay"):
+        root = tmp_path / pattern
+        write_dataset(root, lengths=(64, 64, 40))
+        args = ["--artist", "A", "--root", root, *TINY, "--pattern", pattern, "--epochs", "3", "--lr", "3e-3",
+                "--warmup-frac", "0"]
+        assert stage4.main(args) == 0
+        records = [json.loads(line) for line in (results(root) / "metrics.jsonl").read_text().splitlines()]
+        first[pattern], last[pattern] = records[0], records[-1]
+        assert records[-1]["train_nll_bits_per_frame"] < records[0]["train_nll_bits_per_frame"]
+        assert load(results(root) / "last.pt")["token_contract"]["pattern"] == pattern
+    # same tokens scored in the same units: both start near 4 codebooks x 10 bits
+    for pattern in first:
+        assert first[pattern]["frames"] == first["parallel"]["frames"]
+        assert 30 < first[pattern]["valid_nll_bits_per_frame"] < 45
+
+
+def state_after(stage4, root, *extra):
+    status = stage4.main(["--artist", "A", "--root", root, *TINY, "--grad-accum", "2", "--epochs", "2",
+                          "--dropout", "0.1", *extra])
+    return status, load(results(root) / "last.pt")
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def straight(transformer_module, tmp_path_factory):
+    """Two uninterrupted epochs: what every interrupted-and-resumed run must reproduce exactly."""
+    root = tmp_path_factory.mktemp("straight")
+    write_dataset(root, lengths=(70, 64, 40, 30))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return state_after(transformer_module, root)[1]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_resume_gives_bit_identical_weights(stage4, tmp_path, straight):
+    # 3 train clips -> 3 + 3 + 2 = 8 windows -> 4 micro-batches -> 2 optimizer steps an epoch
+    for name in ("epoch", "mid"):
+        write_dataset(tmp_path / name, lengths=(70, 64, 40, 30))
+    assert straight["step"] == 4 and straight["epoch"] == 2
+    status, halfway = state_after(stage4, tmp_path / "epoch", "--max-steps", "2")
+    assert status == 0 and halfway["epoch"] == 1 and halfway["step"] == 2
+    _, resumed = state_after(stage4, tmp_path / "epoch", "--resume")
+    assert_same_weights(resumed["model"], straight["model"])
+    status, mid = state_after(stage4, tmp_path / "mid", "--max-steps", "3")  # stops inside epoch 2
+    assert (mid["epoch"], mid["epoch_batches_done"], mid["step"]) == (1, 2, 3)
+    _, resumed = state_after(stage4, tmp_path / "mid", "--resume")
+    assert_same_weights(resumed["model"], straight["model"])
+    assert resumed["metrics"]["train_loss"] == pytest.approx(straight["metrics"]["train_loss"], rel=1e-9)
+    assert resumed["optimizer"]["state"][0]["step"] == straight["optimizer"]["state"][0]["step"]
+
+
+def test_explicit_lr_on_resume_takes_effect(stage4, tmp_path):
+    write_dataset(tmp_path / "a", lengths=(70, 64, 40, 30))
+    write_dataset(tmp_path / "b", lengths=(70, 64, 40, 30))
+    state_after(stage4, tmp_path / "a", "--max-steps", "2")
+    _, plain = state_after(stage4, tmp_path / "a", "--resume")
+    state_after(stage4, tmp_path / "b", "--max-steps", "2")
+    _, faster = state_after(stage4, tmp_path / "b", "--resume", "--lr", "3e-3")
+    assert faster["metrics"]["lr"] == pytest.approx(plain["metrics"]["lr"] * 10)
+    assert faster["train_args"]["lr"] == 3e-3
+    with pytest.raises(StageError, match="--pattern delay differs"):
+        state_after(stage4, tmp_path / "b", "--resume", "--pattern", "delay", "--epochs", "3")
+
+
+def test_signal_saves_a_resumable_checkpoint(stage4, tmp_path, monkeypatch, straight):
+    write_dataset(tmp_path / "stopped", lengths=(70, 64, 40, 30))
+    real_step, calls = stage4.Trainer.micro_step, []
+
+    def interrupted_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # first micro-batch of epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(stage4.Trainer, "micro_step", interrupted_step)
+    status, stopped = state_after(stage4, tmp_path / "stopped")
+    assert status == 130 and (stopped["epoch"], stopped["epoch_batches_done"]) == (1, 2)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    monkeypatch.setattr(stage4.Trainer, "micro_step", real_step)
+    _, resumed = state_after(stage4, tmp_path / "stopped", "--resume")
+    assert_same_weights(resumed["model"], straight["model"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(stage4, tmp_path, monkeypatch):
+    write_dataset(tmp_path, lengths=(70, 64, 40, 30))
+    real_losses, calls = stage4.sequence_losses, []
+
+    def poisoned(logits, targets, label_smoothing=0.0):
+        loss, nll, counts = real_losses(logits, targets, label_smoothing)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 6:  # epoch 2
+                loss = loss * float("nan")
+        return loss, nll, counts
+
+    monkeypatch.setattr(stage4, "sequence_losses", poisoned)
+    with pytest.raises(StageError, match="training diverged: the loss became NaN.*epoch 2.*last good checkpoint"):
+        stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "3"])
+    last = load(results(tmp_path) / "last.pt")
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+def test_data_is_read_once(stage4, tmp_path, monkeypatch):
+    write_dataset(tmp_path, lengths=(70, 64, 40))
+    reads = []
+    real_load = stage4.load_token_file
+    monkeypatch.setattr(stage4, "load_token_file", lambda path: reads.append(path) or real_load(path))
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "2"]) == 0
+    assert len(reads) == 3
+
+
+def test_parameter_groups_and_schedule(stage4):
+    model = tiny_model(stage4)
+    model.backbone.wte.requires_grad_(False)
+    decay, no_decay = stage4.parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() == 2 and not names[id(p)].startswith("embeddings.") and "wpe" not in names[id(p)]
+               for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} >= {"embeddings.0.weight", "backbone.wpe.weight",
+                                                          "backbone.ln_f.weight", "input_proj.bias"}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+    schedule = stage4.WarmupCosine(warmup_steps=4, total_steps=20, min_factor=0.1)
+    assert schedule(0) == 0.25 and schedule(3) == 1.0
+    assert schedule(20) == pytest.approx(0.1) and schedule(100) == pytest.approx(0.1)
+    assert all(schedule(s) >= schedule(s + 1) for s in range(4, 30))
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_train_and_write_one_loadable_checkpoint(stage4, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import SCRIPTS
+
+    write_dataset(tmp_path, lengths=(100, 100, 100, 60))  # 3 x 4 = 12 training windows of 32 frames
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(SCRIPTS / "4_Transformer.py"), "--artist", "A", "--root", str(tmp_path), *TINY, "--epochs", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    folder = results(tmp_path)
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["best.pt", "last.pt", "music_transformer_ep1.pt"]
+    assert not list(folder.glob(".*tmp-*"))
+    checkpoint = load(folder / "music_transformer_ep1.pt")
+    assert checkpoint["step"] == 3  # each rank trained its 6 windows in 3 batches of 2, not all 12
+    assert checkpoint["metrics"]["frames"] == 12 * 32  # but every window was trained once, across the ranks
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1  # only rank 0 wrote
+    model = stage4.MusicTransformer(stage4.ModelArgs(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["model"])
+
+
+def test_grad_checkpointing_gives_the_same_gradients(stage4):
+    tokens = torch.randint(0, 1024, (2, 16, 4))
+    inputs, targets = stage4.build_sequence(tokens, "parallel")
+    gradients = []
+    for checkpointing in (False, True):
+        model = tiny_model(stage4).train()  # dropout 0: the recomputed forward matches
+        if checkpointing:
+            model.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        logits, _ = model(inputs)
+        stage4.sequence_losses(logits, targets, 0.1)[0].backward()
+        gradients.append(model.embeddings[1].weight.grad.clone())
+    torch.testing.assert_close(gradients[0], gradients[1])
+
+
+def test_overwrite_starts_over(stage4, tmp_path):
+    write_dataset(tmp_path)
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "2"]) == 0
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "1", "--overwrite"]) == 0
+    folder = results(tmp_path)
+    assert not (folder / "music_transformer_ep2.pt").exists()
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1
+    assert load(folder / "last.pt")["epoch"] == 1
+
+
+def test_leftover_micro_batches_still_make_an_optimizer_step(stage4, tmp_path):
+    write_dataset(tmp_path, lengths=(70, 70, 70, 30))  # 3 x 3 = 9 windows -> 5 micro-batches of 2
+    args = ["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "1", "--grad-accum", "2"]
+    assert stage4.main(args) == 0
+    checkpoint = load(results(tmp_path) / "last.pt")
+    assert checkpoint["step"] == 3  # 2 + 2 + the leftover 1
+    assert checkpoint["scheduler"]["last_epoch"] == 3  # the schedule counts optimizer steps
+    assert checkpoint["metrics"]["frames"] == 9 * 32
