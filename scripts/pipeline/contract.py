@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: stage 1 needs the constants only
+    import torch
 
 SAMPLE_RATE = 48_000
 CHANNELS = 2
@@ -67,6 +69,8 @@ class TokenFile:
         return self.num_samples / self.sample_rate
 
     def to_dict(self) -> dict:
+        import torch
+
         if self.scales is None:
             raise TokenFileError("cannot write a token file without per-chunk scales")
         return {
@@ -86,6 +90,8 @@ class TokenFile:
 
 def validate_codes(codes: torch.Tensor, where: str) -> torch.Tensor:
     """Check a codes tensor is an integer `[1, Q, T]` with values in 0..1023; return it as int16."""
+    import torch
+
     if not isinstance(codes, torch.Tensor):
         raise TokenFileError(f"{where}: 'codes' is a {type(codes).__name__}, not a tensor")
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
@@ -107,6 +113,8 @@ def load_token_file(path: str | Path) -> TokenFile:
 
     Always `weights_only=True`: a file whose pickle would run code is refused, never executed.
     """
+    import torch
+
     path = Path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
