@@ -648,7 +648,7 @@ def resolve_window(args, loaded: LoadedModel) -> tuple[int, int]:
     """(context_frames, stride_frames) within what the model's positions allow."""
     n_codebooks = loaded.n_codebooks
     extra = n_codebooks - 1 if loaded.contract["pattern"] == "delay" else 0
-    limit = int(loaded.model_args["n_positions"]) - extra - 1  # BOS + rows must fit the position table
+    limit = int(loaded.model_args["n_positions"]) - extra  # BOS + (frames + extra - 1) rows fit the positions
     trained = int(loaded.contract.get("context_frames") or limit)
     context = args.context_frames or min(trained, limit)
     if context > limit:
