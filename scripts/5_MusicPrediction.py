@@ -694,10 +694,13 @@ def main(argv=None) -> int:
     frames, detector = generate(run)
     report = StageReport(stage=STAGE, artist=args.artist)
     for index, name in enumerate(names):
-        if name in todo:
-            finish_piece(run, frames[index:index + 1], detector, index, out_folder / name, report)
-        else:
+        if name not in todo:
             report.skipped.append(name)
+            continue
+        try:
+            finish_piece(run, frames[index:index + 1], detector, index, out_folder / name, report)
+        except (OSError, RuntimeError, ValueError) as error:  # one piece's failure must not lose the others
+            report.fail(out_folder / name, f"{type(error).__name__}: {error}", LOG)
     LOG.info("%s", report.summary())
     return report.exit_code()
 

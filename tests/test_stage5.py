@@ -153,6 +153,19 @@ def test_greedy_cache_equals_recompute_across_the_window_slide(stage5, transform
     assert engine.max_position <= 12 + extra  # no step ever attends beyond one window (BOS + rows)
 
 
+@pytest.mark.parametrize("pattern", ["parallel", "delay"])
+def test_prefill_layout_is_the_training_layout(stage5, transformer_module, pattern):
+    """BOS at position 0, then the grid rows exactly as `build_sequence` lays out training inputs."""
+    model = tiny_model(transformer_module)
+    frames = torch.randint(0, CODEBOOK_SIZE, (2, 9, 4), generator=torch.Generator().manual_seed(4))  # [B, L, Q]
+    settings = stage5.GenerationSettings(pattern=pattern, context_frames=40, num_samples=2)
+    engine = stage5.TokenGenerator(model, settings, stage5.SamplingSettings(), None, None, "cpu")
+    engine.codes = frames
+    expected, _ = transformer_module.build_sequence(frames, pattern)  # [B, S, Q], S = L + extra
+    rows = engine._rows(0, 9, 0, expected.shape[1] - 1)  # rows 0..S-2 fill input positions 1..S-1
+    assert torch.equal(expected[:, 1:], rows) and bool((expected[:, 0] == BOS).all())
+
+
 def test_window_slide_keeps_context_minus_stride_frames(stage5, transformer_module):
     """A recording model shows each re-prefill starts with BOS and the last (context - stride) frames."""
     model = tiny_model(transformer_module, context_frames=12)
