@@ -273,14 +273,16 @@ def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, settings: SamplingSettings,
                   generator: torch.Generator | None) -> torch.Tensor:
     """Filtered logits `[B, Q, V]` and per-piece temperatures `[B]` -> tokens `[B, Q]` (0 = greedy)."""
-    greedy = logits.argmax(dim=-1)  # [B, Q]
-    if bool((temperatures <= 0).all()):
-        return greedy
+    greedy_pieces = temperatures <= 0  # [B]
+    if bool(greedy_pieces.all()):
+        return logits.argmax(dim=-1)  # [B, Q]
     scaled = logits / temperatures.clamp_min(1e-6).view(-1, 1, 1)  # [B, Q, V]
     scaled = filter_top_p(filter_top_k(scaled, settings.top_k), settings.top_p)
     probs = torch.softmax(scaled, dim=-1).flatten(0, 1)  # [B, Q, V] -> [B*Q, V]
-    drawn = torch.multinomial(probs, 1, generator=generator).view(greedy.shape)  # [B*Q, 1] -> [B, Q]
-    return torch.where(temperatures.view(-1, 1) > 0, drawn, greedy)
+    drawn = torch.multinomial(probs, 1, generator=generator).view(logits.shape[:2])  # [B*Q, 1] -> [B, Q]
+    if bool(greedy_pieces.any()):
+        return torch.where(greedy_pieces.view(-1, 1), logits.argmax(dim=-1), drawn)
+    return drawn
 
 
 # ==== collapse detector =======================================================================
@@ -307,6 +309,7 @@ class CollapseDetector:
         self.filled = torch.zeros(batch, n_codebooks, dtype=torch.long, device=device)  # [B, Q]
         self.boost_left = [0] * batch
         self.events: list[dict] = []
+        self._unboosted: torch.Tensor | None = None
 
     @property
     def enabled(self) -> bool:
@@ -314,6 +317,10 @@ class CollapseDetector:
 
     def temperatures(self, base: float) -> torch.Tensor:
         """Per-piece temperature `[B]`: boosted pieces decay linearly back to `base`."""
+        if not any(self.boost_left):  # the usual case: reuse one tensor instead of building one per step
+            if self._unboosted is None or float(self._unboosted[0]) != base:
+                self._unboosted = torch.full((len(self.boost_left),), base, device=self.history.device)
+            return self._unboosted
         extra = [(self.settings.boost - 1.0) * left / self.settings.boost_frames for left in self.boost_left]
         ceiling = max(base, self.settings.max_temperature)
         return torch.tensor([min(base * (1.0 + e), ceiling) for e in extra], device=self.history.device)
@@ -359,6 +366,22 @@ class GenerationSettings:
     num_samples: int = 1
 
 
+class WindowPlan:
+    """One window's grid: for each row and codebook, its frame, whether it lies in the window, whether it is open."""
+
+    def __init__(self, frames: torch.Tensor, inside: torch.Tensor, open_cells: torch.Tensor, device: str):
+        self.frames, self.inside, self.open_cells = frames, inside, open_cells  # [R, Q] each, on the CPU
+        self.frames_on_device = frames.to(device)
+        self.inside_on_device = inside.to(device)
+        self.open_on_device = open_cells.to(device)
+        self.n_rows = int(frames.shape[0])
+        open_rows = open_cells.any(dim=1)  # [R]
+        self.row_has_open = open_rows.tolist()
+        self.row_all_open = open_cells.all(dim=1).tolist()
+        self.row_closes_frame = open_cells[:, -1].tolist()
+        self.first_open_row = int(torch.nonzero(open_rows)[0]) if bool(open_rows.any()) else self.n_rows
+
+
 class TokenGenerator:
     """Fills a frame buffer `[B, N, Q]` window by window; each window is one causal pass over the grid.
 
@@ -380,6 +403,8 @@ class TokenGenerator:
         self.offsets = torch.arange(self.n_codebooks) if delayed else torch.zeros(self.n_codebooks, dtype=torch.long)
         self.extra_rows = self.n_codebooks - 1 if delayed else 0
         self.max_position = 0  # the largest position any forward pass used (tests check the window bound)
+        self.codebook_index = torch.arange(self.n_codebooks, device=device)
+        self._temperatures = None
 
     @torch.inference_mode()
     def generate(self, prompt: torch.Tensor | None, total_frames: int, progress=None) -> torch.Tensor:
@@ -394,7 +419,8 @@ class TokenGenerator:
             self.known[:length] = True
         self.progress = progress
         while not bool(self.known.all()):
-            self._run_window(self._window_start(), total_frames)
+            start = self._window_start()
+            self._run_window(self.plan_window(start, min(self.generation.context_frames, total_frames - start)))
         return self.codes
 
     def _window_start(self) -> int:
@@ -405,48 +431,39 @@ class TokenGenerator:
             return 0
         return first_unknown - (context - self.generation.stride_frames)
 
-    def _rows(self, start: int, frames_in_window: int, first_row: int, stop_row: int) -> torch.Tensor:
-        """Grid rows `first_row..stop_row-1` of the window at frame `start` -> `[B, S, Q]` (BOS outside it)."""
-        rows = torch.arange(first_row, stop_row).unsqueeze(1)  # [S, 1]
-        relative = rows - self.offsets.unsqueeze(0)  # [S, 1] - [1, Q] -> [S, Q] frame within the window
-        inside = (relative >= 0) & (relative < frames_in_window)
-        index = (start + relative.clamp(0, frames_in_window - 1)).to(self.device)  # [S, Q]
+    def plan_window(self, start: int, frames_in_window: int) -> "WindowPlan":
+        """Where every cell of the window's grid comes from, computed once so a step only indexes it."""
+        rows = torch.arange(frames_in_window + self.extra_rows).unsqueeze(1)  # [R, 1]
+        relative = rows - self.offsets.unsqueeze(0)  # [R, 1] - [1, Q] -> [R, Q] frame within the window
+        inside = (relative >= 0) & (relative < frames_in_window)  # [R, Q]
+        frames = start + relative.clamp(0, frames_in_window - 1)  # [R, Q] frame in the piece
+        open_cells = inside & ~self.known[frames, torch.arange(self.n_codebooks)]  # [R, Q] to be sampled
+        return WindowPlan(frames=frames, inside=inside, open_cells=open_cells, device=self.device)
+
+    def _rows(self, plan: "WindowPlan", first_row: int, stop_row: int) -> torch.Tensor:
+        """Grid rows `first_row..stop_row-1` -> model inputs `[B, S, Q]` (BOS outside the window)."""
         batch = self.codes.shape[0]
-        values = self.codes.gather(1, index.unsqueeze(0).expand(batch, -1, -1))  # [B, S, Q]
-        return torch.where(inside.to(self.device), values, torch.full_like(values, BOS))
+        index = plan.frames_on_device[first_row:stop_row].unsqueeze(0).expand(batch, -1, -1)  # [B, S, Q]
+        values = self.codes.gather(1, index)  # [B, S, Q]
+        return torch.where(plan.inside_on_device[first_row:stop_row], values, BOS)
 
-    def _cells_to_sample(self, start: int, frames_in_window: int, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frame index `[Q]` of each cell of `row` and whether it must be sampled `[Q]` bool."""
-        relative = row - self.offsets  # [Q]
-        inside = (relative >= 0) & (relative < frames_in_window)
-        frames = start + relative.clamp(0, frames_in_window - 1)  # [Q]
-        return frames, inside & ~self.known[frames, torch.arange(self.n_codebooks)]
-
-    def _first_open_row(self, start: int, frames_in_window: int) -> int:
-        n_rows = frames_in_window + self.extra_rows
-        for row in range(n_rows):
-            if bool(self._cells_to_sample(start, frames_in_window, row)[1].any()):
-                return row
-        return n_rows
-
-    def _run_window(self, start: int, total_frames: int) -> None:
-        frames_in_window = min(self.generation.context_frames, total_frames - start)
-        n_rows = frames_in_window + self.extra_rows
-        first_row = self._first_open_row(start, frames_in_window)
+    def _run_window(self, plan: "WindowPlan") -> None:
+        first_row, n_rows = plan.first_open_row, plan.n_rows
         batch = self.codes.shape[0]
         bos = torch.full((batch, 1, self.n_codebooks), BOS, dtype=torch.long, device=self.device)
-        inputs = torch.cat([bos, self._rows(start, frames_in_window, 0, first_row)], dim=1)  # [B, 1+S, Q]
+        inputs = torch.cat([bos, self._rows(plan, 0, first_row)], dim=1)  # [B, 1+S, Q]
         logits, cache = self._forward(inputs, 0, None)
         for row in range(first_row, n_rows):
-            self._fill_row(start, frames_in_window, row, logits[:, -1])  # logits at position `row`
+            self._fill_row(plan, row, logits[:, -1])  # logits at position `row` predict grid row `row`
             if row + 1 == n_rows:
                 break
-            new_row = self._rows(start, frames_in_window, row, row + 1)  # [B, 1, Q], input position row + 1
+            new_row = self._rows(plan, row, row + 1)  # [B, 1, Q], input position row + 1
             if self.generation.use_cache:
                 logits, cache = self._forward(new_row, row + 1, cache)
             else:
                 inputs = torch.cat([inputs, new_row], dim=1)  # [B, P, Q] -> [B, P+1, Q]
                 logits, _ = self._forward(inputs, 0, None)
+        self.known[plan.frames[plan.open_cells], torch.nonzero(plan.open_cells)[:, 1]] = True
 
     def _forward(self, tokens: torch.Tensor, first_position: int, cache):
         """Run the model on `tokens` `[B, T, Q]` at positions `first_position..`; -> (logits `[B, T, Q, V]`, cache)."""
@@ -454,27 +471,33 @@ class TokenGenerator:
         positions = torch.arange(first_position, first_position + length, device=self.device)
         self.max_position = max(self.max_position, first_position + length - 1)
         return self.model(tokens, cache=cache, use_cache=self.generation.use_cache,
-                          position_ids=positions.unsqueeze(0).expand(batch, -1))  # [B, T]
+                          position_ids=positions.unsqueeze(0).expand(batch, -1))  # [T] -> [B, T]
 
-    def _fill_row(self, start: int, frames_in_window: int, row: int, logits: torch.Tensor) -> None:
+    def _fill_row(self, plan: "WindowPlan", row: int, logits: torch.Tensor) -> None:
         """Sample the open cells of `row` from logits `[B, Q, V]` into the frame buffer."""
-        frames, open_cells = self._cells_to_sample(start, frames_in_window, row)
-        if not bool(open_cells.any()):
+        if not plan.row_has_open[row]:
             return
         logits = mask_special(logits.float())
         if self.sampling.repetition_penalty > 1.0:
-            logits = apply_repetition_penalty(logits, self._recent(frames), self.sampling.repetition_penalty)
+            logits = apply_repetition_penalty(logits, self._recent(plan.frames[row]), self.sampling.repetition_penalty)
         base = self.sampling.temperature
-        temperatures = (self.detector.temperatures(base) if self.detector is not None
-                        else torch.full((logits.shape[0],), base, device=logits.device))
+        temperatures = self.detector.temperatures(base) if self.detector is not None else self._base_temperatures(
+            logits.shape[0], base, logits.device)
         tokens = sample_tokens(logits, temperatures, self.sampling, self.generator)  # [B, Q]
-        codebooks = torch.nonzero(open_cells).flatten()  # [k]
-        self.codes[:, frames[codebooks].to(self.device), codebooks.to(self.device)] = tokens[:, codebooks.to(self.device)]
-        self.known[frames[codebooks], codebooks] = True
+        if plan.row_all_open[row]:
+            self.codes[:, plan.frames_on_device[row], self.codebook_index] = tokens
+        else:
+            codebooks = torch.nonzero(plan.open_on_device[row]).flatten()  # [k]
+            self.codes[:, plan.frames_on_device[row, codebooks], codebooks] = tokens[:, codebooks]
         if self.detector is not None:
-            self.detector.observe(entropy_bits(logits), open_cells.to(logits.device), int(frames[0]), base)
-        if self.progress is not None and bool(open_cells[-1]):
+            self.detector.observe(entropy_bits(logits), plan.open_on_device[row], int(plan.frames[row, 0]), base)
+        if self.progress is not None and plan.row_closes_frame[row]:
             self.progress.update(1)  # the last codebook closes a frame in both patterns
+
+    def _base_temperatures(self, batch: int, base: float, device) -> torch.Tensor:
+        if self._temperatures is None:
+            self._temperatures = torch.full((batch,), base, device=device)
+        return self._temperatures
 
     def _recent(self, frames: torch.Tensor) -> torch.Tensor:
         """Tokens of the `repetition_window` frames before each cell's frame -> `[B, W, Q]` (UNKNOWN before 0)."""
@@ -609,6 +632,8 @@ def build_parser():
     source.add_argument("--epoch", type=non_negative_int, help="use music_transformer_ep<N>.pt")
     source.add_argument("--codec", help="codec spec for the prompt and decoding (default: the checkpoint's)")
     source.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    source.add_argument("--threads", type=non_negative_int, default=0,
+                        help="CPU threads for torch (0 = torch's default); 1 is often fastest on a busy machine")
     prompt = parser.add_argument_group("prompt").add_mutually_exclusive_group()
     prompt.add_argument("--seed-tokens", type=Path, help="continue a .th token file (contract dict or [1,Q,T])")
     prompt.add_argument("--prompt-audio", type=Path, help="continue an audio file (encoded like the training data)")
@@ -707,6 +732,8 @@ def main(argv=None) -> int:
 
 def prepare(args) -> Run:
     started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     loaded = load_checkpoint(find_checkpoint(args.root, args.artist, args.checkpoint, args.epoch), device)
     LOG.info("model from %s (epoch %s, step %s, %s pattern, Q = %d)", loaded.path, loaded.epoch, loaded.step,

@@ -23,6 +23,16 @@ def stage5():
     return load_stage("5_MusicPrediction")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models and short decodes gain nothing from a second thread, and on a shared 2-core
+    machine two spinning threads per process made these tests several times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def make_root(tmp_path, transformer_module, pattern, median_scale=0.05, context_frames=120):
     """A project root holding only a hand-built checkpoint (stage 5 needs no training data)."""
     torch.manual_seed(0)
@@ -56,7 +66,7 @@ def outputs(root, name):
 
 def test_script_writes_every_output_and_skips_finished_pieces(transformer_module, tmp_path):
     root = make_root(tmp_path, transformer_module, "delay")
-    args = ("--artist", ARTIST, "--root", root, "--seconds", 1.2, "--num-samples", 2, "--seed", 3,
+    args = ("--artist", ARTIST, "--root", root, "--seconds", 1.2, "--num-samples", 2, "--seed", 3, "--threads", 1,
             "--repetition-penalty", 1.2)
     result = run_script("5_MusicPrediction.py", *args, check=True)
     assert "frame/s" in result.stderr  # the tqdm bar reports frames per second
