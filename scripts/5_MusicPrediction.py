@@ -21,7 +21,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -628,8 +628,9 @@ def build_parser():
     parser = make_parser("Generate music with a trained MusicTransformer and decode it to 48 kHz stereo WAV.",
                          epilog="Outputs: <root>/music_transformer/<artist>/<name>.{wav,th,json,png}.")
     source = parser.add_argument_group("checkpoint")
-    source.add_argument("--checkpoint", type=Path, help="checkpoint file (default: best.pt, then last.pt)")
-    source.add_argument("--epoch", type=non_negative_int, help="use music_transformer_ep<N>.pt")
+    which = source.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", type=Path, help="checkpoint file (default: best.pt, then last.pt)")
+    which.add_argument("--epoch", type=non_negative_int, help="use music_transformer_ep<N>.pt")
     source.add_argument("--codec", help="codec spec for the prompt and decoding (default: the checkpoint's)")
     source.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     source.add_argument("--threads", type=non_negative_int, default=0,
@@ -656,7 +657,8 @@ def build_parser():
     collapse = parser.add_argument_group("collapse detector")
     collapse.add_argument("--collapse-bits", type=non_negative_float, default=0.5,
                           help="boost when a codebook's mean entropy falls below this many bits (0 = off)")
-    collapse.add_argument("--collapse-window", type=positive_int, default=150, help="frames the entropy is averaged over")
+    collapse.add_argument("--collapse-window", type=positive_int, default=150,
+                          help="frames the entropy is averaged over")
     collapse.add_argument("--boost", type=penalty_factor, default=1.5, help="temperature factor on a collapse")
     collapse.add_argument("--boost-frames", type=positive_int, default=150, help="frames the boost decays over")
     collapse.add_argument("--max-temperature", type=positive_float, default=2.0, help="cap of a boosted temperature")
@@ -837,10 +839,12 @@ def describe(run: Run, index: int, name: str, detector: CollapseDetector, scales
     generated = run.total_frames - run.prompt.n_frames
     return {
         "name": name, "artist": run.args.artist, "sample_index": index, "stage": STAGE,
-        "parameters": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(run.args).items()},
+        "parameters": {key: (str(value) if isinstance(value, Path) else value)
+                       for key, value in vars(run.args).items()},
         "checkpoint": {"path": str(run.loaded.path), "epoch": run.loaded.epoch, "step": run.loaded.step,
                        "model_args": run.loaded.model_args, "token_contract": run.loaded.contract},
-        "seed": run.seed, "device": run.device,
+        "seed": run.seed, "seeding": "one torch.Generator seeded with `seed` draws every piece of the batch",
+        "device": run.device,
         "window": {"context_frames": run.context, "stride_frames": run.stride, "kv_cache": not run.args.no_cache},
         "prompt": {"kind": run.prompt.kind, "source": run.prompt.source, "frames": run.prompt.n_frames},
         "frames": {"total": run.total_frames, "prompt": run.prompt.n_frames, "generated": generated},
