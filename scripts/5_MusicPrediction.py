@@ -252,34 +252,33 @@ def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(torch.softmax(logits, dim=-1)).sum(dim=-1) / math.log(2)
 
 
-def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    if top_k <= 0 or top_k >= logits.shape[-1]:
-        return logits
-    threshold = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [B, Q, 1]
-    return logits.masked_fill(logits < threshold, float("-inf"))
-
-
-def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filter: keep the most likely tokens whose mass reaches `top_p` (always at least one)."""
+def keep_nucleus(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits sorted in descending order `[..., K]`: drop the tail beyond mass `top_p` (the top one always stays)."""
     if top_p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, Q, V]
+        return sorted_logits
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
 
 
 def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, settings: SamplingSettings,
                   generator: torch.Generator | None) -> torch.Tensor:
-    """Filtered logits `[B, Q, V]` and per-piece temperatures `[B]` -> tokens `[B, Q]` (0 = greedy)."""
+    """Masked logits `[B, Q, V]` and per-piece temperatures `[B]` -> tokens `[B, Q]` (temperature 0 = greedy).
+
+    Top-k, then top-p over the k candidates, then one draw; drawing among the k candidates instead
+    of the whole vocabulary keeps the random-number work (most of a step's sampling cost) small.
+    """
     greedy_pieces = temperatures <= 0  # [B]
     if bool(greedy_pieces.all()):
         return logits.argmax(dim=-1)  # [B, Q]
     scaled = logits / temperatures.clamp_min(1e-6).view(-1, 1, 1)  # [B, Q, V]
-    scaled = filter_top_p(filter_top_k(scaled, settings.top_k), settings.top_p)
-    probs = torch.softmax(scaled, dim=-1).flatten(0, 1)  # [B, Q, V] -> [B*Q, V]
-    drawn = torch.multinomial(probs, 1, generator=generator).view(logits.shape[:2])  # [B*Q, 1] -> [B, Q]
+    if 0 < settings.top_k < scaled.shape[-1]:
+        candidates, token_ids = torch.topk(scaled, settings.top_k, dim=-1)  # [B, Q, k], sorted descending
+    else:
+        candidates, token_ids = torch.sort(scaled, dim=-1, descending=True)  # [B, Q, V]
+    probs = torch.softmax(keep_nucleus(candidates, settings.top_p), dim=-1).flatten(0, 1)  # [B*Q, k]
+    choice = torch.multinomial(probs, 1, generator=generator)  # [B*Q, 1] index among the candidates
+    drawn = token_ids.flatten(0, 1).gather(1, choice).view(logits.shape[:2])  # [B*Q, 1] -> [B, Q]
     if bool(greedy_pieces.any()):
         return torch.where(greedy_pieces.view(-1, 1), logits.argmax(dim=-1), drawn)
     return drawn
@@ -766,7 +765,8 @@ def build_prompt(args, codec, loaded: LoadedModel) -> Prompt:
     if args.seed_tokens is not None:
         return prompt_from_tokens(args.seed_tokens, codec, loaded.n_codebooks, bandwidth, args.prompt_seconds)
     if args.prompt_audio is not None:
-        return prompt_from_audio(args.prompt_audio, codec, bandwidth, args.prompt_seconds, args.target_lufs)
+        # conditioned like stage 1's clips (its default level), whatever level the output WAV gets
+        return prompt_from_audio(args.prompt_audio, codec, bandwidth, args.prompt_seconds, DEFAULT_TARGET_LUFS)
     if args.prompt_seconds is not None:
         LOG.warning("--prompt-seconds has no effect without --seed-tokens or --prompt-audio")
     return Prompt(frames=None, scales=None)
