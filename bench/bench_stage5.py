@@ -92,7 +92,7 @@ def per_frame_ms_over_a_long_piece(model, pattern: str, frames: int, context: in
     return [1000 * (clock.stamps[(b + 1) * size] - clock.stamps[b * size]) / size for b in range(blocks)]
 
 
-def real_time_factor(model, pattern: str, seconds: float, context: int, codec) -> dict:
+def real_time_factor(model, pattern: str, seconds: float, context: int, codec, threads: int | None) -> dict:
     """Generation (cache, sampled) plus decoding of `seconds` of audio -> frames/s and audio s per wall s."""
     num_samples = round(seconds * SAMPLE_RATE)
     total = stage5.frames_for_samples(codec, num_samples)
@@ -101,7 +101,8 @@ def real_time_factor(model, pattern: str, seconds: float, context: int, codec) -
     engine = stage5.TokenGenerator(model, settings, stage5.SamplingSettings(), detector,
                                    torch.Generator().manual_seed(0), "cpu")
     started = time.perf_counter()
-    frames = engine.generate(None, total)  # [1, N, Q]
+    with stage5.cpu_threads(threads):
+        frames = engine.generate(None, total)  # [1, N, Q]
     generated = time.perf_counter()
     n_chunks = codec.n_chunks(num_samples)
     codes = torch.zeros(1, n_chunks * codec.chunk_frames, frames.shape[2], dtype=torch.long)
@@ -126,23 +127,30 @@ def main() -> None:
     parser.add_argument("--rtf-seconds", type=float, default=10.0, help="audio length for the real-time factor")
     parser.add_argument("--long-frames", type=int, default=1500, help="frames of the window-slide run")
     parser.add_argument("--long-context", type=int, default=300, help="window of the window-slide run")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads for everything; 0 = as the script does: one thread for cached "
+                             "generation, torch's default (all cores) for the recompute path and decoding")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cached_threads = 1 if not args.threads else None  # None: leave the count as it is
     model = build_model(args.preset, args.codebooks, args.context_frames)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"machine: {torch.get_num_threads()} CPU threads, torch {torch.__version__}; model {args.preset} "
+    threads = f"{args.threads}" if args.threads else f"1 (cached generation) / {torch.get_num_threads()} (the rest)"
+    print(f"machine: {threads} CPU threads, torch {torch.__version__}; model {args.preset} "
           f"({params:.1f} M parameters), Q={args.codebooks}, {args.pattern} pattern, context {args.context_frames}")
     with torch.inference_mode():
         codec = load_codec("random:0")
-        rtf = real_time_factor(model, args.pattern, args.rtf_seconds, args.context_frames, codec)
+        rtf = real_time_factor(model, args.pattern, args.rtf_seconds, args.context_frames, codec, cached_threads)
         print(f"real time ({args.rtf_seconds:g} s, sampled + decoded): generation {rtf['generate_s']:.2f} s, "
               f"decoding {rtf['decode_s']:.2f} s -> {rtf['frames_per_s']:.0f} frames/s, "
               f"real-time factor {rtf['rtf']:.2f} (goal >= 150 frames/s, 1.0)")
-        blocks = per_frame_ms_over_a_long_piece(model, args.pattern, args.long_frames, args.long_context)
+        with stage5.cpu_threads(cached_threads):
+            blocks = per_frame_ms_over_a_long_piece(model, args.pattern, args.long_frames, args.long_context)
         print(f"long piece: {args.long_frames} frames through a {args.long_context}-frame window, ms per frame in "
               f"consecutive fifths: {', '.join(f'{ms:.2f}' for ms in blocks)} (flat = the slide costs nothing extra)")
-        cached_fps, cached = frames_per_second(model, args.pattern, args.frames, args.context_frames, True)
+        with stage5.cpu_threads(cached_threads):
+            cached_fps, cached = frames_per_second(model, args.pattern, args.frames, args.context_frames, True)
         print(f"kv cache:  {args.frames} frames at {cached_fps:.1f} frames/s")
         if args.recompute_full:
             recompute_fps, recomputed = frames_per_second(model, args.pattern, args.frames, args.context_frames, False)

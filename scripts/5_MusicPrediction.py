@@ -14,6 +14,7 @@ is always a BOS row and position p >= 1 holds row p - 1, so the logits at positi
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -507,6 +508,24 @@ class TokenGenerator:
         return values.masked_fill((index < 0).to(self.device).unsqueeze(0), UNKNOWN)  # [B, W, Q]
 
 
+@contextlib.contextmanager
+def cpu_threads(count: int | None):
+    """Run a block with `count` torch CPU threads (None: leave them), then restore the previous count.
+
+    Cached generation steps are one frame each: their matrix products are too small to share out,
+    and a second thread only adds synchronisation (measured slower even on an idle 2-core machine,
+    and several times slower on a busy one). The occasional re-prefill after a window slide runs
+    on that one thread too; decoding keeps torch's default.
+    """
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 # ==== decoding ================================================================================
 def free_accelerator_memory() -> None:
     gc.collect()
@@ -633,7 +652,8 @@ def build_parser():
     source.add_argument("--codec", help="codec spec for the prompt and decoding (default: the checkpoint's)")
     source.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     source.add_argument("--threads", type=non_negative_int, default=0,
-                        help="CPU threads for torch (0 = torch's default); 1 is often fastest on a busy machine")
+                        help="CPU threads for torch; 0 = automatic: one thread for cached generation steps on "
+                             "the CPU (they are too small to share), torch's default for the rest")
     prompt = parser.add_argument_group("prompt").add_mutually_exclusive_group()
     prompt.add_argument("--seed-tokens", type=Path, help="continue a .th token file (contract dict or [1,Q,T])")
     prompt.add_argument("--prompt-audio", type=Path, help="continue an audio file (encoded like the training data)")
@@ -787,8 +807,10 @@ def generate(run: Run) -> tuple[torch.Tensor, CollapseDetector]:
     from tqdm import tqdm
 
     to_generate = run.total_frames - run.prompt.n_frames
+    one_frame_steps = run.device == "cpu" and not args.threads and not args.no_cache
     started = time.perf_counter()
-    with tqdm(total=to_generate, unit="frame", desc="generating", mininterval=0.5) as progress:
+    with tqdm(total=to_generate, unit="frame", desc="generating", mininterval=0.5) as progress, \
+            cpu_threads(1 if one_frame_steps else None):
         frames = engine.generate(run.prompt.frames, run.total_frames, progress)  # [B, N, Q]
     run.timings["generate_s"] = time.perf_counter() - started
     LOG.info("generated %d frames x %d piece(s) in %.1f s (%.0f frames/s)", to_generate, args.num_samples,
