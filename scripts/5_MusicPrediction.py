@@ -722,10 +722,10 @@ class Run:
     total_frames: int
     num_samples: int
     timings: dict = field(default_factory=dict)
-    notes: list = field(default_factory=list)
 
 
 def main(argv=None) -> int:
+    started = time.time()
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, "stage5")
     out_folder = args.root / "music_transformer" / args.artist
@@ -738,7 +738,7 @@ def main(argv=None) -> int:
     remove_stale_temporaries(out_folder)
     run = prepare(args)
     frames, detector = generate(run)
-    report = StageReport(stage=STAGE, artist=args.artist)
+    report = StageReport(stage=STAGE, artist=args.artist, started=started)
     for index, name in enumerate(names):
         if name not in todo:
             report.skipped.append(name)

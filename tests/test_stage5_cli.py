@@ -139,3 +139,24 @@ def test_missing_checkpoint_and_bad_window_exit_2(transformer_module, in_process
     assert "exceeds" in capsys.readouterr().err
     assert in_process(root, "--context-frames", 50, "--stride-frames", 60) == 2
     assert "larger than the context" in capsys.readouterr().err
+
+
+def test_collapse_events_reach_the_sidecar(transformer_module, in_process, tmp_path, capsys):
+    """A checkpoint whose heads always favour one token collapses; the event is logged and in the JSON."""
+    root = make_root(tmp_path, transformer_module, "parallel")
+    path = root / "model_results" / ARTIST / "best.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    state = checkpoint["model"]
+    for q in range(4):
+        state[f"head_proj.{q}.weight"].zero_()  # the logits no longer depend on the input
+        state[f"head_proj.{q}.bias"].zero_()
+        state[f"embeddings.{q}.weight"][7] = 0.0
+        state[f"embeddings.{q}.weight"][7, 0] = 20.0
+        state[f"head_proj.{q}.bias"][0] = 50.0 / 20.0  # token 7: logit 50 against at most ~10
+    atomic_torch_save(checkpoint, path)
+    assert in_process(root, "--seconds", 1.2, "--seed", 1, "--collapse-bits", 1.0, "--collapse-window", 40,
+                      "--boost-frames", 20, "--name", "stuck") == 0
+    events = json.loads(outputs(root, "stuck")[".json"].read_text())["collapse_events"]
+    assert len(events) >= 2 and events[0]["frame"] == 39 and events[0]["codebooks"] == [0, 1, 2, 3]
+    assert all(bits < 1.0 for bits in events[0]["mean_entropy_bits"])
+    assert "collapse in piece 0 at frame 39" in capsys.readouterr().err
