@@ -31,7 +31,13 @@ def one_thread():
 def tiny_model(transformer_module, n_codebooks=4, context_frames=40, seed=0):
     torch.manual_seed(seed)
     args = transformer_module.model_args_for("tiny", n_codebooks, context_frames)
-    return transformer_module.MusicTransformer(args).eval()
+    model = transformer_module.MusicTransformer(args).eval()
+    with torch.no_grad():  # logits spread far above float noise, whatever initialisation stage 4 chooses
+        for table, proj in zip(model.embeddings, model.head_proj):
+            table.weight.normal_(0.0, 1.0)
+            table.weight[PAD] = 0.0
+            proj.weight.normal_(0.0, 0.5)
+    return model
 
 
 def save_checkpoint(path, model, pattern="parallel", state=None, context_frames=40, **contract):
