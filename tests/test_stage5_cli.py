@@ -1,0 +1,162 @@
+"""Stage 5 end to end: checkpoint -> tokens -> WAV/.th/.json/.png, prompts, skips and errors."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import run_script, sine_tone
+from pipeline.contract import CODEBOOK_SIZE, load_token_file
+from pipeline.cli import run_main
+from pipeline.files import atomic_torch_save
+from pipeline.stages import load_stage
+
+ARTIST = "demo"
+
+
+@pytest.fixture(scope="module")
+def stage5():
+    return load_stage("5_MusicPrediction")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models and short decodes gain nothing from a second thread, and on a shared 2-core
+    machine two spinning threads per process made these tests several times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_root(tmp_path, transformer_module, pattern, median_scale=0.05, context_frames=120):
+    """A project root holding only a hand-built checkpoint (stage 5 needs no training data)."""
+    torch.manual_seed(0)
+    args = transformer_module.model_args_for("tiny", 4, context_frames)
+    model = transformer_module.MusicTransformer(args)
+    contract = {"n_codebooks": 4, "bandwidth": 6.0, "codec": "random:0", "pattern": pattern, "frame_rate": 150,
+                "sample_rate": 48000, "context_frames": context_frames, "median_scale": median_scale}
+    atomic_torch_save({"format": 1, "model": model.state_dict(), "model_args": asdict(args),
+                       "token_contract": contract, "artist": ARTIST, "epoch": 2, "step": 9,
+                       "optimizer": {"state": {}, "param_groups": []}},
+                      tmp_path / "model_results" / ARTIST / "best.pt")
+    return tmp_path
+
+
+@pytest.fixture
+def in_process(stage5, random_codec, monkeypatch):
+    """Run `main` in this process with the session's random codec (built once, not per run)."""
+    monkeypatch.setattr(stage5, "load_codec", lambda spec, device="cpu": random_codec)
+
+    def run(root, *args):
+        argv = ["--artist", ARTIST, "--root", str(root), "--log-level", "WARNING", *map(str, args)]
+        return run_main(stage5.main, argv)
+
+    return run
+
+
+def outputs(root, name):
+    folder = root / "music_transformer" / ARTIST
+    return {suffix: folder / f"{name}{suffix}" for suffix in (".wav", ".th", ".json", ".png")}
+
+
+def test_script_writes_every_output_and_skips_finished_pieces(transformer_module, tmp_path):
+    root = make_root(tmp_path, transformer_module, "delay")
+    args = ("--artist", ARTIST, "--root", root, "--seconds", 1.2, "--num-samples", 2, "--seed", 3, "--threads", 1,
+            "--repetition-penalty", 1.2)
+    result = run_script("5_MusicPrediction.py", *args, check=True)
+    assert "frame/s" in result.stderr  # the tqdm bar reports frames per second
+    for name in ("sample_0", "sample_1"):
+        files = outputs(root, name)
+        wave, rate = sf.read(files[".wav"])
+        assert rate == 48_000 and wave.shape == (57_600, 2)
+        assert 0.0 < np.abs(wave).max() <= 10 ** (-1 / 20) + 1e-3  # normalised, never clipped
+        tokens = load_token_file(files[".th"])
+        assert tokens.codes.shape == (1, 4, 300) and tokens.scales.tolist() == pytest.approx([0.05, 0.05])
+        assert tokens.num_samples == 57_600 and tokens.codec == "random:0"
+        sidecar = json.loads(files[".json"].read_text())
+        assert sidecar["seed"] == 3 and sidecar["parameters"]["repetition_penalty"] == 1.2
+        assert sidecar["checkpoint"]["path"].endswith("best.pt") and sidecar["checkpoint"]["epoch"] == 2
+        assert sidecar["frames"] == {"total": 182, "prompt": 0, "generated": 182}
+        assert "UNTRAINED" in sidecar["warning"] and sidecar["codec"]["pretrained"] is False
+        assert sidecar["real_time_factor"] > 0 and "generate_s" in sidecar["timings"]
+        assert sidecar["collapse_events"] == []
+        assert files[".png"].read_bytes()[:4] == b"\x89PNG"
+    first = load_token_file(outputs(root, "sample_0")[".th"]).codes
+    assert not torch.equal(first, load_token_file(outputs(root, "sample_1")[".th"]).codes)
+    stamp = outputs(root, "sample_0")[".wav"].stat().st_mtime_ns
+    again = run_script("5_MusicPrediction.py", *args, check=True)
+    assert "already exist" in again.stderr
+    assert outputs(root, "sample_0")[".wav"].stat().st_mtime_ns == stamp
+
+
+def test_prompt_audio_is_encoded_like_training_and_continued(transformer_module, random_codec, in_process,
+                                                             tmp_path):
+    root = make_root(tmp_path, transformer_module, "parallel")
+    prompt = tmp_path / "prompt.wav"
+    sf.write(prompt, sine_tone(2.0, rate=44_100), 44_100)  # resampled and conditioned like stage 1
+    assert in_process(root, "--prompt-audio", prompt, "--prompt-seconds", 0.5, "--seconds", 1.2,
+                      "--no-cache", "--name", "cont") == 0
+    tokens = load_token_file(outputs(root, "cont")[".th"])
+    from pipeline.audio import load_conditioned
+
+    wave = load_conditioned(prompt, max_seconds=0.5)  # [n, 2]
+    expected_codes, expected_scales = random_codec.encode(torch.from_numpy(wave.T.copy()), 6.0)
+    assert torch.equal(tokens.codes[:, :, :75], expected_codes[:, :, :75])  # 0.5 s = 75 frames, kept as is
+    assert tokens.scales[0] == pytest.approx(float(expected_scales[0, 0]))  # the prompt's own scale
+    assert tokens.scales[1] == pytest.approx(0.05)  # generated chunk: the checkpoint's median scale
+    sidecar = json.loads(outputs(root, "cont")[".json"].read_text())
+    assert sidecar["prompt"]["kind"] == "audio" and sidecar["frames"]["prompt"] == 75
+    assert sidecar["window"]["kv_cache"] is False
+
+
+def test_seed_tokens_bare_tensor_and_q_mismatch(transformer_module, in_process, tmp_path, capsys):
+    root = make_root(tmp_path, transformer_module, "delay", median_scale=None)
+    seed = torch.randint(0, CODEBOOK_SIZE, (1, 4, 200), dtype=torch.int16)
+    torch.save(seed, tmp_path / "seed.th")
+    assert in_process(root, "--seed-tokens", tmp_path / "seed.th", "--prompt-seconds", 0.5, "--seconds", 1.2,
+                      "--temperature", 0, "--name", "greedy") == 0
+    tokens = load_token_file(outputs(root, "greedy")[".th"])
+    assert torch.equal(tokens.codes[:, :, :75], seed[:, :, :75])
+    sidecar = json.loads(outputs(root, "greedy")[".json"].read_text())
+    assert sidecar["scale_sources"] == ["default 1.0", "default 1.0"]  # no scales anywhere: 1.0, with a warning
+    assert "no scale for generated chunks" in capsys.readouterr().err
+    torch.save(torch.zeros(1, 8, 150, dtype=torch.int16), tmp_path / "q8.th")
+    assert in_process(root, "--seed-tokens", tmp_path / "q8.th", "--name", "bad") == 2
+    error = capsys.readouterr().err
+    assert "q8.th: the prompt has Q = 8 codebooks" in error and "Q = 4" in error
+
+
+def test_missing_checkpoint_and_bad_window_exit_2(transformer_module, in_process, tmp_path, capsys):
+    assert in_process(tmp_path) == 2
+    assert "4_Transformer.py" in capsys.readouterr().err
+    root = make_root(tmp_path, transformer_module, "parallel")
+    assert in_process(root, "--context-frames", 500) == 2
+    assert "exceeds" in capsys.readouterr().err
+    assert in_process(root, "--context-frames", 50, "--stride-frames", 60) == 2
+    assert "larger than the context" in capsys.readouterr().err
+
+
+def test_collapse_events_reach_the_sidecar(transformer_module, in_process, tmp_path, capsys):
+    """A checkpoint whose heads always favour one token collapses; the event is logged and in the JSON."""
+    root = make_root(tmp_path, transformer_module, "parallel")
+    path = root / "model_results" / ARTIST / "best.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    state = checkpoint["model"]
+    for q in range(4):
+        state[f"head_proj.{q}.weight"].zero_()  # the logits no longer depend on the input
+        state[f"head_proj.{q}.bias"].zero_()
+        state[f"embeddings.{q}.weight"][7] = 0.0
+        state[f"embeddings.{q}.weight"][7, 0] = 20.0
+        state[f"head_proj.{q}.bias"][0] = 50.0 / 20.0  # token 7: logit 50 against at most ~10
+    atomic_torch_save(checkpoint, path)
+    assert in_process(root, "--seconds", 1.2, "--seed", 1, "--collapse-bits", 1.0, "--collapse-window", 40,
+                      "--boost-frames", 20, "--name", "stuck") == 0
+    events = json.loads(outputs(root, "stuck")[".json"].read_text())["collapse_events"]
+    assert len(events) >= 2 and events[0]["frame"] == 39 and events[0]["codebooks"] == [0, 1, 2, 3]
+    assert all(bits < 1.0 for bits in events[0]["mean_entropy_bits"])
+    assert "collapse in piece 0 at frame 39" in capsys.readouterr().err
