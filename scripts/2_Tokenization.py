@@ -289,7 +289,7 @@ def write_reports(report: StageReport, token_dir: Path, info: DistInfo, log: log
         report.write(token_dir / "report.json")
         return
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    rank_report = dict(report.as_dict(), run_id=run_id)
+    rank_report = dict(report.as_dict(), run_id=run_id, written=list(report.done))  # names, to audit the shares
     atomic_write_json(rank_report, rank_report_path(token_dir, info.rank))
     # Each rank lists the rank reports after writing its own, so the last one to list sees them all.
     reports = [read_rank_report(rank_report_path(token_dir, rank)) for rank in range(info.world_size)]
