@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -63,7 +64,7 @@ def main() -> None:
     codec = load_codec("random:0", "cpu")
     audio_seconds = args.clips * args.seconds
     print(f"stage 2 benchmark: {args.clips} clips x {args.seconds:g} s, random codec, 6 kbps, "
-          f"{torch.get_num_threads()} torch threads")
+          f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         write_clips(root, args.clips, args.seconds)
@@ -72,6 +73,7 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved, so drifting machine load hits both ways alike
             best["batched"] = min(best["batched"], timed_run(stage2, root, codec, args.batch_size))
             best["one at a time"] = min(best["one at a time"], timed_run(stage2, root, codec, 1))
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes slow both ways alike)")
     for way, seconds in best.items():
         label = f"batch size {args.batch_size}" if way == "batched" else "batch size 1"
         print(f"{way:>14} ({label}): {seconds:6.2f} s for {audio_seconds:g} s of audio = "

@@ -134,6 +134,31 @@ def test_rerun_skips_finished_files_and_overwrite_redoes_them(stage2, random_cod
     assert report["done"] == 2 and report["exit_status"] == 0
 
 
+def test_an_interrupted_run_is_finished_by_the_next(stage2, random_codec, tmp_path, monkeypatch):
+    for index in range(3):
+        write_clip(tmp_path, f"t{index}_000.wav", seconds=0.3)
+    real_save = torch.save
+    calls = []
+
+    def interrupted_save(obj, path):
+        calls.append(path)
+        if len(calls) == 2:  # Ctrl-C halfway through writing the second file
+            Path(path).write_bytes(b"half a file")
+            raise KeyboardInterrupt
+        real_save(obj, path)
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize(stage2, tmp_path, random_codec, batch_size=1)
+    monkeypatch.setattr(torch, "save", real_save)
+    token_folder = tmp_path / "encoded_tokens" / ARTIST
+    assert sorted(path.name for path in token_folder.iterdir()) == ["t0_000.th"]  # no partial file, no final name
+    report = tokenize(stage2, tmp_path, random_codec, batch_size=1)
+    assert len(report.skipped) == 1 and len(report.done) == 2
+    outputs = sorted(path.name for path in (tmp_path / "encoded_tokens" / ARTIST).iterdir())
+    assert outputs == ["report.json", "t0_000.th", "t1_000.th", "t2_000.th"]
+
+
 def test_a_damaged_token_file_is_encoded_again(stage2, random_codec, tmp_path):
     write_clip(tmp_path, "a_000.wav", seconds=0.5)
     token_path(tmp_path, "a_000").parent.mkdir(parents=True)
