@@ -5,7 +5,7 @@ Both ways run the stage itself (`tokenize_artist`: read the WAVs, encode, write 
 on the same clips with the same loaded codec; only `--batch-size` differs. Prints x real time
 for each and, last, the ratio batched / one-at-a-time.
 
-    python bench/bench_stage2.py [--clips 8] [--seconds 10] [--batch-size 8]
+    python bench/bench_stage2.py [--clips 8] [--seconds 10] [--batch-size 8] [--threads 0]
 """
 from __future__ import annotations
 
@@ -56,9 +56,14 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=8, help="number of equal-length clips (default 8)")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each clip (default 10)")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size of the batched run (default 8)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads; 0 keeps torch's default (default 0). On a shared machine, 1 "
+                             "avoids the thread oversubscription that slows small batches most")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each way; the best is kept (default 2)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     stage2 = load_stage("2_Tokenization")
     codec = load_codec("random:0", "cpu")

@@ -39,7 +39,8 @@ from pipeline.files import atomic_write_json, is_temporary, remove_stale_tempora
 
 STAGE = "stage2"
 DEFAULT_BANDWIDTH = 6.0
-DEFAULT_BATCH_SIZE = 8
+GPU_BATCH_SIZE = 8  # --batch-size auto: batches on a GPU, one clip at a time on a CPU, where
+# batching measured slower (docs/stage2.md: 4.1x vs 5.3x real time on 2 cores)
 
 
 class ClipError(ValueError):
@@ -68,9 +69,14 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where the codec runs; auto picks CUDA when PyTorch sees a GPU "
                              "(under torchrun each rank takes cuda:<LOCAL_RANK>)")
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                        help="clips of equal length encoded together in one forward pass")
+    parser.add_argument("--batch-size", type=batch_size_arg, default="auto",
+                        help=f"clips of equal length encoded together in one forward pass; auto: "
+                             f"{GPU_BATCH_SIZE} on a GPU, 1 on a CPU (where batching is slower)")
     return parser.parse_args(argv)
+
+
+def batch_size_arg(text: str) -> int | str:
+    return "auto" if text == "auto" else positive_int(text)
 
 
 def main(argv=None) -> int:
@@ -86,7 +92,7 @@ def main(argv=None) -> int:
 
 # ---- the stage, callable from tests with a ready codec ---------------------------------------
 def tokenize_artist(root, artist: str, codec_spec: str = DEFAULT_CODEC, bandwidth: float = DEFAULT_BANDWIDTH,
-                    device: str = "auto", batch_size: int = DEFAULT_BATCH_SIZE, overwrite: bool = False,
+                    device: str = "auto", batch_size: int | str = "auto", overwrite: bool = False,
                     info: DistInfo | None = None, log: logging.Logger | None = None,
                     codec: Codec | None = None) -> StageReport:
     """Encode this rank's share of the artist's clips; write the report(s); return the report.
@@ -111,6 +117,7 @@ def tokenize_artist(root, artist: str, codec_spec: str = DEFAULT_CODEC, bandwidt
         codec = codec or open_codec(codec_spec, device, info, log)
         warn_if_untrained(codec, log)
         report.details["codec_pretrained"] = bool(codec.pretrained)
+        report.details["batch_size"] = batch_size = resolve_batch_size(batch_size, codec)
         encode_clips(codec, pending, bandwidth, batch_size, report, log)
     write_reports(report, token_dir, info, log)
     log.info("%s", report.summary())
@@ -145,6 +152,12 @@ def open_codec(spec: str, device: str, info: DistInfo, log: logging.Logger) -> C
         return load_codec(spec, device)
     except CodecUnavailable as error:
         raise StageError(str(error)) from None
+
+
+def resolve_batch_size(batch_size: int | str, codec: Codec) -> int:
+    if batch_size != "auto":
+        return int(batch_size)
+    return GPU_BATCH_SIZE if str(codec.device).startswith("cuda") else 1
 
 
 def warn_if_untrained(codec: Codec, log: logging.Logger) -> None:

@@ -211,10 +211,20 @@ def test_bandwidth_outside_the_four_is_refused_at_parsing(stage2, capsys):
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
+def test_batch_size_is_auto_or_a_positive_number(stage2, random_codec, capsys):
+    assert stage2.parse_args(["--artist", ARTIST]).batch_size == "auto"
+    assert stage2.parse_args(["--artist", ARTIST, "--batch-size", "16"]).batch_size == 16
+    with pytest.raises(SystemExit):
+        stage2.parse_args(["--artist", ARTIST, "--batch-size", "0"])
+    assert stage2.resolve_batch_size("auto", random_codec) == 1  # on the CPU: batching measured slower
+    assert stage2.resolve_batch_size(4, random_codec) == 4
+
+
 def test_help_runs_as_a_script_and_shows_defaults():
     result = run_script("2_Tokenization.py", "--help", timeout=120)
     assert result.returncode == 0, result.stderr
-    for expected in ("--bandwidth", "(default: 6.0)", "--batch-size", "--device", "facebook/encodec_48khz"):
+    for expected in ("--bandwidth", "(default: 6.0)", "--batch-size", "(default: auto)", "--device",
+                     "facebook/encodec_48khz"):
         assert expected in result.stdout
 
 
