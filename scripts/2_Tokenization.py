@@ -240,8 +240,8 @@ def read_clip(clip: Clip) -> torch.Tensor:
     """The clip's samples as float32 `[2, S]`."""
     try:
         data, _ = read_audio(clip.path)  # [S, 2]
-    except AudioDecodeError as error:
-        raise ClipError(str(error)) from None
+    except AudioDecodeError as error:  # its message starts with the path: the report names it once
+        raise ClipError(str(error).removeprefix(f"{clip.path}: ")) from None
     if data.shape != (clip.num_samples, CHANNELS):
         raise ClipError(f"decoded shape {list(data.shape)} differs from its header "
                         f"({clip.num_samples} x {CHANNELS}); the file may be truncated")

@@ -135,8 +135,8 @@ def load_token_files(root: Path, paths: list[Path], report: StageReport,
         try:
             token = load_token_file(path)  # weights_only=True inside
             check_metadata(token, audio)
-        except TokenFileError as error:
-            report.fail(audio, str(error), log)
+        except TokenFileError as error:  # its message starts with the path: the report names it once
+            report.fail(audio, str(error).removeprefix(f"{path}: ").removeprefix(f"{audio}: "), log)
             continue
         loaded[audio] = (path, token)
     return loaded
