@@ -152,7 +152,9 @@ class Codec:
         self.n_codebooks(bandwidth)
         wave = wave.to(self.device, torch.float32)
         out = self.model.encode(wave, bandwidth=float(bandwidth), return_dict=True)
-        codes = out.audio_codes  # [n_chunks, B, Q, 150]
+        codes = out.audio_codes  # [n_chunks, B, Q, F]; F < 150 only for a wave shorter than one chunk
+        if codes.shape[-1] < self.chunk_frames:  # pad as transformers pads a short last chunk: T = 150 x n_chunks
+            codes = torch.nn.functional.pad(codes, (0, self.chunk_frames - codes.shape[-1]))  # -> [n_chunks, B, Q, 150]
         codes = codes.permute(1, 2, 0, 3).reshape(codes.shape[1], codes.shape[2], -1)  # -> [B, Q, n_chunks*150]
         scales = torch.cat([s.reshape(-1, 1) for s in out.audio_scales], dim=1)  # n_chunks x [B, 1] -> [B, n_chunks]
         return codes.to(torch.int16).cpu(), scales.to(torch.float32).cpu()

@@ -63,3 +63,22 @@ def check_uniform(entries: list[dict], keys=("codebooks", "bandwidth"), where: s
         if len(values) > 1:
             raise ManifestError(f"{where}: entries mix {key} values {sorted(values, key=str)}; "
                                 "re-tokenize the artist with one --bandwidth")
+
+
+# ---- writing (stage 3) ------------------------------------------------------------------------
+MANIFEST_KEYS = ("audio", "duration", "sample_rate", "frames", "codebooks", "bandwidth", "codec", "source",
+                 "track", "split", "median_scale")
+SPLITS = ("train", "valid")
+
+
+def write_manifest(entries: list[dict], path: str | Path) -> None:
+    """Write one JSON object a line, atomically; every entry must carry the contract's keys."""
+    from .files import atomic_write_text
+
+    lines = []
+    for number, entry in enumerate(entries, start=1):
+        missing = [key for key in MANIFEST_KEYS if key not in entry]
+        if missing:
+            raise ManifestError(f"manifest entry {number} ({entry.get('audio', '?')}) lacks {', '.join(missing)}")
+        lines.append(json.dumps(entry, ensure_ascii=False, sort_keys=False) + "\n")
+    atomic_write_text("".join(lines), path)
