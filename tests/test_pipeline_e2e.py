@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import REPO, SCRIPTS
+from conftest import SCRIPTS, sine_tone
 
 RUN_PIPELINE = SCRIPTS / "run_pipeline.sh"
 SMALL_RUN = ["--codec", "random:0", "--preset", "tiny", "--epochs", "2", "--context-frames", "150",
@@ -97,11 +97,15 @@ def test_demo_pipeline_runs_end_to_end_and_reruns_idempotently(tmp_path):
 
 
 def test_pipeline_reports_a_failing_artist_and_goes_on(tmp_path):
-    (tmp_path / "raw_audio" / "broken").mkdir(parents=True)
-    (tmp_path / "raw_audio" / "broken" / "song.wav").write_text("not audio")
-    result = run_pipeline("--stop-stage", "1", cwd=tmp_path)
-    assert result.returncode == 1
-    assert "broken" in result.stdout and "failed at stage 1" in result.stdout
+    (tmp_path / "raw_audio" / "a_broken").mkdir(parents=True)
+    (tmp_path / "raw_audio" / "a_broken" / "notes.txt").write_text("no audio here")  # stage 1 exits 2
+    (tmp_path / "raw_audio" / "b_fine").mkdir()
+    sf.write(tmp_path / "raw_audio" / "b_fine" / "tone.wav", sine_tone(1.2, rate=44_100), 44_100)
+    result = run_pipeline("--stop-stage", "1", "--clip-seconds", "0.5", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith(("a_broken", "b_fine"))}
+    assert "failed at stage 1" in rows["a_broken"]
+    assert rows["b_fine"].split()[1] == "2" and rows["b_fine"].rstrip().endswith("ok")  # went on: 2 clips
 
 
 def test_pipeline_refuses_bad_stage_range(tmp_path):
