@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -187,8 +188,27 @@ def test_stage1_short_float_file_beyond_full_scale_is_scaled_not_clipped(stage1,
     assert CEILING_PCM - 40 <= peak <= CEILING_PCM  # at the cap, not at full scale
 
 
+def test_stage1_memory_does_not_grow_with_the_length_of_a_track(stage1, tmp_path):
+    """A 2-hour file is too slow for a test: this measures how the peak memory grows with length instead."""
+    peaks = {}
+    for seconds in (60, 240):
+        source = write(tmp_path / f"{seconds} s.wav", noise(seconds, 8_000, 1), 8_000, subtype="PCM_16")
+        track = stage1.Track(source, PurePosixPath(source.name))
+        tracemalloc.start()
+        try:
+            result = stage1.process_track(track, tmp_path / "out", stage1.ClipSettings(clip_seconds=10.0), True)
+            peaks[seconds] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert result.failed is None and result.info["clips"] == seconds // 10
+    whole_track = 240 * 48_000 * 2 * 4  # 92 MB: the 240 s track decoded at once
+    assert peaks[240] < whole_track / 3
+    assert peaks[240] - peaks[60] < 1_000_000  # measured ~0.7 kB per second of audio: 2 hours add ~5 MB
+
+
 # ---- stage 1: property-based --------------------------------------------------------------------
 LEVELS = [0.0, 1e-7, 1e-3, 0.3, 1.0, 8.0, 1e30, 3.4e38]
+SECONDS = [0.0, 0.01, 0.3, 0.45, 0.8, 1.3, 2.0]  # plus 0..50 frames: empty, one sample, under 400 ms, clips
 
 
 @st.composite
@@ -197,7 +217,7 @@ def audio_files(draw):
     return {
         "rate": rate,
         "channels": draw(st.integers(1, 8)),
-        "frames": draw(st.integers(0, int(rate * 1.2))),
+        "frames": int(draw(st.sampled_from(SECONDS)) * rate) + draw(st.integers(0, 50)),
         "subtype": draw(st.sampled_from(["FLOAT", "DOUBLE", "PCM_16", "PCM_24"])),
         "shape": draw(st.sampled_from(["noise", "sine", "constant", "square"])),
         "level": draw(st.sampled_from(LEVELS)),
