@@ -442,9 +442,13 @@ def run_tracks(tracks: list[Track], out_dir: Path, settings: ClipSettings, overw
         context = multiprocessing.get_context("fork") if sys.platform == "linux" else None
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             futures = [pool.submit(process_track, track, out_dir, settings, overwrite) for track in tracks]
-            for future in futures:  # submission order: the log reads the same for every --workers
-                yield future.result()
-                bar.update()
+            try:
+                for future in futures:  # submission order: the log reads the same for every --workers
+                    yield future.result()
+                    bar.update()
+            except BaseException:  # Ctrl-C, SIGTERM or a failure: finish the running tracks, start no other
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
 
 
 def record(report: StageReport, result: TrackResult, log) -> None:

@@ -381,6 +381,20 @@ def test_stage1_interrupted_exits_cleanly_and_a_rerun_finishes_identically(stage
     assert temporaries(out) == []
 
 
+def test_stage1_with_workers_stops_starting_tracks_when_interrupted(stage1, stage1_reference, tmp_path):
+    """The pool used to run every queued track to the end after Ctrl-C or SIGTERM before exiting."""
+    write_songs(tmp_path)
+    out = tmp_path / "data_processed" / ARTIST
+    command = [SCRIPTS / "1_audio_preprocessing.py", "--artist", ARTIST, "--root", tmp_path, "--clip-seconds", "1",
+               "--workers", "2"]
+    status, log = interrupt_midway(command, lambda _: bool(finished_files(out, ".wav")), signal.SIGTERM,
+                                   tmp_path / "log")
+    check_clean_exit(status, log, out, "report.json")
+    assert len(list((out / ".stage1").glob("*.json"))) < 8  # the queued tracks were not started
+    assert stage1.main(["--artist", ARTIST, "--root", str(tmp_path), "--clip-seconds", "1"]) == 0
+    assert file_bytes(out, ".wav") == stage1_reference
+
+
 @pytest.fixture(scope="module")
 def saved_codec(random_codec, tmp_path_factory):
     """random:0's weights saved as a folder: a child process loads it in a few seconds, building takes ~10."""
