@@ -412,7 +412,7 @@ def tokenize(stage2, root: Path, codec):
 @pytest.fixture(scope="module")
 def stage2_reference(stage2, saved_codec, tmp_path_factory):
     root = tmp_path_factory.mktemp("stage2_reference")
-    write_clips(root, 6, seconds=0.5)
+    write_clips(root, 4, seconds=0.5)
     assert tokenize(stage2, root, saved_codec).exit_code() == 0
     return file_bytes(root / "encoded_tokens" / ARTIST, ".th")
 
@@ -420,7 +420,7 @@ def stage2_reference(stage2, saved_codec, tmp_path_factory):
 @pytest.mark.parametrize("sig", SIGNALS)
 def test_stage2_interrupted_exits_cleanly_and_a_rerun_finishes_identically(stage2, saved_codec, stage2_reference,
                                                                            tmp_path, sig):
-    write_clips(tmp_path, 6, seconds=0.5)
+    write_clips(tmp_path, 4, seconds=0.5)
     out = tmp_path / "encoded_tokens" / ARTIST
     command = [SCRIPTS / "2_Tokenization.py", "--artist", ARTIST, "--root", tmp_path, "--codec", saved_codec.name,
                "--device", "cpu", "--batch-size", "1"]
