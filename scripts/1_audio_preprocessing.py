@@ -193,10 +193,13 @@ def scan_track(path: Path) -> TrackScan:
     carry = np.zeros((0, CHANNELS), dtype=np.float32)
     window_peaks, n_samples, peak = [], 0, 0.0
     for block in stream_stereo(path):  # [n, 2] at 48 kHz
+        block_peak = float(np.abs(block).max(initial=0.0))
+        if not math.isfinite(block_peak):  # finite input that overflows float32 in the resampler (|x| ~ 3e38)
+            raise AudioDecodeError(path, "samples too large to process: they overflow when resampled to 48 kHz")
+        peak = max(peak, block_peak)
         meter.add(block)
         windows, carry = split_windows(carry, block, TRIM_WINDOW)
         window_peaks += [np.abs(window).max(axis=(1, 2), initial=0.0) for window in windows]  # [k, W, 2] -> [k]
-        peak = max(peak, float(np.abs(block).max(initial=0.0)))
         n_samples += block.shape[0]
     if carry.shape[0]:
         window_peaks.append(np.abs(carry).max(keepdims=True).reshape(1))  # the last, partial window
@@ -439,9 +442,13 @@ def run_tracks(tracks: list[Track], out_dir: Path, settings: ClipSettings, overw
         context = multiprocessing.get_context("fork") if sys.platform == "linux" else None
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             futures = [pool.submit(process_track, track, out_dir, settings, overwrite) for track in tracks]
-            for future in futures:  # submission order: the log reads the same for every --workers
-                yield future.result()
-                bar.update()
+            try:
+                for future in futures:  # submission order: the log reads the same for every --workers
+                    yield future.result()
+                    bar.update()
+            except BaseException:  # Ctrl-C, SIGTERM or a failure: finish the running tracks, start no other
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
 
 
 def record(report: StageReport, result: TrackResult, log) -> None:

@@ -12,6 +12,7 @@ resampler returns exactly what its one-shot resampler does, whatever the block s
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Iterator
@@ -65,6 +66,12 @@ def to_stereo(block: np.ndarray) -> np.ndarray:
 def _check_is_audio_file(path: Path) -> None:
     """Reasons libsndfile would give cryptically (or not at all), named plainly."""
     if path.is_symlink() and not path.exists():
+        try:
+            path.stat()
+        except OSError as error:
+            if error.errno == errno.ELOOP:  # exists() says False for a loop too: name it apart
+                raise AudioDecodeError(path, "symbolic link loop (following its links never reaches a file)") \
+                    from None
         raise AudioDecodeError(path, f"broken symbolic link (points to {os.readlink(path)!r})")
     if path.is_dir():
         raise AudioDecodeError(path, "is a folder, not an audio file")
@@ -101,8 +108,10 @@ def open_audio(path) -> sf.SoundFile:
     try:
         sound = sf.SoundFile(os.fsencode(path))  # bytes: names that are not valid UTF-8 open too
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as error:
-        reason = getattr(error, "error_string", None) or str(error)  # libsndfile's words, without the path
-        raise AudioDecodeError(path, f"cannot decode audio ({reason.strip()})") from None
+        reason = (getattr(error, "error_string", None) or str(error)).strip()  # libsndfile's words, no path
+        if reason.startswith("File does not exist"):  # its MP3 reader's words for garbage; the file is there
+            reason = "not a recognised audio format"
+        raise AudioDecodeError(path, f"cannot decode audio ({reason})") from None
     if sound.frames == 0 or sound.samplerate <= 0 or sound.channels <= 0:
         sound.close()
         raise AudioDecodeError(path, "holds no audio frames (empty or truncated)")
@@ -140,9 +149,13 @@ def stream_stereo(path, target: int = SAMPLE_RATE, block_frames: int = DECODE_BL
                 break
             decoded += block.shape[0]
             stereo = to_stereo(block)  # [n, C] -> [n, 2]
-            yield stereo if resampler is None else resampler.resample_chunk(stereo)  # [n, 2] -> [m, 2] at target
+            out = stereo if resampler is None else resampler.resample_chunk(stereo)  # [n, 2] -> [m, 2] at target
+            if out.shape[0]:  # soxr holds back the first few samples: a tiny file's first block may be empty
+                yield out
         if resampler is not None:
-            yield resampler.resample_chunk(np.zeros((0, 2), dtype=np.float32), last=True)  # flush the filter
+            tail = resampler.resample_chunk(np.zeros((0, 2), dtype=np.float32), last=True)  # flush the filter
+            if tail.shape[0]:
+                yield tail
     if declared > 0 and decoded < declared * (1 - TRUNCATION_TOLERANCE):
         raise AudioDecodeError(path, f"truncated: decoded {decoded} of the {declared} frames its header declares")
 
@@ -221,6 +234,8 @@ class LoudnessMeter:
         self.hop_energy: list[np.ndarray] = []  # each [k, 2]: sum of squares per hop and channel
 
     def add(self, block: np.ndarray) -> None:
+        if block.shape[0] == 0:  # scipy's sosfilt cannot take an empty block
+            return
         filtered, self.state = scipy.signal.sosfilt(self.sos, block, axis=0, zi=self.state)  # float64 out
         windows, self.carry = split_windows(self.carry, filtered, self.hop)
         for window in windows:
@@ -255,11 +270,15 @@ def integrated_loudness(wave: np.ndarray, rate: int = SAMPLE_RATE) -> float:
 
 
 def normalisation_gain(loudness: float, peak: float, target_lufs: float = DEFAULT_TARGET_LUFS) -> float:
-    """Linear gain that brings `loudness` to the target, capped so `peak * gain` stays under the ceiling."""
-    if not np.isfinite(loudness) or peak <= 0:
+    """Linear gain that brings `loudness` to the target, capped so `peak * gain` stays under the ceiling.
+
+    Unknown loudness (silence, or under 400 ms): no gain, but still the cap, so a short float file
+    holding samples beyond full scale is scaled down rather than clipped.
+    """
+    if not np.isfinite(peak) or peak <= 0:
         return 1.0
-    gain = 10 ** ((target_lufs - loudness) / 20)
     ceiling = 10 ** (PEAK_CEILING_DBFS / 20)
+    gain = 10 ** ((target_lufs - loudness) / 20) if np.isfinite(loudness) else 1.0
     return float(min(gain, ceiling / peak))
 
 

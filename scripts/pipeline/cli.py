@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,8 +147,20 @@ class StageReport:
                 f"{len(self.failed)} failed{extra} in {self.elapsed:.1f} s")
 
 
+EXIT_INTERRUPTED = 130  # the shell's status for Ctrl-C; SIGTERM is handled the same way
+
+
+def _interrupt_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_main(main, argv=None) -> int:
-    """Run a stage's `main(argv)`: StageError -> exit 2 with its message; Ctrl-C -> 130."""
+    """Run a stage's `main(argv)`: StageError -> exit 2 with its message; Ctrl-C or SIGTERM -> 130.
+
+    SIGTERM (`kill`, a batch scheduler, `docker stop`) raises KeyboardInterrupt like Ctrl-C, so
+    the same clean-up runs: atomic writes drop their temporaries, finished outputs are kept.
+    """
+    previous = _install_sigterm_handler()
     try:
         return main(argv)
     except StageError as error:
@@ -154,4 +168,14 @@ def run_main(main, argv=None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         logging.getLogger("pipeline").error("interrupted; finished outputs are kept, re-run to continue")
-        return 130
+        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _install_sigterm_handler():
+    """Make SIGTERM raise KeyboardInterrupt; returns the handler it replaced (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None  # signal.signal only works in the main thread
+    return signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
