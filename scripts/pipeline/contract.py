@@ -163,14 +163,7 @@ def load_token_file(path: str | Path) -> TokenFile:
 
 
 def save_token_file(token_file: TokenFile, path: str | Path) -> None:
-    """Write a token file atomically (temporary name, then rename).
+    """Write a token file atomically (temporary name, then rename), byte-identical across runs."""
+    from .files import atomic_torch_save
 
-    torch.save gets an open file, not the temporary's name: given a name it stores it inside the
-    archive, so two runs would write different bytes for the same tokens.
-    """
-    import torch
-
-    from .files import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(token_file.to_dict(), handle)
+    atomic_torch_save(token_file.to_dict(), path)

@@ -55,10 +55,12 @@ def atomic_write_json(obj, final_path: str | Path) -> None:
 
 
 def atomic_torch_save(obj, final_path: str | Path) -> None:
+    """torch.save through a temporary file. It gets an open file, not the temporary's name: given a
+    name, torch stores it inside the archive, so two runs would write different bytes for the same data."""
     import torch
 
-    with atomic_path(final_path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(final_path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def is_temporary(path: str | Path) -> bool:
