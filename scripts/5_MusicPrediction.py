@@ -22,6 +22,7 @@ import random
 import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -707,6 +708,9 @@ def sigterm_as_interrupt():
     def interrupt(number, frame):
         raise KeyboardInterrupt(f"{signal.Signals(number).name} received")
 
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield

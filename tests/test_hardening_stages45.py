@@ -229,7 +229,7 @@ def assert_no_partial_files(folder) -> None:
         load(path)
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGTERM])  # SIGINT: test_stage4.py, in-process
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM], ids=["SIGTERM"])  # SIGINT: test_stage4.py
 def test_stage4_signal_in_a_subprocess_then_resume_matches_a_straight_run(stage4, tmp_path, straight,
                                                                           signal_number):
     write_dataset(tmp_path, lengths=(70, 64, 40, 30))
