@@ -28,7 +28,7 @@ from pipeline.cli import (EXIT_OK, StageError, StageReport, fraction, make_parse
                           resolve_device, run_main, setup_logging)
 from pipeline.contract import BOS, CODEBOOK_SIZE, PAD, VOCAB_SIZE, TokenFileError, load_token_file  # noqa: E402
 from pipeline.dist import DistInfo, dist_info, finish_process_group, init_process_group  # noqa: E402
-from pipeline.files import atomic_path, atomic_torch_save, atomic_write_text  # noqa: E402
+from pipeline.files import atomic_path, atomic_torch_save, atomic_write_text, remove_stale_temporaries  # noqa: E402
 from pipeline.manifest import ManifestError, check_uniform, manifest_path, read_manifest  # noqa: E402
 
 PATTERNS = ("parallel", "delay")
@@ -162,6 +162,40 @@ def model_args_for(preset: str, n_codebooks: int, context_frames: int, overrides
     values = dict(PRESETS[preset])
     values.update({key: value for key, value in (overrides or {}).items() if value is not None})
     return ModelArgs(n_codebooks=n_codebooks, n_positions=context_frames + n_codebooks, **values)
+
+
+def model_args_from(saved: dict, where) -> ModelArgs:
+    """A checkpoint's `model_args`, refusing keys this model does not take (another architecture)."""
+    unknown = sorted(set(saved) - set(ModelArgs.__dataclass_fields__))
+    if unknown:
+        raise StageError(f"{where}: model_args has keys this model does not take: {', '.join(unknown)} "
+                         "(a checkpoint of another architecture or program)")
+    return ModelArgs(**saved)
+
+
+def check_state_dict(model: nn.Module, state: dict, where) -> None:
+    """Refuse weights that do not fit `model` (rebuilt from the checkpoint's model_args), naming every difference."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{key} {list(state[key].shape)} vs model {list(expected[key].shape)}"
+              for key in sorted(set(expected) & set(state)) if state[key].shape != expected[key].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_short_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_short_list(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches {_short_list(shapes)}")
+    if problems:
+        raise StageError(f"{where}: weights do not match the model its model_args describe "
+                         f"(n_codebooks={model.args.n_codebooks}, d_model={model.args.d_model}, "
+                         f"n_layer={model.args.n_layer}): " + "; ".join(problems))
+
+
+def _short_list(items: list, limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def strip_prefixes(state_dict: dict) -> dict:
@@ -507,10 +541,13 @@ def load_checkpoint(path: Path) -> dict:
     except FileNotFoundError:
         raise StageError(f"checkpoint {path} does not exist") from None
     except Exception as error:  # torch raises many types for corrupt or unsafe pickles
-        raise StageError(f"{path}: not a readable checkpoint ({error})") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise StageError(f"{path}: not a readable checkpoint ({reason}); only weights_only-loadable "
+                         "checkpoints are read") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
         raise StageError(f"{path}: not a stage-4 checkpoint (no 'model' / 'model_args')")
     checkpoint["model"] = strip_prefixes(checkpoint["model"])
+    checkpoint["loaded_from"] = str(path)  # in memory only: error messages name the file
     return checkpoint
 
 
@@ -643,6 +680,7 @@ class Trainer:
     # -- resume ---------------------------------------------------------------------------------------
     def restore(self, checkpoint: dict, new_lr: float | None = None) -> None:
         """Continue exactly where `checkpoint` stopped; re-plan the schedule if --epochs changed."""
+        check_state_dict(self.raw_model, checkpoint["model"], checkpoint.get("loaded_from", "the checkpoint"))
         self.raw_model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -1027,10 +1065,15 @@ def resolve_train_args(namespace, explicit: set[str], checkpoint: dict | None) -
 
 def build_model_args(args: dict, n_codebooks: int, checkpoint: dict | None) -> ModelArgs:
     if checkpoint is not None:
-        model_args = ModelArgs(**checkpoint["model_args"])
+        model_args = model_args_from(checkpoint["model_args"], checkpoint.get("loaded_from", "the checkpoint"))
         if model_args.n_codebooks != n_codebooks:
             raise StageError(f"the checkpoint's model reads {model_args.n_codebooks} codebooks, the manifest's "
                              f"tokens have {n_codebooks}")
+        needed = args["context_frames"] + extra_steps(args["pattern"], n_codebooks)  # sequence steps per window
+        if needed > model_args.n_positions:
+            raise StageError(f"--context-frames {args['context_frames']} needs {needed} positions with the "
+                             f"{args['pattern']} pattern, the model of "
+                             f"{checkpoint.get('loaded_from', 'the checkpoint')} has only {model_args.n_positions}")
         if args["dropout"] is not None:
             model_args.dropout = args["dropout"]
         return model_args
@@ -1101,6 +1144,8 @@ def train_from_command_line(namespace, explicit: set[str], info: DistInfo, devic
         log.info("%s is already trained to epoch %d: nothing to do (--resume --epochs N continues, "
                  "--overwrite starts over)", folder, checkpoint["epoch"])
         return EXIT_OK
+    if info.is_main and remove_stale_temporaries(folder):  # an interrupted write's leftovers; never read
+        log.info("removed the temporary files of an interrupted write from %s", folder)
     if namespace.overwrite and not namespace.resume and info.is_main and folder.is_dir():
         log.info("--overwrite: removed %d previous outputs from %s", clear_outputs(folder), folder)
     args = resolve_train_args(namespace, explicit, checkpoint)

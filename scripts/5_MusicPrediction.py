@@ -19,8 +19,10 @@ import gc
 import logging
 import math
 import random
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,8 @@ from pipeline.cli import (StageError, StageReport, _number, make_parser, non_neg
 from pipeline.codec import UNTRAINED_WARNING, CodecUnavailable, load_codec  # noqa: E402
 from pipeline.contract import (BOS, CODEBOOK_SIZE, SAMPLE_RATE, TokenFile, TokenFileError,  # noqa: E402
                                load_token_file, save_token_file)
-from pipeline.files import atomic_path, atomic_write_json, remove_stale_temporaries  # noqa: E402
+from pipeline.files import (PathEscapesRoot, atomic_path, atomic_write_json, remove_stale_temporaries,  # noqa: E402
+                            resolve_inside)
 from pipeline.manifest import ManifestError, manifest_path, read_manifest  # noqa: E402
 from pipeline.stages import load_stage  # noqa: E402
 
@@ -108,7 +111,7 @@ def load_checkpoint(path: Path, device: str) -> LoadedModel:
     model = build_model(stage4, model_args, path)
     check_contract(model_args, contract, path)
     state = stage4.strip_prefixes(checkpoint["model"])
-    check_state_dict(model, state, path)
+    stage4.check_state_dict(model, state, path)
     model.load_state_dict(state)
     model.to(device).eval()
     return LoadedModel(model=model, path=path, model_args=model_args, contract=contract,
@@ -116,11 +119,7 @@ def load_checkpoint(path: Path, device: str) -> LoadedModel:
 
 
 def build_model(stage4, model_args: dict, path: Path) -> torch.nn.Module:
-    known = set(stage4.ModelArgs.__dataclass_fields__)
-    unknown = sorted(set(model_args) - known)
-    if unknown:
-        raise StageError(f"{path}: model_args has keys this model does not take: {', '.join(unknown)}")
-    return stage4.MusicTransformer(stage4.ModelArgs(**model_args))
+    return stage4.MusicTransformer(stage4.model_args_from(model_args, path))
 
 
 def check_contract(model_args: dict, contract: dict, path: Path) -> None:
@@ -132,31 +131,6 @@ def check_contract(model_args: dict, contract: dict, path: Path) -> None:
                          f"model_args says n_codebooks = {model_args.get('n_codebooks')}")
     if contract["pattern"] not in ("parallel", "delay"):
         raise StageError(f"{path}: unknown codebook pattern {contract['pattern']!r}")
-
-
-def check_state_dict(model: torch.nn.Module, state: dict, path: Path) -> None:
-    """Refuse weights that do not fit the rebuilt model, naming every difference."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{key} {list(state[key].shape)} vs model {list(expected[key].shape)}"
-              for key in sorted(set(expected) & set(state)) if state[key].shape != expected[key].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_short_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_short_list(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatches {_short_list(shapes)}")
-    if problems:
-        raise StageError(f"{path}: weights do not match the model its model_args describe "
-                         f"(n_codebooks={model.args.n_codebooks}, d_model={model.args.d_model}, "
-                         f"n_layer={model.args.n_layer}): " + "; ".join(problems))
-
-
-def _short_list(items: list, limit: int = 6) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 # ==== frames <-> samples ======================================================================
@@ -273,7 +247,7 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, settings: Sa
     if bool(greedy_pieces.all()):
         return logits.argmax(dim=-1)  # [B, Q]
     scaled = logits / temperatures.clamp_min(1e-6).view(-1, 1, 1)  # [B, Q, V]
-    if 0 < settings.top_k < scaled.shape[-1]:
+    if 0 < settings.top_k < min(scaled.shape[-1], CODEBOOK_SIZE):  # k >= 1024 keeps every code: off
         candidates, token_ids = torch.topk(scaled, settings.top_k, dim=-1)  # [B, Q, k], sorted descending
     else:
         candidates, token_ids = torch.sort(scaled, dim=-1, descending=True)  # [B, Q, V]
@@ -665,8 +639,11 @@ def build_parser():
                         help="frames a full window moves on; it keeps context - stride (default: half the context)")
     length.add_argument("--no-cache", action="store_true", help="recompute the whole window each step (reference path)")
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy (argmax)")
-    sampling.add_argument("--top-k", type=non_negative_int, default=250, help="keep the k likeliest tokens (0 = off)")
+    sampling.add_argument("--temperature", type=non_negative_float, default=1.0,
+                          help="sampling temperature; 0 = greedy (always the likeliest code); negative is refused")
+    sampling.add_argument("--top-k", type=non_negative_int, default=250,
+                          help="keep the k likeliest codes (0 = off); a k of 1024 or more is clamped to "
+                               "the 1024 codes, i.e. off")
     sampling.add_argument("--top-p", type=probability_mass, default=1.0, help="nucleus mass in (0, 1] (1 = off)")
     sampling.add_argument("--repetition-penalty", type=penalty_factor, default=1.0,
                           help=">= 1: a token seen in the recent window loses log(penalty) of logit (1 = off)")
@@ -724,10 +701,32 @@ class Run:
     timings: dict = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a scheduler's stop, `kill`) ends the run like Ctrl-C: KeyboardInterrupt unwinds every
+    atomic write (its temporary is removed), finished pieces stay, and run_main exits with 130."""
+    def interrupt(number, frame):
+        raise KeyboardInterrupt(f"{signal.Signals(number).name} received")
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
-    started = time.time()
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, "stage5")
+    with sigterm_as_interrupt():
+        return generate_pieces(args)
+
+
+def generate_pieces(args) -> int:
+    started = time.time()
     out_folder = args.root / "music_transformer" / args.artist
     names = piece_names(args.name, args.num_samples)
     todo = [name for name in names if args.overwrite or not is_complete(out_folder, name)]
@@ -760,7 +759,7 @@ def prepare(args) -> Run:
     LOG.info("model from %s (epoch %s, step %s, %s pattern, Q = %d)", loaded.path, loaded.epoch, loaded.step,
              loaded.contract["pattern"], loaded.n_codebooks)
     try:
-        codec = load_codec(args.codec or loaded.contract["codec"], device)
+        codec = load_codec(args.codec or checked_codec_spec(loaded, args.root), device)
     except CodecUnavailable as error:
         raise StageError(str(error)) from None
     if not codec.pretrained:
@@ -778,6 +777,19 @@ def prepare(args) -> Run:
               stride=stride, total_frames=total_frames, num_samples=num_samples)
     run.timings.update(load_s=load_seconds, prompt_s=time.perf_counter() - started - load_seconds)
     return run
+
+
+def checked_codec_spec(loaded: LoadedModel, root: Path) -> str:
+    """The checkpoint's codec; a local folder it names must lie inside the root (`--codec` trusts one outside)."""
+    spec = str(loaded.contract["codec"])
+    local = Path(spec).expanduser()
+    if local.exists():  # load_codec would read this folder (a hub id or `random:N` is no local path)
+        try:
+            resolve_inside(root, local.resolve())
+        except PathEscapesRoot:
+            raise StageError(f"{loaded.path} names the codec folder {spec}, outside the project root "
+                             f"{Path(root).resolve()}: refused; pass --codec {spec} to trust it") from None
+    return spec
 
 
 def build_prompt(args, codec, loaded: LoadedModel) -> Prompt:
