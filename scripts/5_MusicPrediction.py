@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline.audio import (DEFAULT_TARGET_LUFS, AudioDecodeError, integrated_loudness,  # noqa: E402
                             load_conditioned, normalisation_gain)
-from pipeline.cli import (StageError, StageReport, _number, make_parser, non_negative_float,  # noqa: E402
+from pipeline.cli import (StageError, StageReport, bounded_number, make_parser, non_negative_float,  # noqa: E402
                           non_negative_int, positive_float, positive_int, resolve_device, run_main,
                           setup_logging)
 from pipeline.codec import UNTRAINED_WARNING, CodecUnavailable, load_codec  # noqa: E402
@@ -49,9 +49,9 @@ STAGE = "5_MusicPrediction"
 UNKNOWN = -1  # a cell of the frame buffer that is neither prompt nor generated yet
 OUTPUT_SUFFIXES = (".wav", ".th", ".png", ".json")  # the JSON is written last: it marks a finished piece
 
-probability_mass = _number(float, 0.0, 1.0, minimum_inclusive=False)
-penalty_factor = _number(float, 1.0)
-loudness_target = _number(float, None, 0.0)
+probability_mass = bounded_number(float, 0.0, 1.0, minimum_inclusive=False)
+penalty_factor = bounded_number(float, 1.0)
+loudness_target = bounded_number(float, None, 0.0)
 
 
 # ==== checkpoint ==============================================================================

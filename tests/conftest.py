@@ -16,6 +16,18 @@ sys.path.insert(0, str(SCRIPTS))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 
 
+@pytest.fixture(autouse=True)
+def seeded_random_generators():
+    """Every test starts from the same random state: random data in a test is reproducible."""
+    import random
+
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def random_codec():
     """The 48 kHz Encodec architecture with seeded random weights (built once per test session)."""

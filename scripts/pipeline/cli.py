@@ -36,7 +36,9 @@ def artist_name(value: str) -> str:
     return value
 
 
-def _number(kind, minimum=None, maximum=None, minimum_inclusive=True):
+def bounded_number(kind, minimum=None, maximum=None, minimum_inclusive=True):
+    """argparse type: `kind` (int or float) within [minimum, maximum] (minimum exclusive if asked); no NaN."""
+
     def parse(text: str):
         try:
             value = kind(text)
@@ -54,11 +56,11 @@ def _number(kind, minimum=None, maximum=None, minimum_inclusive=True):
     return parse
 
 
-positive_int = _number(int, 1)
-non_negative_int = _number(int, 0)
-positive_float = _number(float, 0.0, minimum_inclusive=False)
-non_negative_float = _number(float, 0.0)
-fraction = _number(float, 0.0, 1.0)
+positive_int = bounded_number(int, 1)
+non_negative_int = bounded_number(int, 0)
+positive_float = bounded_number(float, 0.0, minimum_inclusive=False)
+non_negative_float = bounded_number(float, 0.0)
+fraction = bounded_number(float, 0.0, 1.0)
 
 
 def make_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
