@@ -1,6 +1,6 @@
 """Hardening of stages 1-3 (issue 6): odd inputs, extreme audio, untrusted files, SIGINT/SIGTERM.
 
-Only what the stage tests do not already show is here; docs/hardening_stages123.md maps every
+Only what the stage tests do not already show is here; HARDENING.md maps every
 case of issue 6 for these stages to the test that shows it, here or in the stage's own file.
 """
 from __future__ import annotations

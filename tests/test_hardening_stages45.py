@@ -1,6 +1,6 @@
 """Hardening of stages 4 and 5 (issue 6): bad input, untrusted files and interruptions.
 
-Cases already shown elsewhere are not repeated here; docs/hardening_stages45.md maps every case to
+Cases already shown elsewhere are not repeated here; HARDENING.md maps every case to
 its test. Subprocess tests poll until work is under way, then signal; they run with one thread.
 """
 from __future__ import annotations
