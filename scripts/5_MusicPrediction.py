@@ -19,10 +19,8 @@ import gc
 import logging
 import math
 import random
-import signal
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -701,28 +699,10 @@ class Run:
     timings: dict = field(default_factory=dict)
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM (a scheduler's stop, `kill`) ends the run like Ctrl-C: KeyboardInterrupt unwinds every
-    atomic write (its temporary is removed), finished pieces stay, and run_main exits with 130."""
-    def interrupt(number, frame):
-        raise KeyboardInterrupt(f"{signal.Signals(number).name} received")
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, "stage5")
-    with sigterm_as_interrupt():
-        return generate_pieces(args)
+    return generate_pieces(args)  # run_main turns SIGTERM into Ctrl-C's clean stop
 
 
 def generate_pieces(args) -> int:

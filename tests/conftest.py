@@ -36,6 +36,44 @@ def random_codec():
     return load_codec("random:0")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine two spinning
+    threads per process made those tests several times slower. Use with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def stage5():
+    """scripts/5_MusicPrediction.py imported as a module."""
+    from pipeline.stages import load_stage
+
+    return load_stage("5_MusicPrediction")
+
+
+STAGE5_ARTIST = "demo"
+
+
+@pytest.fixture
+def in_process(stage5, random_codec, monkeypatch):
+    """Stage 5's `main` in this process, through run_main's exit codes, with the session's random codec."""
+    from pipeline.cli import run_main
+
+    monkeypatch.setattr(stage5, "load_codec", lambda spec, device="cpu": random_codec)
+
+    def run(root, *args):
+        argv = ["--artist", STAGE5_ARTIST, "--root", str(root), "--log-level", "WARNING", *map(str, args)]
+        return run_main(stage5.main, argv)
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def transformer_module():
     """scripts/4_Transformer.py imported as a module."""

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,31 +22,18 @@ import torch
 from conftest import SCRIPTS
 from pipeline.cli import StageError, run_main
 from pipeline.files import atomic_torch_save
-from pipeline.stages import load_stage
 from test_stage4 import TINY, assert_same_weights, load, results, write_dataset
 from test_stage5_cli import ARTIST, make_root, outputs
 
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
 TRAIN = [*TINY, "--grad-accum", "2", "--dropout", "0.1", "--epochs", "3"]  # 2 optimizer steps an epoch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster (and reproducibly) on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def stage4(transformer_module):
     return transformer_module
-
-
-@pytest.fixture(scope="module")
-def stage5():
-    return load_stage("5_MusicPrediction")
 
 
 def run4(stage4, root, *args) -> int:
@@ -278,16 +264,6 @@ def test_stage4_sigkill_at_a_random_moment_then_resume(stage4, tmp_path, straigh
 
 
 # ---- stage 5: bad input ------------------------------------------------------------------------------
-@pytest.fixture
-def in_process(stage5, random_codec, monkeypatch):
-    """Stage 5's main in this process with the session's random codec."""
-    monkeypatch.setattr(stage5, "load_codec", lambda spec, device="cpu": random_codec)
-
-    def run(root, *args):
-        argv = ["--artist", ARTIST, "--root", str(root), "--log-level", "WARNING", *map(str, args)]
-        return run_main(stage5.main, argv)
-
-    return run
 
 
 @pytest.mark.parametrize("content, reason", [(b"", "empty file"), (b"hello, not audio" * 40, "cannot decode")],

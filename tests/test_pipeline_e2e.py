@@ -5,7 +5,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import subprocess
 from pathlib import Path
 

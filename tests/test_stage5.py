@@ -10,22 +10,8 @@ import torch
 from pipeline.cli import StageError
 from pipeline.contract import BOS, CODEBOOK_SIZE, PAD, VOCAB_SIZE
 from pipeline.files import atomic_torch_save
-from pipeline.stages import load_stage
 
-
-@pytest.fixture(scope="module")
-def stage5():
-    return load_stage("5_MusicPrediction")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models and short decodes gain nothing from a second thread, and on a shared 2-core
-    machine two spinning threads per process made these tests several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(transformer_module, n_codebooks=4, context_frames=40, seed=0):

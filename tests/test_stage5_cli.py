@@ -9,28 +9,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import run_script, sine_tone
+from conftest import STAGE5_ARTIST as ARTIST, run_script, sine_tone
 from pipeline.contract import CODEBOOK_SIZE, load_token_file
-from pipeline.cli import run_main
 from pipeline.files import atomic_torch_save
-from pipeline.stages import load_stage
-
-ARTIST = "demo"
 
 
-@pytest.fixture(scope="module")
-def stage5():
-    return load_stage("5_MusicPrediction")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models and short decodes gain nothing from a second thread, and on a shared 2-core
-    machine two spinning threads per process made these tests several times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_root(tmp_path, transformer_module, pattern, median_scale=0.05, context_frames=120):
@@ -45,18 +29,6 @@ def make_root(tmp_path, transformer_module, pattern, median_scale=0.05, context_
                        "optimizer": {"state": {}, "param_groups": []}},
                       tmp_path / "model_results" / ARTIST / "best.pt")
     return tmp_path
-
-
-@pytest.fixture
-def in_process(stage5, random_codec, monkeypatch):
-    """Run `main` in this process with the session's random codec (built once, not per run)."""
-    monkeypatch.setattr(stage5, "load_codec", lambda spec, device="cpu": random_codec)
-
-    def run(root, *args):
-        argv = ["--artist", ARTIST, "--root", str(root), "--log-level", "WARNING", *map(str, args)]
-        return run_main(stage5.main, argv)
-
-    return run
 
 
 def outputs(root, name):
