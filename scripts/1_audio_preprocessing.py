@@ -281,17 +281,9 @@ def iter_clips(path: Path, start: int, end: int, clip_samples: int, pad_tail: bo
         yield buffer, filled
 
 
-def default_file_mode() -> int:
-    """rw for everyone the umask allows: temporaries are created 0600, finished clips should not be."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def write_clip(samples: np.ndarray, path: Path) -> None:
     with atomic_path(path) as tmp:
         sf.write(os.fsencode(tmp), quantise(samples), SAMPLE_RATE, subtype="PCM_16", format="WAV")
-        os.chmod(tmp, default_file_mode())
 
 
 def write_clips(track: Track, out_dir: Path, start: int, end: int, gain: float, settings: ClipSettings,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 
 import pytest
@@ -52,6 +53,9 @@ def test_atomic_path_publishes_only_on_success(tmp_path):
     files.atomic_write_json({"a": 1}, target)
     assert target.read_text().strip().startswith("{")
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["out.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask, "not mkstemp's private 0600"
 
 
 def test_remove_stale_temporaries(tmp_path):
