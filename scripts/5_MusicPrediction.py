@@ -96,21 +96,15 @@ def _held_checkpoints(folder: Path) -> str:
 def load_checkpoint(path: Path, device: str) -> LoadedModel:
     """Rebuild the model from the saved constructor arguments; only the weights go to `device`."""
     stage4 = load_stage("4_Transformer")
-    try:  # map to the CPU: optimizer and scheduler states never touch the device
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for corrupt or unsafe pickles
-        raise StageError(f"{path}: not a readable checkpoint ({str(error).strip().splitlines()[0]})") from None
-    if not isinstance(checkpoint, dict):
-        raise StageError(f"{path}: holds a {type(checkpoint).__name__}, expected a checkpoint dict")
-    missing = [key for key in ("model", "model_args", "token_contract") if key not in checkpoint]
-    if missing:
-        raise StageError(f"{path}: not a stage-4 checkpoint, missing {', '.join(missing)}")
+    # stage 4's reader: weights_only, on the CPU (optimizer states never touch the device), prefixes stripped
+    checkpoint = stage4.load_checkpoint(path)
+    if "token_contract" not in checkpoint:
+        raise StageError(f"{path}: not a stage-4 checkpoint, missing token_contract")
     model_args, contract = dict(checkpoint["model_args"]), dict(checkpoint["token_contract"])
     model = build_model(stage4, model_args, path)
     check_contract(model_args, contract, path)
-    state = stage4.strip_prefixes(checkpoint["model"])
-    stage4.check_state_dict(model, state, path)
-    model.load_state_dict(state)
+    stage4.check_state_dict(model, checkpoint["model"], path)
+    model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
     return LoadedModel(model=model, path=path, model_args=model_args, contract=contract,
                        epoch=checkpoint.get("epoch"), step=checkpoint.get("step"))
