@@ -29,8 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline.audio import (DEFAULT_TARGET_LUFS, AudioDecodeError, integrated_loudness,  # noqa: E402
-                            load_conditioned, normalisation_gain)
+from pipeline.audio import DEFAULT_TARGET_LUFS, AudioDecodeError, load_conditioned, normalise_wave  # noqa: E402
 from pipeline.cli import (StageError, StageReport, bounded_number, make_parser, non_negative_float,  # noqa: E402
                           non_negative_int, positive_float, positive_int, resolve_device, run_main,
                           setup_logging)
@@ -567,9 +566,8 @@ def median_scale_for(contract: dict, root: Path, artist: str) -> tuple[float | N
 
 def normalise(wave: torch.Tensor, target_lufs: float) -> tuple[np.ndarray, float]:
     """`[2, S]` -> (`[S, 2]` float32 at the target loudness, peak at most -1 dBFS; the gain in dB)."""
-    samples = wave.T.numpy().astype(np.float32)  # [2, S] -> [S, 2]
-    gain = normalisation_gain(integrated_loudness(samples), float(np.abs(samples).max(initial=0.0)), target_lufs)
-    return samples * gain, 20 * math.log10(gain)
+    samples, gain = normalise_wave(wave.T.numpy().astype(np.float32), target_lufs)  # [2, S] -> [S, 2]
+    return samples, 20 * math.log10(gain)
 
 
 # ==== outputs =================================================================================

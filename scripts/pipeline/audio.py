@@ -282,6 +282,12 @@ def normalisation_gain(loudness: float, peak: float, target_lufs: float = DEFAUL
     return float(min(gain, ceiling / peak))
 
 
+def normalise_wave(wave: np.ndarray, target_lufs: float = DEFAULT_TARGET_LUFS) -> tuple[np.ndarray, float]:
+    """A whole `[n, 2]` 48 kHz wave -> (float32 wave at the target loudness under the peak cap, linear gain)."""
+    gain = normalisation_gain(integrated_loudness(wave), float(np.abs(wave).max(initial=0.0)), target_lufs)
+    return (wave * gain).astype(np.float32), gain
+
+
 def load_conditioned(path, target_lufs: float = DEFAULT_TARGET_LUFS, max_seconds: float | None = None) -> np.ndarray:
     """Decode any file stage 1 reads and condition it the same way: `[n, 2]` float32, 48 kHz, normalised.
 
@@ -292,5 +298,4 @@ def load_conditioned(path, target_lufs: float = DEFAULT_TARGET_LUFS, max_seconds
     max_frames = None if max_seconds is None else int(round(max_seconds * rate))
     data, rate = read_audio(path, max_frames)
     wave = resample(to_stereo(data), rate)  # [n, C] at rate -> [m, 2] at 48 kHz
-    gain = normalisation_gain(integrated_loudness(wave), float(np.abs(wave).max(initial=0.0)), target_lufs)
-    return (wave * gain).astype(np.float32)
+    return normalise_wave(wave, target_lufs)[0]
