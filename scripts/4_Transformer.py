@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline.cli import (EXIT_OK, StageError, StageReport, fraction, make_parser,  # noqa: E402
+from pipeline.cli import (EXIT_OK, StageError, StageReport, error_reason, fraction, make_parser,  # noqa: E402
                           non_negative_float, non_negative_int, positive_float, positive_int,
                           resolve_device, run_main, setup_logging)
 from pipeline.contract import BOS, CODEBOOK_SIZE, PAD, VOCAB_SIZE, TokenFileError, load_token_file  # noqa: E402
@@ -541,7 +541,7 @@ def load_checkpoint(path: Path) -> dict:
     except FileNotFoundError:
         raise StageError(f"checkpoint {path} does not exist") from None
     except Exception as error:  # torch raises many types for corrupt or unsafe pickles
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = error_reason(error)
         raise StageError(f"{path}: not a readable checkpoint ({reason}); only weights_only-loadable "
                          "checkpoints are read") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:

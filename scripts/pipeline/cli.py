@@ -22,6 +22,12 @@ class StageError(Exception):
     """Nothing could be done: the stage exits with status 2 and this message."""
 
 
+def error_reason(error: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), for one-line reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def artist_name(value: str) -> str:
     """argparse type: a single folder name of letters, digits, space, '.', '_', '-' (never '..')."""
     if not value or not value.strip():

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import error_reason
 from .contract import BANDWIDTH_TO_Q, CHANNELS, SAMPLE_RATE, q_for_bandwidth
 
 LOG = logging.getLogger("pipeline.codec")
@@ -85,7 +86,7 @@ def _pretrained_model(spec: str):
     except OSError as error:
         raise CodecUnavailable(
             f"cannot load codec {spec!r}: it is not in the Hugging Face cache and the hub could not be reached "
-            f"({str(error).splitlines()[0]}).\n"
+            f"({error_reason(error)}).\n"
             f"  Get the weights on a machine with internet: `huggingface-cli download {spec}` (then copy "
             f"~/.cache/huggingface to this machine), or pass --codec /path/to/a/saved/folder.\n"
             f"  For an offline test of the mechanics, --codec random uses an untrained codec (noise, not music)."

@@ -115,11 +115,13 @@ def load_token_file(path: str | Path) -> TokenFile:
     """
     import torch
 
+    from .cli import error_reason
+
     path = Path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt or unsafe pickles
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = error_reason(error)
         raise TokenFileError(f"{path}: not a readable token file ({reason})") from error
     if isinstance(obj, torch.Tensor):
         codes = validate_codes(obj, str(path))
