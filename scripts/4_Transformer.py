@@ -1004,7 +1004,8 @@ def build_parser():
                        help="frames per training window (150 frames = 1 s)")
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=positive_int, default=d["epochs"], help="total epochs to train to")
-    train.add_argument("--batch-size", type=positive_int, default=d["batch_size"], help="windows per micro-batch per rank")
+    train.add_argument("--batch-size", type=positive_int, default=d["batch_size"],
+                       help="windows per micro-batch per rank")
     train.add_argument("--grad-accum", type=positive_int, default=d["grad_accum"],
                        help="micro-batches per optimizer step")
     train.add_argument("--lr", type=positive_float, default=d["lr"],

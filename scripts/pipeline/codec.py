@@ -218,7 +218,10 @@ def load_codec(spec: str, device: str = "cpu") -> Codec:
 
 
 def probe(spec: str, timeout: float = 3.0) -> str:
-    """Can `spec` be loaded without waiting on retries? 'random' | 'local' | 'cached' | 'downloadable' | 'unavailable'."""
+    """Can `spec` be loaded without waiting on retries?
+
+    Returns 'random', 'local', 'cached', 'downloadable' or 'unavailable'.
+    """
     import os
     import socket
     from urllib.parse import urlparse
@@ -245,6 +248,7 @@ def probe(spec: str, timeout: float = 3.0) -> str:
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="Say whether a codec spec can be loaded here (used by run_pipeline.sh).")
+    parser = argparse.ArgumentParser(
+        description="Say whether a codec spec can be loaded here (used by run_pipeline.sh).")
     parser.add_argument("--probe", required=True, metavar="SPEC", help="hub id, local folder or random[:seed]")
     print(probe(parser.parse_args().probe))
