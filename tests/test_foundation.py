@@ -200,3 +200,15 @@ def test_uncached_hub_id_offline_fails_with_help(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CodecUnavailable, match="--codec random"):
         load_codec("facebook/encodec_48khz_not_cached")
+
+
+def test_probe_says_what_can_be_loaded_without_waiting(tmp_path, monkeypatch):
+    from pipeline.codec import probe
+
+    assert probe("random:3") == "random"
+    (tmp_path / "saved").mkdir()
+    assert probe(str(tmp_path / "saved")) == "unavailable"  # a folder without config.json
+    (tmp_path / "saved" / "config.json").write_text("{}")
+    assert probe(str(tmp_path / "saved")) == "local"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert probe("facebook/encodec_48khz_not_cached") == "unavailable"
