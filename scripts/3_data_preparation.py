@@ -214,7 +214,7 @@ def manifest_entry(audio: str, token: TokenFile, track: str, split: str) -> dict
         "audio": audio,
         "duration": round(token.duration, 6),
         "sample_rate": token.sample_rate,
-        "frames": token.n_frames,
+        "frames": token.real_frames,  # the frames past the audio encode the codec's padding
         "codebooks": token.n_codebooks,
         "bandwidth": token.bandwidth,
         "codec": token.codec,

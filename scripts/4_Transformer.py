@@ -50,19 +50,32 @@ class ModelArgs:
     n_head: int = 8
     n_positions: int = 1504  # context frames + Q (BOS, and the delay pattern's Q-1 extra steps)
     dropout: float = 0.1
+    tie_heads: bool = False  # True: the seed's heads, logits = proj(hidden) @ embedding table
+    embed_init: str = "unit"  # input channels start at std 1 ("unit"), 0.02 ("match") or ~0.004 ("gpt2", the seed)
+
+
+# The seed's architecture, for checkpoints written before these fields existed.
+LEGACY_MODEL_ARGS = {"tie_heads": True, "embed_init": "gpt2"}
+INPUT_STD = {"unit": 1.0, "match": 0.02}  # std of an input channel at init, per embed_init
+EMBED_INITS = (*INPUT_STD, "gpt2")
 
 
 class MusicTransformer(nn.Module):
-    """Per-codebook embeddings -> concat -> projection -> GPT-2 -> Q heads tied to the embeddings.
+    """Per-codebook embeddings -> concat -> projection -> GPT-2 -> Q output heads.
 
     Input tokens `[B, T, Q]` (codes 0..1023, BOS, PAD); output logits `[B, T, Q, VOCAB_SIZE]`
-    where position t predicts the tokens of position t+1.
+    where position t predicts the tokens of position t+1. The heads are one `Linear(d_model, Q*V)`
+    (untied, the default) or, with `tie_heads`, a `d_model -> d_embed` projection per codebook
+    multiplied by that codebook's embedding table (the seed's design; see docs/stage4.md for why
+    it is no longer the default).
     """
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         from transformers import GPT2Config, GPT2Model
 
+        if args.embed_init not in EMBED_INITS:
+            raise ValueError(f"embed_init {args.embed_init!r}: choose one of {', '.join(EMBED_INITS)}")
         self.args = args
         self.embeddings = nn.ModuleList(
             nn.Embedding(VOCAB_SIZE, args.d_embed, padding_idx=PAD) for _ in range(args.n_codebooks))
@@ -72,20 +85,30 @@ class MusicTransformer(nn.Module):
                             attn_pdrop=args.dropout, bos_token_id=None, eos_token_id=None, use_cache=False)
         config._attn_implementation = "sdpa"
         self.backbone = GPT2Model(config)
-        self.head_proj = nn.ModuleList(nn.Linear(args.d_model, args.d_embed) for _ in range(args.n_codebooks))
+        if args.tie_heads:
+            self.head_proj = nn.ModuleList(nn.Linear(args.d_model, args.d_embed) for _ in range(args.n_codebooks))
+        else:
+            self.heads = nn.Linear(args.d_model, args.n_codebooks * VOCAB_SIZE)
         self._init_own_weights()
 
     def _init_own_weights(self) -> None:
-        """GPT-2's init (normal, std 0.02; zero biases) for the layers around the backbone.
+        """Initialise the layers around the backbone (docs/stage4.md, "What the model learns").
 
-        PyTorch's defaults (embeddings N(0, 1)) made the tied heads' first logits so large that the
-        starting loss sat far above the uniform log2(1024) bits per codebook.
+        "gpt2" (the seed): embeddings and input projection both N(0, 0.02), so a token reached the
+        backbone at ~0.004 per channel, five times below GPT-2's position table (0.02): the first
+        layers saw mostly position. "unit" / "match": embeddings N(0, 1) and a projection scaled so
+        that each input channel starts at std 1 / 0.02 (the position table's scale). Heads N(0, 0.02).
         """
+        embed_std = 0.02 if self.args.embed_init == "gpt2" else 1.0
         for table in self.embeddings:
-            nn.init.normal_(table.weight, std=0.02)
+            nn.init.normal_(table.weight, std=embed_std)
             with torch.no_grad():
                 table.weight[PAD].zero_()  # padding_idx keeps a zero vector
-        for layer in [self.input_proj, *self.head_proj]:
+        fan_in = self.input_proj.in_features
+        proj_std = 0.02 if self.args.embed_init == "gpt2" else INPUT_STD[self.args.embed_init] / math.sqrt(fan_in)
+        nn.init.normal_(self.input_proj.weight, std=proj_std)
+        nn.init.zeros_(self.input_proj.bias)
+        for layer in (self.head_proj if self.args.tie_heads else [self.heads]):
             nn.init.normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
 
@@ -95,7 +118,10 @@ class MusicTransformer(nn.Module):
         return self.input_proj(torch.cat(per_codebook, dim=-1))  # [B, T, Q*d_embed] -> [B, T, d_model]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden `[B, T, d_model]` -> logits `[B, T, Q, V]`, each head tied to its embedding table."""
+        """hidden `[B, T, d_model]` -> logits `[B, T, Q, V]`."""
+        if not self.args.tie_heads:
+            flat = self.heads(hidden)  # [B, T, d_model] -> [B, T, Q*V]
+            return flat.unflatten(-1, (self.args.n_codebooks, VOCAB_SIZE))  # -> [B, T, Q, V]
         per_codebook = [proj(hidden) @ table.weight.T  # [B, T, d_embed] @ [d_embed, V] -> [B, T, V]
                         for proj, table in zip(self.head_proj, self.embeddings)]
         return torch.stack(per_codebook, dim=2)  # Q x [B, T, V] -> [B, T, Q, V]
@@ -170,7 +196,7 @@ def model_args_from(saved: dict, where) -> ModelArgs:
     if unknown:
         raise StageError(f"{where}: model_args has keys this model does not take: {', '.join(unknown)} "
                          "(a checkpoint of another architecture or program)")
-    return ModelArgs(**saved)
+    return ModelArgs(**{**LEGACY_MODEL_ARGS, **saved})
 
 
 def check_state_dict(model: nn.Module, state: dict, where) -> None:
@@ -218,14 +244,16 @@ LOG = logging.getLogger("pipeline.stage4")
 
 # Training options a resumed run takes from its checkpoint unless given again on the command line.
 TRAIN_DEFAULTS = dict(
-    preset="base", d_embed=None, d_model=None, n_layer=None, n_head=None, dropout=None,
+    preset="base", d_embed=None, d_model=None, n_layer=None, n_head=None, dropout=None, tie_heads=False,
+    embed_init="unit",
     pattern="parallel", context_frames=1500, epochs=20, batch_size=8, grad_accum=1, lr=3e-4,
     min_lr_frac=0.1, warmup_frac=0.05, weight_decay=0.1, max_grad_norm=1.0, label_smoothing=0.1,
     frame_dropout=0.01, seed=0, keep_last=3, max_steps=0, device="auto", compile=False,
     grad_checkpointing=False,
 )
 # These fix the model or the meaning of its tokens: a resumed run must keep them.
-LOCKED_ON_RESUME = ("preset", "d_embed", "d_model", "n_layer", "n_head", "pattern", "context_frames")
+LOCKED_ON_RESUME = ("preset", "d_embed", "d_model", "n_layer", "n_head", "tie_heads", "embed_init", "pattern",
+                    "context_frames")
 
 
 # ---- data: every token file read once into one int16 array --------------------------------
@@ -281,8 +309,9 @@ def load_dataset(entries: list[dict], log: logging.Logger = LOG) -> Dataset:
             log.error("skipping a token file: %s", error)
             skipped.append((entry["audio"], str(error)))
             continue
-        chunks.append(token_file.codes[0].T.numpy())  # [1, Q, T] -> [T, Q]
-        lengths.append(token_file.n_frames)
+        real = token_file.real_frames  # frames past the audio encode the codec's zero padding: dropped
+        chunks.append(token_file.codes[0, :, :real].T.numpy())  # [1, Q, T] -> [real, Q]
+        lengths.append(real)
         splits.append(entry.get("split", "train"))
         names.append(entry["audio"])
         files.append(token_file)
@@ -998,6 +1027,12 @@ def build_parser():
     model.add_argument("--n-layer", type=positive_int, help="transformer layers (overrides the preset)")
     model.add_argument("--n-head", type=positive_int, help="attention heads (overrides the preset)")
     model.add_argument("--dropout", type=fraction, help="dropout inside the transformer (preset: 0.1)")
+    model.add_argument("--tie-heads", action="store_true",
+                       help="the seed's output heads: logits = projection @ the codebook's embedding table "
+                            "(default: an untied linear head per codebook, which learns far better)")
+    model.add_argument("--embed-init", choices=EMBED_INITS, default=d["embed_init"],
+                       help="initial scale of the token inputs: unit (std 1 per channel), match (0.02, the "
+                            "position table's scale) or gpt2 (the seed's ~0.004)")
     model.add_argument("--pattern", choices=PATTERNS, default=d["pattern"],
                        help="parallel: all codebooks of a frame at once; delay: MusicGen's delayed codebooks")
     model.add_argument("--context-frames", type=positive_int, default=d["context_frames"],
@@ -1078,7 +1113,8 @@ def build_model_args(args: dict, n_codebooks: int, checkpoint: dict | None) -> M
         if args["dropout"] is not None:
             model_args.dropout = args["dropout"]
         return model_args
-    overrides = {key: args[key] for key in ("d_embed", "d_model", "n_layer", "n_head", "dropout")}
+    overrides = {key: args[key] for key in ("d_embed", "d_model", "n_layer", "n_head", "dropout", "tie_heads",
+                                            "embed_init")}
     model_args = model_args_for(args["preset"], n_codebooks, args["context_frames"], overrides)
     if model_args.d_model % model_args.n_head:
         raise StageError(f"--d-model {model_args.d_model} is not divisible by --n-head {model_args.n_head}")

@@ -75,7 +75,8 @@ def test_manifest_has_the_contract_keys_and_reads_back(stage3, tmp_path):
     assert first["track"] == "album 0/song [0]"
     assert first["source"] == f"data_processed/{ARTIST}/album 0/song [0]_000.wav"
     assert first["duration"] == pytest.approx(2 * 47_520 / 48_000)
-    assert (first["sample_rate"], first["frames"], first["codebooks"], first["bandwidth"]) == (48_000, 300, 4, 6.0)
+    # 2 chunks = 300 frames in the file; the last chunk holds 47,520 samples = 149 frames of audio
+    assert (first["sample_rate"], first["frames"], first["codebooks"], first["bandwidth"]) == (48_000, 299, 4, 6.0)
     assert first["codec"] == "random:0" and first["split"] in ("train", "valid")
     scales = torch.load(tmp_path / first["audio"], weights_only=True)["scales"]
     assert first["median_scale"] == pytest.approx(float(scales.median()))

@@ -65,9 +65,9 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def tiny_model(stage4, q=4, context=40, dropout=0.0):
+def tiny_model(stage4, q=4, context=40, dropout=0.0, **overrides):
     torch.manual_seed(0)
-    return stage4.MusicTransformer(stage4.model_args_for("tiny", q, context, {"dropout": dropout}))
+    return stage4.MusicTransformer(stage4.model_args_for("tiny", q, context, {"dropout": dropout, **overrides}))
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -88,8 +88,8 @@ def test_pad_in_any_codebook_masks_the_frame_and_leaves_earlier_outputs_alone(st
     assert not torch.allclose(masked[0, 8:], clean[0, 8:])  # later frames no longer see frame 7
 
 
-def test_heads_are_tied_to_the_embeddings(stage4):
-    model = tiny_model(stage4)
+def test_tied_heads_share_the_embedding_tables(stage4):
+    model = tiny_model(stage4, tie_heads=True)
     tables = {table.weight.data_ptr() for table in model.embeddings}
     shaped_like_a_table = [name for name, p in model.named_parameters() if p.shape == (1026, model.args.d_embed)]
     assert shaped_like_a_table == [f"embeddings.{q}.weight" for q in range(4)]  # no separate head matrix
@@ -100,6 +100,33 @@ def test_heads_are_tied_to_the_embeddings(stage4):
         assert table.weight.data_ptr() in tables
         assert table.weight.grad[900].abs().sum() > 0
         assert table.weight.grad[700].abs().sum() == 0  # neither looked up nor in the loss
+
+
+def test_untied_heads_are_one_linear_layer_whose_rows_belong_to_one_codebook_each(stage4):
+    model = tiny_model(stage4).eval()
+    assert not model.args.tie_heads and not hasattr(model, "head_proj")
+    assert model.heads.weight.shape == (4 * 1026, model.args.d_model)
+    hidden = torch.randn(2, 5, model.args.d_model)
+    logits = model.logits(hidden)  # [2, 5, 4, 1026]
+    for q in range(4):  # codebook q's logits come from rows q*V .. (q+1)*V - 1 only
+        rows = slice(q * 1026, (q + 1) * 1026)
+        expected = hidden @ model.heads.weight[rows].T + model.heads.bias[rows]
+        torch.testing.assert_close(logits[:, :, q], expected)
+
+
+def test_checkpoints_from_before_untied_heads_rebuild_the_seed_architecture(stage4):
+    old_args = {"n_codebooks": 4, "d_embed": 16, "d_model": 32, "n_layer": 2, "n_head": 2, "n_positions": 40,
+                "dropout": 0.0}  # no tie_heads / embed_init keys: written by the seed's stage 4
+    rebuilt = stage4.model_args_from(old_args, "old.pt")
+    assert rebuilt.tie_heads and rebuilt.embed_init == "gpt2"
+    assert not stage4.model_args_for("tiny", 4, 40).tie_heads  # new runs are untied
+
+
+@pytest.mark.parametrize("embed_init, low, high", [("unit", 0.8, 1.2), ("match", 0.016, 0.024), ("gpt2", 0.002, 0.006)])
+def test_embed_init_sets_the_scale_of_the_token_inputs(stage4, embed_init, low, high):
+    model = tiny_model(stage4, embed_init=embed_init)
+    inputs = model.embed(torch.randint(0, 1024, (4, 64, 4)))  # [4, 64, d_model]
+    assert low < float(inputs.detach().std()) < high
 
 
 @pytest.mark.parametrize("q", [2, 4])

@@ -1,6 +1,7 @@
 """The token contract between stages: special tokens, bandwidths and the `.th` token-file format."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +13,8 @@ SAMPLE_RATE = 48_000
 CHANNELS = 2
 FRAME_RATE = 150  # codec frames per second
 CHUNK_FRAMES = 150  # frames per Encodec chunk (1 s chunks, 1 % overlap)
+HOP_LENGTH = 320  # samples per codec frame
+CHUNK_STRIDE = 47_520  # samples between chunk starts: 48,000-sample chunks overlapping by 1 %
 CODEBOOK_SIZE = 1024  # real codes are 0..1023
 BOS = 1024
 PAD = 1025
@@ -19,6 +22,18 @@ VOCAB_SIZE = 1026  # per codebook: codes + BOS + PAD
 TOKEN_FORMAT = 1
 BANDWIDTH_TO_Q = {3.0: 2, 6.0: 4, 12.0: 8, 24.0: 16}
 DEFAULT_CODEC = "facebook/encodec_48khz"
+
+
+def frames_for(num_samples: int, chunk_frames: int = CHUNK_FRAMES, chunk_stride: int = CHUNK_STRIDE,
+               hop_length: int = HOP_LENGTH) -> int:
+    """Codec frames that carry `num_samples` of audio: every full chunk, then the last chunk's real frames.
+
+    The codec zero-pads the last chunk to a full one; its frames past the audio encode that padding,
+    not music, so whatever learns from or counts tokens uses only these first frames.
+    """
+    n_chunks = max(1, math.ceil(num_samples / chunk_stride))
+    last_chunk_samples = num_samples - (n_chunks - 1) * chunk_stride
+    return (n_chunks - 1) * chunk_frames + math.ceil(last_chunk_samples / hop_length)
 
 
 class TokenFileError(ValueError):
@@ -63,6 +78,11 @@ class TokenFile:
     @property
     def n_frames(self) -> int:
         return int(self.codes.shape[2])
+
+    @property
+    def real_frames(self) -> int:
+        """Frames that encode the clip's audio (`frames_for(num_samples)`); the rest encode padding."""
+        return min(self.n_frames, frames_for(self.num_samples, self.chunk_frames))
 
     @property
     def duration(self) -> float:
