@@ -296,4 +296,5 @@ def test_stage2_output_becomes_a_manifest(stage3, random_codec, tmp_path):
     assert [line["source"] for line in lines] == [f"data_processed/{ARTIST}/{name}.wav"
                                                   for name in ("album/one_000", "album/one_001", "two_000")]
     assert {line["split"] for line in lines} == {"train", "valid"}  # two tracks: one on each side
-    assert all(line["frames"] == 150 and line["duration"] == pytest.approx(0.3) for line in lines)
+    # the file holds one 150-frame chunk; 0.3 s of audio fills only the first 45 (14,400 / 320)
+    assert all(line["frames"] == 45 and line["duration"] == pytest.approx(0.3) for line in lines)
