@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline.baselines import BaselineScores, fit_and_score  # noqa: E402
 from pipeline.cli import (EXIT_OK, StageError, StageReport, error_reason, fraction, make_parser,  # noqa: E402
                           non_negative_float, non_negative_int, positive_float, positive_int,
                           resolve_device, run_main, setup_logging)
@@ -51,7 +52,7 @@ class ModelArgs:
     n_positions: int = 1504  # context frames + Q (BOS, and the delay pattern's Q-1 extra steps)
     dropout: float = 0.1
     tie_heads: bool = False  # True: the seed's heads, logits = proj(hidden) @ embedding table
-    embed_init: str = "unit"  # input channels start at std 1 ("unit"), 0.02 ("match") or ~0.004 ("gpt2", the seed)
+    embed_init: str = "match"  # input channels start at std 0.02 ("match", the position table's), 1 ("unit") or ~0.004 ("gpt2", the seed)
 
 
 # The seed's architecture, for checkpoints written before these fields existed.
@@ -245,7 +246,7 @@ LOG = logging.getLogger("pipeline.stage4")
 # Training options a resumed run takes from its checkpoint unless given again on the command line.
 TRAIN_DEFAULTS = dict(
     preset="base", d_embed=None, d_model=None, n_layer=None, n_head=None, dropout=None, tie_heads=False,
-    embed_init="unit",
+    embed_init="match",
     pattern="parallel", context_frames=1500, epochs=20, batch_size=8, grad_accum=1, lr=3e-4,
     min_lr_frac=0.1, warmup_frac=0.05, weight_decay=0.1, max_grad_norm=1.0, label_smoothing=0.1,
     frame_dropout=0.01, seed=0, keep_last=3, max_steps=0, device="auto", compile=False,
@@ -273,6 +274,15 @@ class TokenStore:
 
     def clips(self, split: str) -> np.ndarray:
         return np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
+
+    def clip_codes(self, clip: int) -> np.ndarray:
+        """One clip's real frames `[T, Q]` (a view)."""
+        return self.codes[self.offsets[clip]:self.offsets[clip] + self.lengths[clip]]
+
+
+def fit_baselines(store: TokenStore, train_clips: np.ndarray, eval_clips: np.ndarray) -> BaselineScores:
+    """Unigram and bigram per codebook fitted on `train_clips`, scored on `eval_clips` (bits per frame)."""
+    return fit_and_score([store.clip_codes(c) for c in train_clips], [store.clip_codes(c) for c in eval_clips])
 
 
 @dataclass
@@ -598,11 +608,33 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+BASELINE_RECORD = "baselines"  # the `record` field of metrics.jsonl's baseline line (epoch 0)
+
+
 def append_metrics(path: Path, record: dict) -> list[dict]:
     """Rewrite metrics.jsonl atomically with `record` replacing any line of the same or a later epoch."""
     records = [r for r in read_metrics(path) if r.get("epoch", 0) < record["epoch"]] + [record]
-    atomic_write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records), path)
+    write_metrics(path, records)
     return records
+
+
+def write_metrics(path: Path, records: list[dict]) -> None:
+    atomic_write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records), path)
+
+
+def baseline_record(records: list[dict]) -> dict | None:
+    return next((r for r in records if r.get("record") == BASELINE_RECORD), None)
+
+
+def epoch_records(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("record") != BASELINE_RECORD and "train_nll_bits_per_frame" in r]
+
+
+def store_baselines(path: Path, baselines: dict) -> None:
+    """Put the baseline line first in metrics.jsonl (once per run; a resumed run keeps the first)."""
+    records = read_metrics(path)
+    if baseline_record(records) is None:
+        write_metrics(path, [{"epoch": 0, "record": BASELINE_RECORD, **baselines}, *records])
 
 
 def plot_losses(records: list[dict], path: Path) -> None:
@@ -612,6 +644,7 @@ def plot_losses(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    baselines, records = baseline_record(records), epoch_records(records)
     epochs = [r["epoch"] for r in records]
     figure, axis = plt.subplots(figsize=(7, 4))
     axis.plot(epochs, [r["train_nll_bits_per_frame"] for r in records], "o-", label="train NLL")
@@ -619,6 +652,12 @@ def plot_losses(records: list[dict], path: Path) -> None:
              if r.get("valid_nll_bits_per_frame") is not None]
     if valid:
         axis.plot(*zip(*valid), "s-", label="valid NLL")
+    if baselines:
+        where = baselines.get("scored_on", "valid")
+        axis.axhline(baselines["unigram_bits_per_frame"], color="tab:red", linestyle="--",
+                     label=f"unigram ({where}): token frequencies only")
+        axis.axhline(baselines["bigram_bits_per_frame"], color="tab:purple", linestyle=":",
+                     label=f"bigram ({where}): previous token only")
     axis.set_xlabel("epoch")
     axis.set_ylabel("bits per frame")
     axis.grid(alpha=0.3)
@@ -681,6 +720,7 @@ class Trainer:
         self.precision = Precision.for_device(device)
         self.progress = Progress()
         self.epoch_totals = None  # partial sums of an unfinished epoch
+        self.baselines = None  # unigram / bigram scores, set when the run starts
         per_rank = train_windows_per_rank(self.store, self.train_clips, args["context_frames"], info.world_size)
         self.micro_per_epoch = math.ceil(per_rank / args["batch_size"])
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / args["grad_accum"])
@@ -736,6 +776,7 @@ class Trainer:
                       "per rank, %s on %s x%d, %.2f M parameters", self.artist, len(self.train_clips),
                       len(self.valid_clips), self.micro_per_epoch, self.steps_per_epoch, self.precision.name,
                       self.device, self.info.world_size, count_parameters(self.raw_model) / 1e6)
+        self.report_baselines()
         with StopRequest() as stop:
             while self.progress.epoch < self.args["epochs"]:
                 finished = self.train_epoch(stop)
@@ -752,6 +793,18 @@ class Trainer:
                     self.log.info("--max-steps %d reached; resume with --resume", self.args["max_steps"])
                     return EXIT_OK
         return EXIT_OK
+
+    def report_baselines(self) -> None:
+        """Fit the unigram and bigram on the train split, log them, and store them in metrics.jsonl."""
+        eval_clips = self.valid_clips if len(self.valid_clips) else self.train_clips
+        scores = fit_baselines(self.store, self.train_clips, eval_clips)
+        self.baselines = {**scores.as_record(), "scored_on": "valid" if len(self.valid_clips) else "train"}
+        self.log.info("baselines on the %s split: unigram %.2f, bigram %.2f bits/frame; a model that learned "
+                      "more than token frequencies ends below both", self.baselines["scored_on"],
+                      scores.unigram_bits_per_frame, scores.bigram_bits_per_frame)
+        if self.info.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            store_baselines(self.folder / "metrics.jsonl", self.baselines)
 
     def max_steps_reached(self) -> bool:
         return 0 < self.args["max_steps"] <= self.progress.step
@@ -894,11 +947,12 @@ class Trainer:
         metrics.update(epoch=self.progress.epoch, step=self.progress.step, elapsed_s=self.progress.elapsed_s)
         if self.info.is_main:
             self.write_epoch(metrics, improved)
-        self.log.info("epoch %d/%d: train loss %.4f, train NLL %.3f bits/frame, valid NLL %s bits/frame, "
-                      "LR %.3g, %.0f frames/s", self.progress.epoch, self.args["epochs"], metrics["train_loss"],
-                      metrics["train_nll_bits_per_frame"],
+        self.log.info("epoch %d/%d: train loss %.4f, train NLL %.3f bits/frame, valid NLL %s bits/frame "
+                      "(%+.2f against the bigram), LR %.3g, %.0f frames/s", self.progress.epoch, self.args["epochs"],
+                      metrics["train_loss"], metrics["train_nll_bits_per_frame"],
                       "n/a" if metrics["valid_nll_bits_per_frame"] is None
-                      else f"{metrics['valid_nll_bits_per_frame']:.3f}", metrics["lr"], metrics["frames_per_s"])
+                      else f"{metrics['valid_nll_bits_per_frame']:.3f}", -metrics["gain_over_bigram_bits_per_frame"],
+                      metrics["lr"], metrics["frames_per_s"])
         return metrics
 
     def epoch_metrics(self, totals: torch.Tensor) -> dict:
@@ -911,7 +965,13 @@ class Trainer:
                 "valid_nll_bits_per_codebook": valid[1] if valid else None,
                 "lr": self.scheduler.get_last_lr()[0], "frames": int(totals[2]),
                 "frames_per_s": float(totals[2] / max(float(totals[-1]), 1e-9)),
-                "epoch_time_s": float(totals[-1]), "pattern": self.args["pattern"]}
+                "epoch_time_s": float(totals[-1]), "pattern": self.args["pattern"],
+                **self.gains(valid[0] if valid else train_bits)}
+
+    def gains(self, model_bits: float) -> dict:
+        """How far below the baselines the model is (bits/frame; positive = better than the baseline)."""
+        return {"gain_over_unigram_bits_per_frame": self.baselines["unigram_bits_per_frame"] - model_bits,
+                "gain_over_bigram_bits_per_frame": self.baselines["bigram_bits_per_frame"] - model_bits}
 
     @torch.no_grad()
     def validate(self):

@@ -36,6 +36,21 @@ def frames_for(num_samples: int, chunk_frames: int = CHUNK_FRAMES, chunk_stride:
     return (n_chunks - 1) * chunk_frames + math.ceil(last_chunk_samples / hop_length)
 
 
+def samples_for(n_frames: int, chunk_frames: int = CHUNK_FRAMES, chunk_stride: int = CHUNK_STRIDE,
+                hop_length: int = HOP_LENGTH) -> int:
+    """A `num_samples` whose `frames_for` is `n_frames` (token files written from frames, not audio).
+
+    A last chunk carries at most 149 frames of audio (a chunk overlaps the next by 1 %), so a
+    multiple of 150 frames is never a clip's frame count.
+    """
+    n_chunks = max(1, math.ceil(n_frames / chunk_frames))
+    last_frames = n_frames - (n_chunks - 1) * chunk_frames
+    num_samples = (n_chunks - 1) * chunk_stride + min(last_frames * hop_length, chunk_stride)
+    if n_frames < 1 or frames_for(num_samples, chunk_frames, chunk_stride, hop_length) != n_frames:
+        raise ValueError(f"no clip length gives exactly {n_frames} frames (a last chunk holds 1..149)")
+    return num_samples
+
+
 class TokenFileError(ValueError):
     """A token file that cannot be read or breaks the contract."""
 
