@@ -10,12 +10,14 @@ import argparse
 import json
 from pathlib import Path
 
+from .files import is_temporary
+
 COLUMNS = ("artist", "clips", "token frames", "valid NLL (bits/frame)", "outputs", "elapsed", "status")
 
 
 def count_clips(root: Path, artist: str) -> int:
     folder = root / "data_processed" / artist
-    return sum(1 for path in folder.rglob("*.wav") if ".tmp-" not in path.name) if folder.is_dir() else 0
+    return sum(1 for path in folder.rglob("*.wav") if not is_temporary(path)) if folder.is_dir() else 0
 
 
 def token_frames(root: Path, artist: str) -> int:
@@ -45,7 +47,7 @@ def final_valid_nll(root: Path, artist: str) -> str:
 
 def output_files(root: Path, artist: str) -> list[Path]:
     folder = root / "music_transformer" / artist
-    return sorted(p for p in folder.iterdir() if p.is_file() and ".tmp-" not in p.name) if folder.is_dir() else []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not is_temporary(p)) if folder.is_dir() else []
 
 
 def rows(root: Path, results: list[tuple[str, str, float]]) -> list[tuple]:
