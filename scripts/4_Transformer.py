@@ -30,6 +30,7 @@ from pipeline.contract import BOS, CODEBOOK_SIZE, PAD, VOCAB_SIZE, TokenFileErro
 from pipeline.dist import DistInfo, dist_info, finish_process_group, init_process_group  # noqa: E402
 from pipeline.files import atomic_path, atomic_torch_save, atomic_write_text, remove_stale_temporaries  # noqa: E402
 from pipeline.manifest import ManifestError, check_uniform, manifest_path, read_manifest  # noqa: E402
+from pipeline.requirements import check_transformers  # noqa: E402
 
 PATTERNS = ("parallel", "delay")
 PRESETS = {
@@ -61,6 +62,7 @@ class MusicTransformer(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
+        check_transformers()  # an older transformers would drop `cache=` silently
         from transformers import GPT2Config, GPT2Model
 
         self.args = args

@@ -39,7 +39,7 @@ def file_digests(root: Path) -> dict[str, str]:
 
 
 def check_contract(root: Path, artist: str, clip_seconds: float, generated_seconds: float) -> dict:
-    """Every stage's outputs exist and satisfy ../shared/CONTRACT.md; returns a few counts."""
+    """Every stage's outputs exist and satisfy docs/contract.md; returns a few counts."""
     clips = sorted((root / "data_processed" / artist).rglob("*.wav"))
     assert clips, f"stage 1 wrote no clip for {artist}"
     for clip in clips:
