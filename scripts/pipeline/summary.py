@@ -37,12 +37,15 @@ def final_valid_nll(root: Path, artist: str) -> str:
     metrics = root / "model_results" / artist / "metrics.jsonl"
     if not metrics.is_file():
         return "-"
-    lines = [line for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        return "-"
-    last = json.loads(lines[-1])
-    value = last.get("valid_nll_bits_per_frame", last.get("train_nll_bits_per_frame"))
-    return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
+    for line in reversed(metrics.read_text(encoding="utf-8", errors="replace").splitlines()):
+        try:
+            last = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a damaged line (stage 4 warns about it): the last good epoch counts
+        if isinstance(last, dict):
+            value = last.get("valid_nll_bits_per_frame", last.get("train_nll_bits_per_frame"))
+            return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
+    return "-"
 
 
 def output_files(root: Path, artist: str) -> list[Path]:
