@@ -163,3 +163,35 @@ def test_pipeline_resume_overwrite_and_stage_arguments_with_spaces(tmp_path):
     assert from_saved.returncode == 0, from_saved.stderr
     last = load(results(tmp_path) / "last.pt")
     assert (last["epoch"], last["step"]) == (3, 3 * steps_per_epoch)  # the saved run's two epochs, then one more
+
+
+def _real_songs() -> list[Path]:
+    listing = subprocess.run(["dpkg", "-L", "fretsonfire-songs-sectoid"], capture_output=True, text=True)
+    if listing.returncode != 0:
+        return []
+    # each song folder holds guitar.ogg and song.ogg; song.ogg is the backing mix
+    return sorted(Path(line) for line in listing.stdout.splitlines() if line.endswith("/song.ogg"))
+
+
+@pytest.mark.slow
+def test_real_music_end_to_end(tmp_path):
+    songs = _real_songs()
+    if len(songs) < 2:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install fretsonfire-songs-sectoid (see .ci/run)")
+        pytest.skip("real music not installed: apt-get install fretsonfire-songs-sectoid")
+    artist_dir = tmp_path / "raw_audio" / "Sectoid"
+    artist_dir.mkdir(parents=True)
+    excerpt_seconds = {0: 13.0, 1: 9.5}
+    for index, song in enumerate(songs[:2]):
+        data, rate = sf.read(song, always_2d=True)
+        start = int(30 * rate)  # an excerpt from the middle of the song: no silence at its ends
+        excerpt = data[start:start + int(excerpt_seconds[index] * rate)]
+        assert excerpt.shape[0] == int(excerpt_seconds[index] * rate), f"{song} is shorter than expected"
+        sf.write(artist_dir / f"{song.parent.name}.ogg", excerpt, rate, format="OGG")
+    result = run_pipeline("--clip-seconds", "3", "--seconds", "2", *SMALL_RUN, "--epochs", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = check_contract(tmp_path, "Sectoid", clip_seconds=3, generated_seconds=2)
+    assert counts["clips"] == sum(math.floor(seconds / 3) for seconds in excerpt_seconds.values())  # 4 + 3
+    losses = [row["train_loss"] for row in counts["metrics"]]
+    assert losses[-1] < losses[0], f"training loss did not decrease: {losses}"
