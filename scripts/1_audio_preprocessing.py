@@ -36,7 +36,7 @@ from pipeline.contract import CHANNELS, SAMPLE_RATE  # noqa: E402
 from pipeline.files import atomic_path, atomic_write_json, is_temporary, remove_stale_temporaries  # noqa: E402
 
 STAGE = "stage1"
-FADE_SECONDS = 0.02  # linear fade in and out of every clip (CONTRACT.md)
+FADE_SECONDS = 0.02  # linear fade in and out of every clip (docs/contract.md, 'Folders')
 TRIM_WINDOW = SAMPLE_RATE // 100  # leading/trailing silence is trimmed in 10 ms steps
 MARKER_DIR = ".stage1"  # per-track completion markers, hidden from the clip scanners of stage 2
 MARKER_VERSION = 1

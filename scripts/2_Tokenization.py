@@ -3,7 +3,7 @@
 
     data_processed/<artist>/<path>.wav  ->  encoded_tokens/<artist>/<path>.th
 
-Each `.th` is the contract's token file (CONTRACT.md, 'Token files'): int16 codes `[1, Q, T]`
+Each `.th` is the contract's token file (docs/contract.md, 'Token files'): int16 codes `[1, Q, T]`
 with T = 150 x n_chunks, Encodec's per-chunk scales (needed to decode), and metadata.
 Clips of equal length are encoded together in batches of `--batch-size`.
 

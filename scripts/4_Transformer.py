@@ -24,13 +24,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline.baselines import BaselineScores, fit_and_score  # noqa: E402
-from pipeline.cli import (EXIT_OK, StageError, StageReport, error_reason, fraction, make_parser,  # noqa: E402
-                          non_negative_float, non_negative_int, positive_float, positive_int,
+from pipeline.cli import (EXIT_OK, EXIT_RUN_FAILED, StageError, StageReport, error_reason, fraction,  # noqa: E402
+                          make_parser, non_negative_float, non_negative_int, positive_float, positive_int,
                           resolve_device, run_main, setup_logging)
 from pipeline.contract import BOS, CODEBOOK_SIZE, PAD, VOCAB_SIZE, TokenFileError, load_token_file  # noqa: E402
 from pipeline.dist import DistInfo, dist_info, finish_process_group, init_process_group  # noqa: E402
 from pipeline.files import atomic_path, atomic_torch_save, atomic_write_text, remove_stale_temporaries  # noqa: E402
 from pipeline.manifest import ManifestError, check_uniform, manifest_path, read_manifest  # noqa: E402
+from pipeline.requirements import check_transformers  # noqa: E402
 
 PATTERNS = ("parallel", "delay")
 PRESETS = {
@@ -73,6 +74,7 @@ class MusicTransformer(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
+        check_transformers()  # an older transformers would drop `cache=` silently
         from transformers import GPT2Config, GPT2Model
 
         if args.embed_init not in EMBED_INITS:
@@ -602,10 +604,25 @@ def plain(value):
 
 
 # ---- outputs: metrics and the loss plot ---------------------------------------------------------------
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path, log: logging.Logger = LOG) -> list[dict]:
+    """The records of metrics.jsonl; a line that is not a JSON object with an integer epoch (a hand
+    edit, a cut file) is skipped with a warning, never a reason to stop training."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            log.warning("%s:%d: skipping a line that is not JSON (%s)", path, number, error.msg)
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            log.warning("%s:%d: skipping a line without an integer 'epoch'", path, number)
+            continue
+        records.append(record)
+    return records
 
 
 BASELINE_RECORD = "baselines"  # the `record` field of metrics.jsonl's baseline line (epoch 0)
@@ -695,8 +712,8 @@ class StopRequest:
 
 
 # ---- the trainer ------------------------------------------------------------------------------------------
-class TrainingDiverged(StageError):
-    """The loss (or the gradient norm) stopped being finite."""
+class TrainingDiverged(Exception):
+    """The loss (or the gradient norm) stopped being finite: a started run failed (exit 1, not 2)."""
 
 
 @dataclass
@@ -704,7 +721,8 @@ class Progress:
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps taken
     epoch_batches_done: int = 0  # micro-batches of the unfinished epoch already trained (mid-epoch save)
-    best_valid_nll: float | None = None  # bits per frame (train NLL when there is no valid split)
+    best_nll: float | None = None  # the lowest epoch NLL so far, bits per frame, measured on `best_split`
+    best_split: str = "valid"  # "valid", or "train" when the manifest has no valid clip
     elapsed_s: float = 0.0  # training time over every run so far
 
 
@@ -725,32 +743,40 @@ class Trainer:
         self.micro_per_epoch = math.ceil(per_rank / args["batch_size"])
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / args["grad_accum"])
         self._build_model()
-        self.optimizer, self.scheduler = build_optimizer(self.raw_model, args, self.total_steps(), device)
+        self.optimizer, self.scheduler = build_optimizer(self.plain_model, args, self.total_steps(), device)
         self.scaler = self.precision.grad_scaler()
 
     def total_steps(self) -> int:
         return self.args["epochs"] * self.steps_per_epoch
 
     def _build_model(self) -> None:
+        """Three handles on one network: `plain_model`, the nn.Module itself (its weights are what
+        checkpoints save, the optimizer steps and gradients are clipped); `local_model`, this process's
+        forward (torch.compile'd with --compile, else the plain model; validation uses it: no gradient
+        sync); `synced_model`, the training forward and backward (DDP-wrapped under torchrun, so
+        gradients are averaged across ranks; else the local model)."""
         torch.manual_seed(self.args["seed"])  # identical initial weights on every rank
-        self.raw_model = MusicTransformer(self.model_args).to(self.device)
-        self.raw_model.backbone.wte.requires_grad_(False)  # unused: inputs arrive through inputs_embeds
+        self.plain_model = MusicTransformer(self.model_args).to(self.device)
+        self.plain_model.backbone.wte.requires_grad_(False)  # unused: inputs arrive through inputs_embeds
         if self.args["grad_checkpointing"]:
-            self.raw_model.backbone.activation_checkpointing_enable(
+            self.plain_model.backbone.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False})
-        self.forward_model = torch.compile(self.raw_model) if self.args["compile"] else self.raw_model
-        self.model = self.forward_model
+        self.local_model = torch.compile(self.plain_model) if self.args["compile"] else self.plain_model
+        self.synced_model = self.local_model
         if self.info.is_distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
-            self.model = DistributedDataParallel(self.forward_model, device_ids=device_ids)
+            self.synced_model = DistributedDataParallel(self.local_model, device_ids=device_ids)
 
     # -- resume ---------------------------------------------------------------------------------------
-    def restore(self, checkpoint: dict, new_lr: float | None = None) -> None:
-        """Continue exactly where `checkpoint` stopped; re-plan the schedule if --epochs changed."""
-        check_state_dict(self.raw_model, checkpoint["model"], checkpoint.get("loaded_from", "the checkpoint"))
-        self.raw_model.load_state_dict(checkpoint["model"])
+    def restore(self, checkpoint: dict, new_lr: float | None = None, given: set[str] = frozenset()) -> None:
+        """Continue exactly where `checkpoint` stopped; re-plan the schedule if --epochs changed.
+
+        The optimizer's and the schedule's saved states carry the old --weight-decay, --warmup-frac and
+        --min-lr-frac: each one in `given` (typed again) is applied over them here."""
+        check_state_dict(self.plain_model, checkpoint["model"], checkpoint.get("loaded_from", "the checkpoint"))
+        self.plain_model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if checkpoint.get("scaler"):
@@ -758,16 +784,30 @@ class Trainer:
         restore_rng_states(checkpoint["rng"])
         self.progress = Progress(epoch=int(checkpoint["epoch"]), step=int(checkpoint["step"]),
                                  epoch_batches_done=int(checkpoint.get("epoch_batches_done", 0)),
-                                 best_valid_nll=checkpoint.get("best_valid_nll"),
+                                 best_nll=checkpoint.get("best_nll_bits_per_frame", checkpoint.get("best_valid_nll")),
+                                 best_split=checkpoint.get("best_nll_split", "valid"),
                                  elapsed_s=float(checkpoint.get("elapsed_s", 0.0)))
         self.epoch_totals = checkpoint.get("epoch_totals")
+        if not self.info.is_main and self.epoch_totals is not None:
+            self.epoch_totals = torch.zeros_like(self.epoch_totals)  # saved summed over ranks: rank 0 holds them
         planned = self.scheduler.lr_lambdas[0].total_steps
-        if planned != self.total_steps() or new_lr is not None:
+        self.apply_given_options(given)
+        if planned != self.total_steps() or new_lr is not None or given & {"warmup_frac", "min_lr_frac"}:
             before = self.scheduler.get_last_lr()[0]
             set_schedule(self.scheduler, self.total_steps(), new_lr)
             self.log.info("LR schedule re-planned (%d -> %d steps%s): LR %.3g -> %.3g", planned,
                           self.total_steps(), f", peak {new_lr:g}" if new_lr is not None else "", before,
                           self.scheduler.get_last_lr()[0])
+
+    def apply_given_options(self, given: set[str]) -> None:
+        """Put --weight-decay, --warmup-frac and --min-lr-frac typed with --resume into the restored states."""
+        if "weight_decay" in given:
+            self.optimizer.param_groups[0]["weight_decay"] = self.args["weight_decay"]  # group 0: the decayed
+        schedule = self.scheduler.lr_lambdas[0]
+        if "warmup_frac" in given:
+            schedule.warmup_steps = round(self.args["warmup_frac"] * self.total_steps())
+        if "min_lr_frac" in given:
+            schedule.min_factor = float(self.args["min_lr_frac"])
 
     # -- the loop -------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -775,15 +815,15 @@ class Trainer:
         self.log.info("training %s: %d train / %d valid clips, %d micro-batches (%d optimizer steps) per epoch "
                       "per rank, %s on %s x%d, %.2f M parameters", self.artist, len(self.train_clips),
                       len(self.valid_clips), self.micro_per_epoch, self.steps_per_epoch, self.precision.name,
-                      self.device, self.info.world_size, count_parameters(self.raw_model) / 1e6)
+                      self.device, self.info.world_size, count_parameters(self.plain_model) / 1e6)
         self.report_baselines()
         with StopRequest() as stop:
             while self.progress.epoch < self.args["epochs"]:
                 finished = self.train_epoch(stop)
                 if finished:
                     self.end_epoch()
-                elif self.info.is_main:
-                    self.save_last()
+                else:
+                    self.save_last()  # every rank: the partial totals are summed before rank 0 writes
                 if stop.signal_number:
                     self.log.warning("stopped by %s at epoch %d, step %d; resume with --resume",
                                      signal.Signals(stop.signal_number).name, self.progress.epoch + 1,
@@ -820,7 +860,7 @@ class Trainer:
         epoch, accum = self.progress.epoch, self.args["grad_accum"]
         batches = self.epoch_batches(epoch)
         totals = self._new_totals() if self.epoch_totals is None else self.epoch_totals.to(self.device)
-        self.model.train()
+        self.synced_model.train()
         bar = self._progress_bar(epoch, len(batches))
         started, group_loss = time.perf_counter(), 0.0
         for micro in range(self.progress.epoch_batches_done, len(batches)):
@@ -863,10 +903,10 @@ class Trainer:
         inputs, targets = make_batch(self.store, windows, self.args["context_frames"], self.args["pattern"],
                                      self.args["frame_dropout"], np.random.default_rng(seed))
         inputs, targets = self._to_device(inputs), self._to_device(targets)
-        sync = contextlib.nullcontext() if is_last or not self.info.is_distributed else self.model.no_sync()
+        sync = contextlib.nullcontext() if is_last or not self.info.is_distributed else self.synced_model.no_sync()
         with sync:
             with self.precision.autocast():
-                logits, _ = self.model(inputs)  # [B, S, Q] -> [B, S, Q, V]
+                logits, _ = self.synced_model(inputs)  # [B, S, Q] -> [B, S, Q, V]
             loss, nll_sums, counts = sequence_losses(logits, targets, self.args["label_smoothing"])
             self.scaler.scale(loss / group_size).backward()
         loss = loss.detach()
@@ -892,7 +932,7 @@ class Trainer:
             self.diverged(epoch, "loss")
         self.scaler.unscale_(self.optimizer)
         max_norm = self.args["max_grad_norm"] if self.args["max_grad_norm"] > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.plain_model.parameters(), max_norm)
         if not self.scaler.is_enabled() and not torch.isfinite(grad_norm):
             self.diverged(epoch, "gradient norm")  # identical on every rank: gradients are all-reduced
         self.scaler.step(self.optimizer)
@@ -939,11 +979,12 @@ class Trainer:
         self.progress.epoch_batches_done = 0
         self.progress.elapsed_s += float(totals[-1])
         self.epoch_totals = None
-        score = metrics["valid_nll_bits_per_frame"]
-        score = metrics["train_nll_bits_per_frame"] if score is None else score
-        improved = self.progress.best_valid_nll is None or score < self.progress.best_valid_nll
+        split = "train" if metrics["valid_nll_bits_per_frame"] is None else "valid"
+        score = metrics[f"{split}_nll_bits_per_frame"]
+        improved = (self.progress.best_nll is None or split != self.progress.best_split
+                    or score < self.progress.best_nll)
         if improved:
-            self.progress.best_valid_nll = score
+            self.progress.best_nll, self.progress.best_split = score, split
         metrics.update(epoch=self.progress.epoch, step=self.progress.step, elapsed_s=self.progress.elapsed_s)
         if self.info.is_main:
             self.write_epoch(metrics, improved)
@@ -982,16 +1023,16 @@ class Trainer:
         windows = rank_share(valid_windows(self.store, self.valid_clips, self.args["context_frames"]),
                              self.info, pad=False)
         sums = torch.zeros(2 * q, dtype=torch.float64, device=self.device)
-        self.forward_model.eval()
+        self.local_model.eval()
         for start in range(0, len(windows), size):
             inputs, targets = make_batch(self.store, windows[start:start + size], self.args["context_frames"],
                                          self.args["pattern"])
             with self.precision.autocast():
-                logits, _ = self.forward_model(self._to_device(inputs))  # [B, S, Q] -> [B, S, Q, V]
+                logits, _ = self.local_model(self._to_device(inputs))  # [B, S, Q] -> [B, S, Q, V]
             _, nll_sums, counts = sequence_losses(logits, self._to_device(targets))
             sums[:q] += nll_sums.double()
             sums[q:] += counts.double()
-        self.model.train()
+        self.synced_model.train()
         if self.info.is_distributed:
             torch.distributed.all_reduce(sums)
         return bits_per_frame(sums[:q], sums[q:])
@@ -1001,7 +1042,7 @@ class Trainer:
         """The contract's checkpoint; tensors on the CPU so a machine without a GPU loads it as it is."""
         return to_cpu({
             "format": CHECKPOINT_FORMAT,
-            "model": self.raw_model.state_dict(),
+            "model": self.plain_model.state_dict(),
             "model_args": asdict(self.model_args),
             "token_contract": {**self.data.token_contract, "pattern": self.args["pattern"],
                                "context_frames": self.args["context_frames"]},
@@ -1016,7 +1057,8 @@ class Trainer:
             "epoch_totals": None if self.epoch_totals is None else self.epoch_totals.detach().cpu(),
             "elapsed_s": self.progress.elapsed_s,
             "train_args": plain(self.args),
-            "best_valid_nll": self.progress.best_valid_nll,
+            "best_nll_bits_per_frame": self.progress.best_nll,
+            "best_nll_split": self.progress.best_split,
             "metrics": metrics,
         })
 
@@ -1031,7 +1073,18 @@ class Trainer:
         plot_losses(records, self.folder / "loss.png")
 
     def save_last(self) -> None:
-        """A mid-epoch checkpoint (Ctrl-C, --max-steps): last.pt only, resumable exactly."""
+        """A mid-epoch checkpoint (Ctrl-C, --max-steps): last.pt only, resumable exactly. Call it on
+        every rank: the epoch's partial totals are summed over the ranks (rank 0 keeps its own seconds),
+        so the resumed epoch counts each rank's share once; on resume rank 0 starts from the sums and
+        the other ranks from zero."""
+        if self.info.is_distributed and self.epoch_totals is not None:
+            summed = self.epoch_totals.clone()
+            torch.distributed.all_reduce(summed)
+            summed[-1] = self.epoch_totals[-1]
+            if self.info.is_main:
+                self.epoch_totals = summed
+        if not self.info.is_main:
+            return
         atomic_torch_save(self.checkpoint(None), self.folder / "last.pt")
         self.log.info("saved a resumable checkpoint %s (epoch %d, %d batches into it, step %d)",
                       self.folder / "last.pt", self.progress.epoch + 1, self.progress.epoch_batches_done,
@@ -1058,13 +1111,17 @@ def copy_atomically(source: Path, destination: Path) -> None:
         shutil.copyfile(source, tmp)
 
 
+def epoch_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of every `music_transformer_ep<N>.pt` in `folder` (temporaries are never listed)."""
+    found = [(path.stem.rsplit("ep", 1)[1], path) for path in folder.glob("music_transformer_ep*.pt")]
+    return [(int(number), path) for number, path in found if number.isdigit()]
+
+
 def prune_epochs(folder: Path, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` epoch checkpoints (0 keeps every one)."""
     if keep_last <= 0:
         return []
-    numbered = sorted((int(path.stem.rsplit("ep", 1)[1]), path) for path in folder.glob("music_transformer_ep*.pt")
-                      if path.stem.rsplit("ep", 1)[1].isdigit())
-    removed = [path for _, path in numbered[:-keep_last]]
+    removed = [path for _, path in sorted(epoch_checkpoints(folder))[:-keep_last]]
     for path in removed:
         path.unlink()
     return removed
@@ -1155,6 +1212,12 @@ def resolve_train_args(namespace, explicit: set[str], checkpoint: dict | None) -
         if key in explicit and given[key] != saved[key]:
             raise StageError(f"--{key.replace('_', '-')} {given[key]} differs from the checkpoint's {saved[key]}; "
                              "a resumed run keeps the model and its tokens (use --overwrite to start over)")
+    if checkpoint.get("epoch_batches_done"):
+        for key in ("batch_size", "grad_accum"):
+            if key in explicit and given[key] != saved[key]:
+                raise StageError(f"--{key.replace('_', '-')} {given[key]} differs from the checkpoint's {saved[key]}, "
+                                 f"which stopped inside epoch {checkpoint['epoch'] + 1}: the rest of that epoch "
+                                 "is counted in its batches; resume without it (it may change at an epoch end)")
     runtime = ("device", "compile", "grad_checkpointing", "max_steps", "keep_last")
     return {key: given[key] if key in explicit or key in runtime else saved[key] for key in TRAIN_DEFAULTS}
 
@@ -1200,15 +1263,28 @@ def find_resume_checkpoint(namespace, folder: Path) -> tuple[dict | None, str]:
     if namespace.resume:
         path = last if namespace.resume == "last" else Path(namespace.resume)
         if not path.is_file():
-            raise StageError(f"nothing to resume: {path} does not exist")
+            raise StageError(f"nothing to resume: {path} does not exist{resumable_alternatives(folder)}")
         return load_checkpoint(path), "resume"
     if namespace.overwrite or not last.is_file():
         return None, "fresh"
     checkpoint = load_checkpoint(last)
-    if checkpoint["epoch"] >= namespace.epochs and not checkpoint.get("epoch_batches_done"):
+    whole_epochs = not checkpoint.get("epoch_batches_done")
+    if checkpoint["epoch"] >= namespace.epochs and whole_epochs:
         return checkpoint, "done"
-    raise StageError(f"{folder} already holds a run stopped at epoch {checkpoint['epoch']} "
-                     f"(step {checkpoint['step']}): pass --resume to continue it or --overwrite to start over")
+    planned = checkpoint.get("train_args", {}).get("epochs")
+    state = "finished" if whole_epochs and planned is not None and checkpoint["epoch"] >= planned else "stopped"
+    raise StageError(f"{folder} already holds a run {state} at epoch {checkpoint['epoch']} "
+                     f"(step {checkpoint['step']}): pass --resume to continue it to --epochs {namespace.epochs}, "
+                     "or --overwrite to start over")
+
+
+def resumable_alternatives(folder: Path) -> str:
+    """'; these checkpoints could be resumed: --resume PATH ...' for the epoch checkpoints in `folder`."""
+    numbered = sorted(epoch_checkpoints(folder), reverse=True)
+    if not numbered:
+        return f" and {folder} holds no epoch checkpoint either"
+    return "; resume one of the epoch checkpoints instead: " + ", ".join(
+        f"--resume {path}" for _, path in numbered)
 
 
 def main(argv=None) -> int:
@@ -1224,9 +1300,12 @@ def main(argv=None) -> int:
             device = f"cuda:{info.local_rank}"
     try:
         status = train_from_command_line(namespace, explicit_options(parser, argv), info, device, log)
+    except TrainingDiverged as error:
+        log.error("%s", error)
+        status = EXIT_RUN_FAILED  # the run started and failed: not a usage error
     except StageError:
         if info.is_distributed:
-            finish_process_group()  # every rank meets the same start-up error or divergence
+            finish_process_group()  # every rank meets the same start-up error
         raise
     if info.is_distributed:
         finish_process_group()
@@ -1256,14 +1335,15 @@ def train_from_command_line(namespace, explicit: set[str], info: DistInfo, devic
     model_args = build_model_args(args, data.store.n_codebooks, checkpoint)
     trainer = Trainer(args, model_args, data, folder, namespace.artist, info, device, log)
     if checkpoint is not None:
-        trainer.restore(checkpoint, args["lr"] if "lr" in explicit else None)
+        trainer.restore(checkpoint, args["lr"] if "lr" in explicit else None, explicit)
         progress = trainer.progress
         log.info("resuming epoch %d (%d batches into it) at optimizer step %d", progress.epoch + 1,
                  progress.epoch_batches_done, progress.step)
     status = trainer.run()
-    log.info("%s: %d epochs, %d steps, best NLL %s bits/frame; outputs in %s", namespace.artist,
-             trainer.progress.epoch, trainer.progress.step,
-             "n/a" if trainer.progress.best_valid_nll is None else f"{trainer.progress.best_valid_nll:.3f}", folder)
+    best = trainer.progress.best_nll
+    log.info("%s: %d epochs, %d steps, best %s NLL %s bits/frame; outputs in %s", namespace.artist,
+             trainer.progress.epoch, trainer.progress.step, trainer.progress.best_split,
+             "n/a" if best is None else f"{best:.3f}", folder)
     return status if status != EXIT_OK else report.exit_code()
 
 

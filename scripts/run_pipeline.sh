@@ -2,10 +2,19 @@
 # Run stages 1 -> 5 for every artist folder in raw_audio/ (or the artists named), ESPnet-style.
 #
 #   bash scripts/run_pipeline.sh                      # every artist in ./raw_audio; the demo if there is none
-#   bash scripts/run_pipeline.sh --stage 4 "My Band"  # re-train and generate for one artist
+#   bash scripts/run_pipeline.sh --stage 4 --resume --epochs 40 "My Band"  # train on, then generate
 #
 # With no raw_audio/ folder (and no artist named), it writes a small synthesized demo corpus into
 # demo_run/ and runs the whole pipeline on it with the tiny model (a few minutes on 2 CPU cores).
+
+# Plain POSIX up to here, so that sh and bash 3.2 (macOS's /bin/bash) reach this message rather than
+# a syntax error: the loop needs bash >= 4.4 (namerefs; "${empty[@]}" under set -u).
+_major="${BASH_VERSION%%.*}" _rest="${BASH_VERSION#*.}"
+if [ -z "${BASH_VERSION:-}" ] || [ "$_major" -lt 4 ] || { [ "$_major" -eq 4 ] && [ "${_rest%%.*}" -lt 4 ]; }; then
+  echo "run_pipeline.sh needs bash 4.4 or newer; this is ${BASH_VERSION:+bash }${BASH_VERSION:-not bash}." >&2
+  echo "Run it as: bash scripts/run_pipeline.sh (macOS: brew install bash, then use that bash)." >&2
+  exit 2
+fi
 set -euo pipefail
 
 SCRIPTS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -38,7 +47,16 @@ Options (defaults in brackets; demo defaults in braces):
   --seconds S           seconds of music to generate per artist [30] {10}
   --device DEV          auto, cpu or cuda [auto]
   --nproc N             processes for stages 2 and 4 under torchrun (GPUs on this machine) [1]
-  --stageK-args "..."   extra options passed to stage K (K = 1..5), e.g. --stage5-args "--top-k 100"
+  --resume              stage 4 continues an artist's unfinished or shorter run (model_results/<artist>/
+                        last.pt) up to --epochs instead of stopping; an artist without one starts fresh
+  --overwrite           redo every stage that runs (from --stage on): e.g. --stage 4 --overwrite
+                        re-trains from scratch and generates again
+  --stageK-arg WORD     one extra argument for stage K (K = 1..5); repeat it for more, e.g.
+                        --stage5-arg --top-k --stage5-arg 100 --stage5-arg --prompt-audio --stage5-arg "my riff.flac"
+                        (a WORD is passed as it is: spaces stay inside it)
+  --stageK-args "..."   several extra arguments for stage K, split on whitespace (no spaces inside one)
+
+Environment: PYTHON, the interpreter that runs the stages [python3]; it must have requirements.txt installed.
   -h, --help            this help
 USAGE
 }
@@ -46,7 +64,7 @@ USAGE
 log() { printf '%s run_pipeline %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" >&2; }
 die() { log "ERROR: $*"; exit 2; }
 
-ROOT="" STAGE=1 STOP_STAGE=5 DEMO=0 PRESET="" EPOCHS="" CONTEXT="" PATTERN="delay" BANDWIDTH=6
+ROOT="" STAGE=1 STOP_STAGE=5 DEMO=0 RESUME=0 OVERWRITE=0 PRESET="" EPOCHS="" CONTEXT="" PATTERN="delay" BANDWIDTH=6
 CODEC="" CLIP_SECONDS="" SECONDS_OUT="" DEVICE=auto NPROC=1 DEMO_TRACKS=3 DEMO_TRACK_SECONDS=20
 declare -a ARTISTS=() EXTRA1=() EXTRA2=() EXTRA3=() EXTRA4=() EXTRA5=()
 
@@ -69,6 +87,9 @@ while [[ $# -gt 0 ]]; do
     --seconds) SECONDS_OUT="$2"; shift 2 ;;
     --device) DEVICE="$2"; shift 2 ;;
     --nproc) NPROC="$2"; shift 2 ;;
+    --resume) RESUME=1; shift ;;
+    --overwrite) OVERWRITE=1; shift ;;
+    --stage[1-5]-arg) [[ $# -ge 2 ]] || die "$1 needs a value"; eval "EXTRA${1:7:1}+=(\"\$2\")"; shift 2 ;;
     --stage[1-5]-args) read -r -a _words <<<"$2"; eval "EXTRA${1:7:1}+=(\"\${_words[@]}\")"; shift 2 ;;
     --) shift; ARTISTS+=("$@"); break ;;
     -*) usage >&2; die "unknown option $1" ;;
@@ -77,6 +98,13 @@ while [[ $# -gt 0 ]]; do
 done
 [[ "$STAGE" =~ ^[1-5]$ && "$STOP_STAGE" =~ ^[1-5]$ && "$STAGE" -le "$STOP_STAGE" ]] \
   || die "--stage and --stop-stage must be 1..5 with stage <= stop-stage"
+[[ "$RESUME" == 0 || "$OVERWRITE" == 0 ]] || die "--resume and --overwrite exclude each other"
+
+# ---- the interpreter: say which one, and stop now if it lacks the requirements -----------------
+command -v "$PYTHON" >/dev/null 2>&1 || die "no Python interpreter '$PYTHON' (set PYTHON=/path/to/python)"
+log "python: $(command -v "$PYTHON") ($("$PYTHON" -c 'import sys; print(sys.version.split()[0])'))"
+PYTHONPATH="$SCRIPTS" "$PYTHON" -m pipeline.requirements \
+  || die "the requirements are not importable by $PYTHON (named above): pip install -r requirements.txt into it, or set PYTHON"
 
 # ---- the demo: a synthesized corpus when there is no music to work on -------------------------
 if [[ -z "$ROOT" && ( "$DEMO" == 1 || ( ! -d raw_audio && ${#ARTISTS[@]} -eq 0 ) ) ]]; then
@@ -126,16 +154,25 @@ launcher() {  # stages 2 and 4 may run as several processes under torchrun
   if [[ "$NPROC" -gt 1 ]]; then echo "torchrun --standalone --nproc_per_node=$NPROC"; else echo "$PYTHON"; fi
 }
 
+resume_flag() {  # --resume for stage 4 when asked for and the artist has a run to continue
+  if [[ "$RESUME" == 1 && -f "$ROOT/model_results/$1/last.pt" ]]; then
+    echo "--resume"
+  elif [[ "$RESUME" == 1 ]]; then
+    log "$1: no model_results/$1/last.pt to resume: training from the start"
+  fi
+}
+
 run_stage() {  # run_stage N ARTIST -> the stage's exit status (0 ok, 1 partial, 2+ failed)
   local n="$1" artist="$2" common=(--artist "$artist" --root "$ROOT")
   local -n extra="EXTRA$n"
+  [[ "$OVERWRITE" == 1 ]] && common+=(--overwrite)
   case "$n" in
     1) "$PYTHON" "$SCRIPTS/1_audio_preprocessing.py" "${common[@]}" --clip-seconds "$CLIP_SECONDS" "${extra[@]}" ;;
     2) $(launcher) "$SCRIPTS/2_Tokenization.py" "${common[@]}" --codec "$CODEC" --bandwidth "$BANDWIDTH" \
          --device "$DEVICE" "${extra[@]}" ;;
     3) "$PYTHON" "$SCRIPTS/3_data_preparation.py" "${common[@]}" "${extra[@]}" ;;
-    4) $(launcher) "$SCRIPTS/4_Transformer.py" "${common[@]}" --preset "$PRESET" --epochs "$EPOCHS" \
-         --context-frames "$CONTEXT" --pattern "$PATTERN" --device "$DEVICE" "${extra[@]}" ;;
+    4) $(launcher) "$SCRIPTS/4_Transformer.py" "${common[@]}" $(resume_flag "$artist") --preset "$PRESET" \
+         --epochs "$EPOCHS" --context-frames "$CONTEXT" --pattern "$PATTERN" --device "$DEVICE" "${extra[@]}" ;;
     5) "$PYTHON" "$SCRIPTS/5_MusicPrediction.py" "${common[@]}" --seconds "$SECONDS_OUT" --device "$DEVICE" \
          "${extra[@]}" ;;
   esac

@@ -5,6 +5,7 @@ import argparse
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,10 +60,34 @@ def test_atomic_path_publishes_only_on_success(tmp_path):
 
 
 def test_remove_stale_temporaries(tmp_path):
-    (tmp_path / ".x.tmp-123.wav").write_bytes(b"junk")
+    (tmp_path / ".x.tmp-123.wav").write_bytes(b"junk")  # an earlier version's leftover
     (tmp_path / "keep.wav").write_bytes(b"ok")
     assert files.remove_stale_temporaries(tmp_path) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["keep.wav"]
+
+
+def test_a_write_cut_by_sigkill_is_invisible_to_listings_and_removed_later(tmp_path):
+    """What SIGKILL inside atomic_path leaves: a hidden folder holding the half-written file."""
+    target = tmp_path / "last.pt"
+    writer = files.atomic_path(target)
+    tmp = writer.__enter__()  # entered and never left: the process died mid-write
+    tmp.write_bytes(b"half a checkpoint")
+    assert tmp.suffix == ".pt" and tmp.name == "last.pt"  # format-by-extension libraries still work
+    assert list(tmp_path.glob("*.pt")) == [] and list(tmp_path.rglob("*.pt")) == [tmp]
+    assert files.is_temporary(tmp) and files.is_temporary(tmp.parent) and not files.is_temporary(target)
+    (tmp_path / "keep.pt").write_bytes(b"whole")
+    assert files.remove_stale_temporaries(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.pt"]
+
+
+def test_atomic_path_keeps_the_extension_for_format_guessing_libraries(tmp_path):
+    import soundfile as sf
+
+    for name in ("clip.wav", "clip.flac"):
+        with files.atomic_path(tmp_path / name) as tmp:
+            sf.write(tmp, np.zeros((480, 2), dtype=np.float32), 48_000)  # no format=: from the name
+        assert sf.info(tmp_path / name).format == name.rsplit(".", 1)[1].upper()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.flac", "clip.wav"]
 
 
 def test_resolve_inside_refuses_escapes(tmp_path):

@@ -171,6 +171,20 @@ def test_stage1_folder_symlink_loop_is_not_followed(odd_run):
     assert not (root / "data_processed" / ARTIST / "again").exists()
 
 
+def test_stage1_follows_a_file_symlink_that_points_outside_the_root(stage1, tmp_path):
+    """Decision (HARDENING.md): raw_audio/ is the user's own input, and linking songs from a music
+    library elsewhere is its normal use; stage 1 only reads them. So a symlinked file is followed
+    wherever it points, and its clips are named after the link, inside the root."""
+    library = write(tmp_path / "library" / "song.wav", sine_tone(2.5, rate=48_000), 48_000)
+    root = tmp_path / "project"
+    (root / "raw_audio" / ARTIST).mkdir(parents=True)
+    (root / "raw_audio" / ARTIST / "linked song.wav").symlink_to(library)
+    assert stage1.main(["--artist", ARTIST, "--root", str(root), "--clip-seconds", "1"]) == 0
+    clips = sorted(path.name for path in (root / "data_processed" / ARTIST).glob("*.wav"))
+    assert clips == ["linked song_000.wav", "linked song_001.wav"]
+    assert sorted(path.name for path in library.parent.iterdir()) == ["song.wav"]  # nothing written outside
+
+
 def test_stage1_one_sample_file_at_44k_is_done_with_a_reason_for_no_clip(stage1, tmp_path, capsys):
     """Resampled, one sample gives soxr's first output blocks empty; this used to fail with a ValueError."""
     write(tmp_path / "raw_audio" / ARTIST / "blip.wav", np.array([[0.5]], dtype=np.float32), 44_100)

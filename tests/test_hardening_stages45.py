@@ -239,10 +239,12 @@ def test_stage4_leftover_of_an_interrupted_checkpoint_write_is_ignored(stage4, t
     assert run4(stage4, tmp_path, *TRAIN, "--max-steps", "2") == 0  # epoch 1 done, last.pt written
     folder = results(tmp_path)
     whole = (folder / "last.pt").read_bytes()
-    leftover = folder / ".last.tmp-k1ll3d.pt"
+    leftover = folder / ".last.tmp-k1ll3d" / "last.pt"  # atomic_path's temporary folder and file
+    leftover.parent.mkdir()
     leftover.write_bytes(whole[:len(whole) // 3])
+    assert leftover not in list(folder.glob("*.pt"))  # a listing of the folder never sees the cut file
     assert run4(stage4, tmp_path, *TRAIN, "--resume") == 0
-    assert not leftover.exists()
+    assert not leftover.parent.exists()
     assert_no_partial_files(folder)
     assert_same_weights(load(folder / "last.pt")["model"], straight["model"])
 

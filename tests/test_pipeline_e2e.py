@@ -6,6 +6,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,10 @@ SMALL_RUN = ["--codec", "random:0", "--preset", "tiny", "--epochs", "2", "--cont
              "--bandwidth", "6", "--device", "cpu"]
 
 
-def run_pipeline(*args, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    return subprocess.run(["bash", str(RUN_PIPELINE), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+def run_pipeline(*args, cwd: Path, shell: str = "bash", python: str = sys.executable) -> subprocess.CompletedProcess:
+    """The loop with this test's interpreter (PYTHON), whatever `python3` the shell's PATH finds."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", PYTHON=python)
+    return subprocess.run([shell, str(RUN_PIPELINE), *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           env=env, timeout=900)
 
 
@@ -39,7 +41,7 @@ def file_digests(root: Path) -> dict[str, str]:
 
 
 def check_contract(root: Path, artist: str, clip_seconds: float, generated_seconds: float) -> dict:
-    """Every stage's outputs exist and satisfy ../shared/CONTRACT.md; returns a few counts."""
+    """Every stage's outputs exist and satisfy docs/contract.md; returns a few counts."""
     clips = sorted((root / "data_processed" / artist).rglob("*.wav"))
     assert clips, f"stage 1 wrote no clip for {artist}"
     for clip in clips:
@@ -110,8 +112,57 @@ def test_pipeline_reports_a_failing_artist_and_goes_on(tmp_path):
 def test_pipeline_refuses_bad_stage_range(tmp_path):
     result = run_pipeline("--stage", "4", "--stop-stage", "2", cwd=tmp_path)
     assert result.returncode == 2 and "stage <= stop-stage" in result.stderr
+    result = run_pipeline("--resume", "--overwrite", cwd=tmp_path)
+    assert result.returncode == 2 and "--resume and --overwrite exclude each other" in result.stderr
 
 
+def test_pipeline_under_a_shell_older_than_bash_4_4_stops_with_a_message(tmp_path):
+    """macOS's /bin/bash is 3.2; sh is not bash at all: both get a message, not a syntax error."""
+    shell = "dash" if subprocess.run(["which", "dash"], capture_output=True).returncode == 0 else "sh"
+    result = run_pipeline("--stop-stage", "1", cwd=tmp_path, shell=shell)
+    assert result.returncode == 2, result.stderr
+    assert "needs bash 4.4 or newer" in result.stderr and "brew install bash" in result.stderr
+    assert not (tmp_path / "demo_run").exists()
+
+
+def test_pipeline_names_its_interpreter_and_stops_early_without_the_requirements(tmp_path):
+    result = run_pipeline("--stage", "3", "--stop-stage", "3", "Nobody", cwd=tmp_path)
+    assert f"python: {sys.executable}" in result.stderr
+    bare = tmp_path / "bare-python"  # this interpreter without its site-packages: no torch
+    bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    bare.chmod(0o755)
+    result = run_pipeline("--demo", cwd=tmp_path, python=str(bare))
+    assert result.returncode == 2, result.stderr
+    assert "module 'torch' is not importable" in result.stderr and "requirements are not importable" in result.stderr
+    assert not (tmp_path / "demo_run" / "raw_audio").exists()  # stopped before any stage or the demo corpus
+
+
+def test_pipeline_resume_overwrite_and_stage_arguments_with_spaces(tmp_path):
+    from test_stage4 import load, results, write_dataset
+
+    write_dataset(tmp_path, lengths=(70, 64, 40, 30))
+    tiny = ["--stage", "4", "--stop-stage", "4", "--root", tmp_path, "--preset", "tiny", "--context-frames", "32",
+            "--pattern", "parallel", "--device", "cpu", "--stage4-arg", "--batch-size", "--stage4-arg", "2", "A"]
+    fresh = run_pipeline(*tiny, "--epochs", "1", "--resume", cwd=tmp_path)  # nothing to resume: starts fresh
+    assert fresh.returncode == 0 and "no model_results/A/last.pt to resume" in fresh.stderr, fresh.stderr
+    longer = run_pipeline(*tiny, "--epochs", "2", cwd=tmp_path)
+    assert longer.returncode == 1 and "already holds a run finished at epoch 1" in longer.stderr, longer.stderr
+    resumed = run_pipeline(*tiny, "--epochs", "2", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    two_epochs = load(results(tmp_path) / "last.pt")
+    assert two_epochs["epoch"] == 2
+    steps_per_epoch = two_epochs["step"] // 2
+    saved = tmp_path / "saved runs" / "epoch two.pt"  # a path with spaces, as one --stage4-arg
+    saved.parent.mkdir()
+    saved.write_bytes((results(tmp_path) / "last.pt").read_bytes())
+    again = run_pipeline(*tiny, "--epochs", "1", "--overwrite", cwd=tmp_path)  # from scratch
+    assert again.returncode == 0, again.stderr
+    assert load(results(tmp_path) / "last.pt")["step"] == steps_per_epoch
+    assert not (results(tmp_path) / "music_transformer_ep2.pt").exists()
+    from_saved = run_pipeline(*tiny, "--epochs", "3", "--stage4-arg", f"--resume={saved}", cwd=tmp_path)
+    assert from_saved.returncode == 0, from_saved.stderr
+    last = load(results(tmp_path) / "last.pt")
+    assert (last["epoch"], last["step"]) == (3, 3 * steps_per_epoch)  # the saved run's two epochs, then one more
 
 
 def _real_songs() -> list[Path]:

@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import signal
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.cli import StageError
+from pipeline.cli import StageError, run_main
 from pipeline.contract import BOS, PAD, TokenFile, save_token_file
 
 BANDWIDTH = {2: 3.0, 4: 6.0, 8: 12.0}
@@ -205,7 +207,8 @@ def test_store_batches_and_frame_dropout(stage4, tmp_path):
     hidden = (dropped_in == PAD).all(-1)  # [B, S]
     assert 10 < hidden.sum() < 54 and not hidden[:, 0].any()  # whole frames, never the BOS
     assert torch.equal(dropped_in[~hidden], clean_in[~hidden])
-    assert manifest.is_file()
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert [entry["path"] for entry in entries] == [(tmp_path / line["audio"]).resolve() for line in lines]
 
 
 @pytest.mark.parametrize("case, message", [
@@ -252,7 +255,7 @@ def test_checkpoint_layout_loads_with_weights_only_into_a_plain_model(stage4, tm
                                                         "music_transformer_ep2.pt"]
     checkpoint = load(folder / "music_transformer_ep2.pt")
     for key in ("format", "model", "model_args", "token_contract", "artist", "optimizer", "scheduler", "scaler",
-                "rng", "epoch", "step", "train_args", "best_valid_nll", "metrics"):
+                "rng", "epoch", "step", "train_args", "best_nll_bits_per_frame", "best_nll_split", "metrics"):
         assert key in checkpoint, key
     assert checkpoint["format"] == 1 and checkpoint["epoch"] == 2 and checkpoint["artist"] == "A"
     assert checkpoint["token_contract"] == {"n_codebooks": 4, "bandwidth": 6.0, "codec": "random:0",
@@ -269,10 +272,15 @@ def test_checkpoint_layout_loads_with_weights_only_into_a_plain_model(stage4, tm
         assert key in records[-1], key
     assert len(records[-1]["valid_nll_bits_per_codebook"]) == 4
     assert math.isclose(sum(records[-1]["valid_nll_bits_per_codebook"]), records[-1]["valid_nll_bits_per_frame"])
-    assert checkpoint["best_valid_nll"] == min(r["valid_nll_bits_per_frame"] for r in records)
-    # a finished run is skipped; an unfinished one asks for --resume or --overwrite
+    assert checkpoint["best_nll_bits_per_frame"] == min(r["valid_nll_bits_per_frame"] for r in records)
+    assert checkpoint["best_nll_split"] == "valid"
+    # a finished run is skipped; asked for more epochs, it says it finished and asks for --resume or --overwrite
     assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "2"]) == 0
-    with pytest.raises(StageError, match="--resume"):
+    with pytest.raises(StageError, match="already holds a run finished at epoch 2 .*--resume.*--overwrite"):
+        stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "3"])
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "3", "--resume",
+                        "--max-steps", "9"]) == 0
+    with pytest.raises(StageError, match="already holds a run stopped at epoch 2 "):  # one step into epoch 3
         stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "3"])
 
 
@@ -368,7 +376,7 @@ def test_signal_saves_a_resumable_checkpoint(stage4, tmp_path, monkeypatch, stra
     assert_same_weights(resumed["model"], straight["model"])
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(stage4, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(stage4, tmp_path, monkeypatch, capfd):
     write_dataset(tmp_path, lengths=(70, 64, 40, 30))
     real_losses, calls = stage4.sequence_losses, []
 
@@ -381,8 +389,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(stage4, tmp_pa
         return loss, nll, counts
 
     monkeypatch.setattr(stage4, "sequence_losses", poisoned)
-    with pytest.raises(StageError, match="training diverged: the loss became NaN.*epoch 2.*last good checkpoint"):
-        stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "3"])
+    status = run_main(stage4.main, ["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "3"])
+    assert status == 1  # a started run that failed; 2 is for bad usage
+    assert re.search("training diverged: the loss became NaN.*epoch 2.*last good checkpoint", capfd.readouterr().err)
     last = load(results(tmp_path) / "last.pt")
     assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values())
 
@@ -436,6 +445,36 @@ def test_ddp_two_cpu_processes_train_and_write_one_loadable_checkpoint(stage4, t
     model.load_state_dict(checkpoint["model"])
 
 
+def torchrun_stage4(root, *extra):
+    import subprocess
+    import sys
+
+    from conftest import SCRIPTS
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(SCRIPTS / "4_Transformer.py"), "--artist", "A", "--root", str(root), *TINY, *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return load(results(root) / "last.pt")
+
+
+@pytest.mark.slow
+def test_ddp_mid_epoch_save_then_resume_counts_every_rank_once(stage4, tmp_path):
+    """2 gloo ranks stop one step into the epoch, save, and resume: the epoch's metrics equal a straight run's."""
+    for name in ("straight", "stopped"):
+        write_dataset(tmp_path / name, lengths=(100, 100, 100, 60))  # 12 windows: 3 micro-batches per rank
+    straight = torchrun_stage4(tmp_path / "straight", "--epochs", "1")
+    stopped = torchrun_stage4(tmp_path / "stopped", "--epochs", "1", "--max-steps", "1")
+    assert (stopped["epoch"], stopped["epoch_batches_done"]) == (0, 1)
+    assert stopped["epoch_totals"][2] == 2 * 2 * 32  # frames so far: one batch of 2 windows on each rank
+    resumed = torchrun_stage4(tmp_path / "stopped", "--epochs", "1", "--resume")
+    assert resumed["metrics"]["frames"] == straight["metrics"]["frames"] == 12 * 32
+    assert resumed["metrics"]["train_loss"] == pytest.approx(straight["metrics"]["train_loss"], rel=1e-6)
+    assert resumed["metrics"]["train_nll_bits_per_frame"] == pytest.approx(
+        straight["metrics"]["train_nll_bits_per_frame"], rel=1e-6)
+
+
 def test_grad_checkpointing_gives_the_same_gradients(stage4):
     tokens = torch.randint(0, 1024, (2, 16, 4))
     inputs, targets = stage4.build_sequence(tokens, "parallel")
@@ -468,3 +507,107 @@ def test_leftover_micro_batches_still_make_an_optimizer_step(stage4, tmp_path):
     assert checkpoint["step"] == 3  # 2 + 2 + the leftover 1
     assert checkpoint["scheduler"]["last_epoch"] == 3  # the schedule counts optimizer steps
     assert checkpoint["metrics"]["frames"] == 9 * 32
+
+
+# ---- options on --resume, the best-NLL bookkeeping, damaged outputs --------------------------------
+# Every training option, given again with --resume with a value the first run did not use: applied
+# (the checkpoint records it) or refused with a message naming it. The first run stops one optimizer
+# step into epoch 1 (mid-epoch), so batch geometry cannot change; model options never can.
+RESUME_CASES = {
+    "preset": ("small", "refused"), "d_embed": ("8", "refused"), "d_model": ("64", "refused"),
+    "n_layer": ("1", "refused"), "n_head": ("4", "refused"), "pattern": ("delay", "refused"),
+    "context_frames": ("16", "refused"), "batch_size": ("1", "refused"), "grad_accum": ("1", "refused"),
+    "dropout": ("0.2", 0.2), "epochs": ("3", 3), "lr": ("0.001", 0.001), "min_lr_frac": ("0.5", 0.5),
+    "warmup_frac": ("0.5", 0.5), "weight_decay": ("0.05", 0.05), "max_grad_norm": ("0.5", 0.5),
+    "label_smoothing": ("0.2", 0.2), "frame_dropout": ("0.1", 0.1), "seed": ("3", 3), "keep_last": ("1", 1),
+    "max_steps": ("2", 2), "device": ("cpu", "cpu"), "grad_checkpointing": (None, True), "compile": (None, True),
+}
+
+
+def test_every_training_option_has_a_resume_case(stage4):
+    assert set(RESUME_CASES) == set(stage4.TRAIN_DEFAULTS)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(transformer_module, tmp_path_factory):
+    """A run stopped one optimizer step into epoch 1 (--max-steps 1), to resume with other options."""
+    root = tmp_path_factory.mktemp("stopped")
+    write_dataset(root, lengths=(70, 64, 40, 30))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert state_after(transformer_module, root, "--max-steps", "1")[0] == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+@pytest.mark.parametrize("key", sorted(RESUME_CASES))
+def test_an_option_given_with_resume_is_applied_or_refused(stage4, stopped_run, tmp_path, monkeypatch, key):
+    shutil.copytree(stopped_run, tmp_path / "run")
+    value, expected = RESUME_CASES[key]
+    option = [f"--{key.replace('_', '-')}"] + ([] if value is None else [value])
+    if key == "compile":  # compiling a model takes minutes on a CPU: the option is what is checked here
+        monkeypatch.setattr(stage4.torch, "compile", lambda module: module)
+    extra = [] if key == "max_steps" else ["--max-steps", "2"]
+    if expected == "refused":
+        with pytest.raises(StageError, match=re.escape(option[0]) + " .*differs"):
+            state_after(stage4, tmp_path / "run", "--resume", *extra, *option)
+        return
+    status, resumed = state_after(stage4, tmp_path / "run", "--resume", *extra, *option)
+    assert status == 0 and resumed["step"] == 2
+    assert resumed["train_args"][key] == expected
+    schedule = resumed["scheduler"]["lr_lambdas"][0]  # the WarmupCosine's fields, as LambdaLR saves them
+    total_steps = resumed["scheduler"]["lr_lambdas"][0]["total_steps"]
+    effect = {"dropout": lambda: resumed["model_args"]["dropout"],
+              "min_lr_frac": lambda: schedule["min_factor"],
+              "warmup_frac": lambda: schedule["warmup_steps"] / total_steps,
+              "weight_decay": lambda: resumed["optimizer"]["param_groups"][0]["weight_decay"],
+              "epochs": lambda: total_steps / 2}  # two optimizer steps an epoch
+    if key in effect:
+        assert effect[key]() == pytest.approx(expected)
+
+
+def test_resume_keeps_the_checkpoints_schedule_when_no_option_is_given_again(stage4, stopped_run, tmp_path):
+    shutil.copytree(stopped_run, tmp_path / "run")
+    _, resumed = state_after(stage4, tmp_path / "run", "--resume", "--max-steps", "2")
+    assert resumed["scheduler"]["lr_lambdas"][0]["min_factor"] == stage4.TRAIN_DEFAULTS["min_lr_frac"]
+    assert resumed["optimizer"]["param_groups"][0]["weight_decay"] == stage4.TRAIN_DEFAULTS["weight_decay"]
+
+
+def test_without_a_valid_split_the_best_nll_says_it_is_the_training_nll(stage4, tmp_path):
+    write_dataset(tmp_path, lengths=(40, 40), valid=0)
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "2"]) == 0
+    best = load(results(tmp_path) / "best.pt")
+    records = [json.loads(line) for line in (results(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    assert best["best_nll_split"] == "train" and records[-1]["valid_nll_bits_per_frame"] is None
+    assert best["best_nll_bits_per_frame"] == min(r["train_nll_bits_per_frame"] for r in records)
+
+
+def test_a_hand_damaged_metrics_file_is_skipped_line_by_line(stage4, tmp_path, capfd):
+    write_dataset(tmp_path)
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "1"]) == 0
+    metrics = results(tmp_path) / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"epoch": 7, "train_lo\n[1, 2]\n{"no": "epoch"}\n')
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "2", "--resume"]) == 0
+    log = capfd.readouterr().err
+    assert "metrics.jsonl:2: skipping a line that is not JSON" in log and "metrics.jsonl:4: skipping" in log
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2]
+    assert sorted(p.name for p in results(tmp_path).glob("*.pt")) == [
+        "best.pt", "last.pt", "music_transformer_ep1.pt", "music_transformer_ep2.pt"]
+
+
+def test_resume_without_last_pt_names_the_epoch_checkpoints_to_resume_from(stage4, tmp_path):
+    write_dataset(tmp_path)
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "2", "--keep-last", "0"]) == 0
+    folder = results(tmp_path)
+    (folder / "last.pt").unlink()
+    with pytest.raises(StageError) as refused:
+        stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "3", "--resume"])
+    message = str(refused.value)
+    assert "last.pt does not exist" in message
+    assert message.index(f"--resume {folder / 'music_transformer_ep2.pt'}") < message.index("ep1.pt")
+    for path in folder.glob("*.pt"):
+        path.unlink()
+    with pytest.raises(StageError, match="holds no epoch checkpoint either"):
+        stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "3", "--resume"])

@@ -1,4 +1,4 @@
-"""Code shared by the numbered pipeline stages (see ../../shared/CONTRACT.md).
+"""Code shared by the numbered pipeline stages (see docs/contract.md).
 
 Submodules:
     contract  -- token contract: special tokens, bandwidths, the `.th` token-file format

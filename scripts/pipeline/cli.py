@@ -12,6 +12,7 @@ from pathlib import Path
 
 EXIT_OK = 0  # all done
 EXIT_PARTIAL = 1  # finished, but some items failed (each named in the log and the report)
+EXIT_RUN_FAILED = 1  # a run that started and then failed (stage 4: training diverged)
 EXIT_USAGE = 2  # bad usage, or nothing could be done
 
 ARTIST_PATTERN = re.compile(r"^[A-Za-z0-9 ._-]+$")
@@ -70,7 +71,7 @@ fraction = bounded_number(float, 0.0, 1.0)
 
 
 def make_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
-    """A parser with the flags every stage has (CONTRACT.md, 'CLI surface'), defaults shown in --help."""
+    """A parser with the flags every stage has (docs/contract.md, 'Command-line surface'), defaults shown in --help."""
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--artist", required=True, type=artist_name,

@@ -73,7 +73,7 @@ def bandwidth_for_q(n_codebooks: int) -> float:
 
 @dataclass
 class TokenFile:
-    """In-memory form of a `.th` token file (CONTRACT.md, 'Token files')."""
+    """In-memory form of a `.th` token file (docs/contract.md, 'Token files')."""
 
     codes: torch.Tensor  # int16 [1, Q, T]
     scales: torch.Tensor | None  # float32 [n_chunks], None for bare-tensor files

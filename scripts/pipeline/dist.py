@@ -45,7 +45,7 @@ def init_process_group(device: str) -> None:
 def finish_process_group() -> None:
     """End a rank: barrier, then return without destroy_process_group.
 
-    ../shared/NOTES.md: with gloo, destroying the group right after the last collective crashed
+    With gloo, destroying the group right after the last collective crashed
     at exit in some runs; a final barrier and no destroy passed 46 of 46.
     """
     import torch.distributed as torch_dist

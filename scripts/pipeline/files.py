@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -11,34 +12,28 @@ from typing import Iterator
 TMP_MARK = ".tmp-"
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
 def atomic_path(final_path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `final_path`; rename it into place only if the block succeeds.
+    """Yield a temporary path for `final_path`; rename it into place only if the block succeeds.
 
-    The temporary name starts with '.' and contains '.tmp-' so scanners skip it, and keeps the
-    final suffix so libraries that pick a format by extension (soundfile) still work.
+    The temporary is `<folder>/.<stem>.tmp-XXXX/<final name>`: a file under its final name inside
+    a hidden, private folder beside the destination. So libraries that pick a format by extension
+    (soundfile, matplotlib) still work, and no listing of the destination folder (`glob("*.pt")`,
+    `glob("*.wav")`) can ever see a half-written file, even the one a SIGKILL leaves behind: those
+    folders are removed by `remove_stale_temporaries`. The rename stays on one file system.
     """
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final_path.stem[:80]}{TMP_MARK}", suffix=final_path.suffix,
-                                    dir=final_path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp_name)
-    os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual mode
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_path.stem[:80]}{TMP_MARK}", dir=final_path.parent))
+    tmp_path = tmp_dir / final_path.name
+    tmp_path.touch(mode=0o666)  # the usual mode (0666 less the umask), like any new file
     try:
         yield tmp_path
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, final_path)
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def atomic_write_bytes(data: bytes, final_path: str | Path) -> None:
@@ -64,8 +59,10 @@ def atomic_torch_save(obj, final_path: str | Path) -> None:
 
 
 def is_temporary(path: str | Path) -> bool:
-    """True for the leftovers of an interrupted atomic write."""
-    return TMP_MARK in Path(path).name
+    """True for the leftovers of an interrupted atomic write: a temporary folder or a file in one
+    (and the `.<stem>.tmp-XXXX.<ext>` files that earlier versions wrote beside their destination)."""
+    path = Path(path)
+    return any(name.startswith(".") and TMP_MARK in name for name in (path.name, path.parent.name))
 
 
 def remove_stale_temporaries(folder: str | Path) -> int:
@@ -73,10 +70,14 @@ def remove_stale_temporaries(folder: str | Path) -> int:
     count = 0
     folder = Path(folder)
     if folder.is_dir():
-        for path in folder.rglob(f"*{TMP_MARK}*"):
-            if path.is_file():
+        for path in sorted(folder.rglob(f".*{TMP_MARK}*")):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.is_file():
                 path.unlink()
-                count += 1
+            else:
+                continue  # inside a folder removed above
+            count += 1
     return count
 
 

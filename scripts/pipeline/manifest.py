@@ -1,4 +1,4 @@
-"""Reading and validating `metadata_clean_<artist>.jsonl` (CONTRACT.md, 'Manifest')."""
+"""Reading and validating `metadata_clean_<artist>.jsonl` (docs/contract.md, 'Manifest')."""
 from __future__ import annotations
 
 import json

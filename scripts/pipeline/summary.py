@@ -10,12 +10,14 @@ import argparse
 import json
 from pathlib import Path
 
+from .files import is_temporary
+
 COLUMNS = ("artist", "clips", "token frames", "valid NLL (bits/frame)", "outputs", "elapsed", "status")
 
 
 def count_clips(root: Path, artist: str) -> int:
     folder = root / "data_processed" / artist
-    return sum(1 for path in folder.rglob("*.wav") if ".tmp-" not in path.name) if folder.is_dir() else 0
+    return sum(1 for path in folder.rglob("*.wav") if not is_temporary(path)) if folder.is_dir() else 0
 
 
 def token_frames(root: Path, artist: str) -> int:
@@ -35,17 +37,20 @@ def final_valid_nll(root: Path, artist: str) -> str:
     metrics = root / "model_results" / artist / "metrics.jsonl"
     if not metrics.is_file():
         return "-"
-    lines = [line for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        return "-"
-    last = json.loads(lines[-1])
-    value = last.get("valid_nll_bits_per_frame", last.get("train_nll_bits_per_frame"))
-    return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
+    for line in reversed(metrics.read_text(encoding="utf-8", errors="replace").splitlines()):
+        try:
+            last = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a damaged line (stage 4 warns about it): the last good epoch counts
+        if isinstance(last, dict):
+            value = last.get("valid_nll_bits_per_frame", last.get("train_nll_bits_per_frame"))
+            return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
+    return "-"
 
 
 def output_files(root: Path, artist: str) -> list[Path]:
     folder = root / "music_transformer" / artist
-    return sorted(p for p in folder.iterdir() if p.is_file() and ".tmp-" not in p.name) if folder.is_dir() else []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not is_temporary(p)) if folder.is_dir() else []
 
 
 def rows(root: Path, results: list[tuple[str, str, float]]) -> list[tuple]:
