@@ -266,7 +266,11 @@ def test_checkpoint_layout_loads_with_weights_only_into_a_plain_model(stage4, tm
     model.load_state_dict(checkpoint["model"])
     assert checkpoint["train_args"]["context_frames"] == 32 and isinstance(checkpoint["train_args"]["lr"], float)
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    baselines, records = records[0], records[1:]  # the first line holds the unigram / bigram baselines
+    assert baselines["record"] == "baselines" and baselines["scored_on"] == "valid" and baselines["epoch"] == 0
     assert [r["epoch"] for r in records] == [1, 2]
+    assert records[-1]["gain_over_bigram_bits_per_frame"] == pytest.approx(
+        baselines["bigram_bits_per_frame"] - records[-1]["valid_nll_bits_per_frame"])
     for key in ("train_loss", "train_nll_bits_per_frame", "valid_nll_bits_per_frame", "valid_nll_bits_per_codebook",
                 "lr", "frames_per_s", "elapsed_s"):
         assert key in records[-1], key
@@ -292,7 +296,7 @@ def test_both_patterns_train_and_report_comparable_nll(stage4, tmp_path):
         args = ["--artist", "A", "--root", root, *TINY, "--pattern", pattern, "--epochs", "3", "--lr", "3e-3",
                 "--warmup-frac", "0"]
         assert stage4.main(args) == 0
-        records = [json.loads(line) for line in (results(root) / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (results(root) / "metrics.jsonl").read_text().splitlines()][1:]
         first[pattern], last[pattern] = records[0], records[-1]
         assert records[-1]["train_nll_bits_per_frame"] < records[0]["train_nll_bits_per_frame"]
         assert load(results(root) / "last.pt")["token_contract"]["pattern"] == pattern
@@ -440,7 +444,7 @@ def test_ddp_two_cpu_processes_train_and_write_one_loadable_checkpoint(stage4, t
     checkpoint = load(folder / "music_transformer_ep1.pt")
     assert checkpoint["step"] == 3  # each rank trained its 6 windows in 3 batches of 2, not all 12
     assert checkpoint["metrics"]["frames"] == 12 * 32  # but every window was trained once, across the ranks
-    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1  # only rank 0 wrote
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 2  # only rank 0 wrote: the baselines and one epoch
     model = stage4.MusicTransformer(stage4.ModelArgs(**checkpoint["model_args"]))
     model.load_state_dict(checkpoint["model"])
 
@@ -495,7 +499,7 @@ def test_overwrite_starts_over(stage4, tmp_path):
     assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "1", "--overwrite"]) == 0
     folder = results(tmp_path)
     assert not (folder / "music_transformer_ep2.pt").exists()
-    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 2  # the baselines and one epoch
     assert load(folder / "last.pt")["epoch"] == 1
 
 
@@ -516,7 +520,8 @@ def test_leftover_micro_batches_still_make_an_optimizer_step(stage4, tmp_path):
 RESUME_CASES = {
     "preset": ("small", "refused"), "d_embed": ("8", "refused"), "d_model": ("64", "refused"),
     "n_layer": ("1", "refused"), "n_head": ("4", "refused"), "pattern": ("delay", "refused"),
-    "context_frames": ("16", "refused"), "batch_size": ("1", "refused"), "grad_accum": ("1", "refused"),
+    "context_frames": ("16", "refused"), "tie_heads": (None, "refused"), "embed_init": ("unit", "refused"),
+    "batch_size": ("1", "refused"), "grad_accum": ("1", "refused"),
     "dropout": ("0.2", 0.2), "epochs": ("3", 3), "lr": ("0.001", 0.001), "min_lr_frac": ("0.5", 0.5),
     "warmup_frac": ("0.5", 0.5), "weight_decay": ("0.05", 0.05), "max_grad_norm": ("0.5", 0.5),
     "label_smoothing": ("0.2", 0.2), "frame_dropout": ("0.1", 0.1), "seed": ("3", 3), "keep_last": ("1", 1),
@@ -579,7 +584,7 @@ def test_without_a_valid_split_the_best_nll_says_it_is_the_training_nll(stage4, 
     write_dataset(tmp_path, lengths=(40, 40), valid=0)
     assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "2"]) == 0
     best = load(results(tmp_path) / "best.pt")
-    records = [json.loads(line) for line in (results(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (results(tmp_path) / "metrics.jsonl").read_text().splitlines()][1:]
     assert best["best_nll_split"] == "train" and records[-1]["valid_nll_bits_per_frame"] is None
     assert best["best_nll_bits_per_frame"] == min(r["train_nll_bits_per_frame"] for r in records)
 
@@ -591,8 +596,9 @@ def test_a_hand_damaged_metrics_file_is_skipped_line_by_line(stage4, tmp_path, c
     metrics.write_text(metrics.read_text() + '{"epoch": 7, "train_lo\n[1, 2]\n{"no": "epoch"}\n')
     assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "2", "--resume"]) == 0
     log = capfd.readouterr().err
-    assert "metrics.jsonl:2: skipping a line that is not JSON" in log and "metrics.jsonl:4: skipping" in log
-    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2]
+    # line 1 holds the baselines, line 2 epoch 1; lines 3-5 are the damage
+    assert "metrics.jsonl:3: skipping a line that is not JSON" in log and "metrics.jsonl:5: skipping" in log
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [0, 1, 2]
     assert sorted(p.name for p in results(tmp_path).glob("*.pt")) == [
         "best.pt", "last.pt", "music_transformer_ep1.pt", "music_transformer_ep2.pt"]
 
