@@ -74,13 +74,14 @@ def quiet(function, *args, **kwargs):
 def run_goals(args) -> list[dict]:
     rows = []
     plans = [("markov", "delay"), ("copy", "delay"), ("cross", "delay"), ("cross", "parallel")]
-    for process, pattern in plans:
+    for process, pattern in [plan for plan in plans if plan[0] in args.processes.split(",")]:
         with tempfile.TemporaryDirectory() as folder:
             result = quiet(train_on_stream, Path(folder), StreamSpec(process, n_codebooks=args.codebooks),
                            [*base_options(args), *args.options], args.steps, args.context_frames, args.batch_size, pattern)
         rows.append({"suite": "goals", **vars(result), "excess_bits": result.excess_bits})
         print_row(rows[-1], f"{process} ({pattern})")
-    rows.append(overfit_fixed_batch(args))
+    if args.overfit_steps:
+        rows.append(overfit_fixed_batch(args))
     return rows
 
 
@@ -134,7 +135,9 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", choices=("goals", "sweep"), default="goals", help="what to run")
     parser.add_argument("--preset", default="small", help="stage 4's --preset (default: small)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default: 300)")
-    parser.add_argument("--overfit-steps", type=int, default=200, help="steps of the fixed-batch check (200)")
+    parser.add_argument("--overfit-steps", type=int, default=200,
+                        help="steps of the fixed-batch check (default: 200; 0 skips it)")
+    parser.add_argument("--processes", default="markov,copy,cross", help="streams of the goals suite")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per step (default: 8)")
     parser.add_argument("--context-frames", type=int, default=300, help="frames per window (default: 300)")
     parser.add_argument("--codebooks", type=int, default=4, help="codebooks of the streams (default: 4)")

@@ -249,11 +249,13 @@ LOG = logging.getLogger("pipeline.stage4")
 TRAIN_DEFAULTS = dict(
     preset="base", d_embed=None, d_model=None, n_layer=None, n_head=None, dropout=None, tie_heads=False,
     embed_init="match",
-    pattern="parallel", context_frames=1500, epochs=20, batch_size=8, grad_accum=1, lr=3e-4,
-    min_lr_frac=0.1, warmup_frac=0.05, weight_decay=0.1, max_grad_norm=1.0, label_smoothing=0.1,
-    frame_dropout=0.01, seed=0, keep_last=3, max_steps=0, device="auto", compile=False,
+    pattern="delay", context_frames=1500, epochs=20, batch_size=8, grad_accum=1, lr=None,
+    min_lr_frac=0.1, warmup_frac=0.05, weight_decay=0.1, max_grad_norm=1.0, label_smoothing=0.0,
+    frame_dropout=0.0, seed=0, keep_last=3, max_steps=0, device="auto", compile=False,
     grad_checkpointing=False,
 )
+# Peak learning rate of each preset when --lr is not given (docs/stage4.md, "The recipe").
+PRESET_LR = {"tiny": 3e-3, "small": 1e-3, "base": 6e-4}
 # These fix the model or the meaning of its tokens: a resumed run must keep them.
 LOCKED_ON_RESUME = ("preset", "d_embed", "d_model", "n_layer", "n_head", "tie_heads", "embed_init", "pattern",
                     "context_frames")
@@ -1161,7 +1163,9 @@ def build_parser():
     train.add_argument("--grad-accum", type=positive_int, default=d["grad_accum"],
                        help="micro-batches per optimizer step")
     train.add_argument("--lr", type=positive_float, default=d["lr"],
-                       help="peak learning rate; given with --resume it replaces the checkpoint's peak")
+                       help="peak learning rate (default: the preset's, " +
+                            ", ".join(f"{name} {lr:g}" for name, lr in PRESET_LR.items()) +
+                            "); given with --resume it replaces the checkpoint's peak")
     train.add_argument("--min-lr-frac", type=fraction, default=d["min_lr_frac"],
                        help="the cosine ends at this fraction of --lr")
     train.add_argument("--warmup-frac", type=fraction, default=d["warmup_frac"],
@@ -1325,6 +1329,8 @@ def train_from_command_line(namespace, explicit: set[str], info: DistInfo, devic
     if namespace.overwrite and not namespace.resume and info.is_main and folder.is_dir():
         log.info("--overwrite: removed %d previous outputs from %s", clear_outputs(folder), folder)
     args = resolve_train_args(namespace, explicit, checkpoint)
+    if args["lr"] is None:  # a fresh run without --lr (a checkpoint always holds its LR)
+        args["lr"] = PRESET_LR[args["preset"]]
     entries = read_training_manifest(namespace.root, namespace.artist, namespace.allow_outside_root)
     data = load_dataset(entries, log)
     report.failed.extend({"path": audio, "reason": reason} for audio, reason in data.skipped)  # logged already
