@@ -77,7 +77,8 @@ def run_goals(args) -> list[dict]:
     for process, pattern in [plan for plan in plans if plan[0] in args.processes.split(",")]:
         with tempfile.TemporaryDirectory() as folder:
             result = quiet(train_on_stream, Path(folder), StreamSpec(process, n_codebooks=args.codebooks),
-                           [*base_options(args), *args.options], args.steps, args.context_frames, args.batch_size, pattern)
+                           [*base_options(args), *args.options], args.steps, args.context_frames, args.batch_size,
+                           pattern, n_train=args.train_clips)
         rows.append({"suite": "goals", **vars(result), "excess_bits": result.excess_bits})
         print_row(rows[-1], f"{process} ({pattern})")
     if args.overfit_steps:
@@ -137,6 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default: 300)")
     parser.add_argument("--overfit-steps", type=int, default=200,
                         help="steps of the fixed-batch check (default: 200; 0 skips it)")
+    parser.add_argument("--train-clips", type=int, default=40, help="train clips of 1,499 frames per stream (40)")
     parser.add_argument("--processes", default="markov,copy,cross", help="streams of the goals suite")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per step (default: 8)")
     parser.add_argument("--context-frames", type=int, default=300, help="frames per window (default: 300)")

@@ -54,7 +54,7 @@ def flops_per_frame(model_args, context: int) -> tuple[float, int]:
 
 
 def train_args(options, preset: str) -> dict:
-    return {**stage4.TRAIN_DEFAULTS, "preset": preset, "context_frames": options.context_frames,
+    return {**stage4.TRAIN_DEFAULTS, "preset": preset, "lr": stage4.PRESET_LR[preset], "context_frames": options.context_frames,
             "batch_size": options.batch_size, "epochs": 1, "compile": options.compile, "device": options.device}
 
 
