@@ -55,7 +55,14 @@ def test_script_writes_every_output_and_skips_finished_pieces(transformer_module
         assert sidecar["checkpoint"]["path"].endswith("best.pt") and sidecar["checkpoint"]["epoch"] == 2
         assert sidecar["frames"] == {"total": 182, "prompt": 0, "generated": 182}
         assert "UNTRAINED" in sidecar["warning"] and sidecar["codec"]["pretrained"] is False
-        assert sidecar["real_time_factor"] > 0 and "generate_s" in sidecar["timings"]
+        timings = sidecar["timings"]  # the real-time factor is the batch's audio over its wall time, audio ready
+        wall = timings["generate_s"] + timings["decode_wait_s"]
+        assert sidecar["real_time_factor"] == pytest.approx(2 * 1.2 / wall, rel=1e-2, abs=2e-3)
+        assert sidecar["frames_per_second"] == pytest.approx(2 * 182 / timings["generate_s"], rel=1e-2, abs=0.02)
+        assert timings["decode_s"] > 0 and sidecar["threads"]["decode_overlapped"] is True
+        assert sidecar["audio_samples"] == 57_600 and sidecar["parameters"]["num_samples"] == 2
+        assert "num_samples" not in sidecar  # one name, one meaning: pieces
+        assert sidecar["window"]["engine"] == "lean"
         assert sidecar["collapse_events"] == []
         assert files[".png"].read_bytes()[:4] == b"\x89PNG"
     first = load_token_file(outputs(root, "sample_0")[".th"]).codes
@@ -106,9 +113,20 @@ def test_seed_tokens_bare_tensor_and_q_mismatch(transformer_module, in_process, 
 def test_missing_checkpoint_and_bad_window_exit_2(transformer_module, in_process, tmp_path, capsys):
     assert in_process(tmp_path) == 2
     assert "4_Transformer.py" in capsys.readouterr().err
+    folder = tmp_path / "model_results" / ARTIST
+    folder.mkdir(parents=True)
+    (folder / ".best.tmp-ab12.pt").write_bytes(b"x")  # an interrupted save's temporary
+    (folder / "music_transformer_ep3.pt").write_bytes(b"x")
+    assert in_process(tmp_path, "--epoch", 9) == 2
+    error = capsys.readouterr().err
+    assert "it holds music_transformer_ep3.pt" in error and ".best.tmp" not in error
+    (folder / "music_transformer_ep3.pt").unlink()
     root = make_root(tmp_path, transformer_module, "parallel")
     assert in_process(root, "--context-frames", 500) == 2
     assert "exceeds" in capsys.readouterr().err
+    # 121 frames still fit the 124 positions, but position 121 was never trained: refused, with the limit
+    assert in_process(root, "--context-frames", 121) == 2
+    assert "exceeds the training context of 120 frames" in capsys.readouterr().err
     assert in_process(root, "--context-frames", 50, "--stride-frames", 60) == 2
     assert "larger than the context" in capsys.readouterr().err
 
