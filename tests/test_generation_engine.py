@@ -181,3 +181,12 @@ def test_overlapped_decoding_recovers_from_a_worker_failure(random_codec, pieces
     assert isinstance(decoder.error, torch.cuda.OutOfMemoryError)
     for wave, reference in zip(waves, at_end):
         assert torch.equal(wave, reference)  # decoded again at the end: the same audio
+
+
+# ---- sampling ----------------------------------------------------------------------------------------
+def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_mass():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]]).expand(20_000, -1).contiguous()  # [R, K]
+    choice = generation.draw_categorical(probs, torch.Generator().manual_seed(0))  # [R, 1]
+    counts = torch.bincount(choice.flatten(), minlength=5).float() / 20_000
+    assert counts[1] == 0 and counts[4] == 0  # zero-mass candidates are never drawn
+    assert torch.allclose(counts, probs[0], atol=0.015)
