@@ -148,6 +148,7 @@ class CollapseDetector:
         self.boost_left = [0] * batch
         self.events: list[dict] = []
         self._unboosted: torch.Tensor | None = None
+        self._unboosted_base: float | None = None
 
     @property
     def enabled(self) -> bool:
@@ -156,8 +157,9 @@ class CollapseDetector:
     def temperatures(self, base: float) -> torch.Tensor:
         """Per-piece temperature `[B]`: boosted pieces decay linearly back to `base`."""
         if not any(self.boost_left):  # the usual case: reuse one tensor instead of building one per step
-            if self._unboosted is None or float(self._unboosted[0]) != base:
+            if self._unboosted is None or self._unboosted_base != base:  # no device read: no GPU sync
                 self._unboosted = torch.full((len(self.boost_left),), base, device=self.history.device)
+                self._unboosted_base = base
             return self._unboosted
         extra = [(self.settings.boost - 1.0) * left / self.settings.boost_frames for left in self.boost_left]
         ceiling = max(base, self.settings.max_temperature)
