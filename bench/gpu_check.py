@@ -85,7 +85,8 @@ def main() -> None:
     print(f"exactness: lean vs full forward, fp32, max |diff| of the logits {exactness(fp32):.2e} (CPU tests: <= 1e-4)")
     _, graphed = generate(fp32, 2, 200, context, True, sampled=False)
     _, eager = generate(fp32, 2, 200, context, False, sampled=False)
-    print(f"exactness: greedy tokens, CUDA graph vs eager step, 200 frames x 2: identical {torch.equal(graphed, eager)}")
+    print(f"exactness: greedy tokens, CUDA graph vs eager step, 200 frames x 2: "
+          f"identical {torch.equal(graphed, eager)}")
 
     headline = {}
     bf16 = build(args.preset, context, torch.bfloat16)

@@ -388,7 +388,7 @@ def prepare(args) -> Run:
     if "default 1.0" in scale_sources:
         LOG.warning("no scale for generated chunks (%s): using 1.0, the level may be off", median_source)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    threads = thread_plan(device, args.threads, overlapped=not args.decode_at_end)
+    threads = thread_plan(device, args.threads)
     run = Run(args=args, loaded=loaded, codec=codec, prompt=prompt, seed=seed, device=device, context=context,
               stride=stride, total_frames=total_frames, audio_samples=audio_samples, scales=scales,
               scale_sources=scale_sources, threads=threads)

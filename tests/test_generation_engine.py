@@ -146,17 +146,16 @@ def pieces(random_codec):
     return frames, scales, audio_samples, at_end
 
 
-@pytest.mark.parametrize("group", [1, 2])
-def test_overlapped_decoding_equals_decoding_at_the_end(random_codec, pieces, group):
+def test_overlapped_decoding_equals_decoding_at_the_end(random_codec, pieces):
     frames, scales, audio_samples, at_end = pieces
-    decoder = generation.OverlappedDecoder(random_codec, scales, audio_samples, batch=2, chunks_per_group=group,
+    decoder = generation.OverlappedDecoder(random_codec, scales, audio_samples, batch=2, chunks_per_pass=3,
                                            threads=1)
     live = torch.full_like(frames, -1)  # the generator's buffer: frames become final one by one
     for final in range(1, frames.shape[1] + 1):
         live[:, final - 1] = frames[:, final - 1]
         decoder.frames_final(final, live)
-        if final == 150:
-            assert decoder.queued == (1 if group == 1 else 0)  # chunk 0 is queued as soon as its frames are final
+        if final in (149, 150):
+            assert decoder.queued == final - 149  # chunk 0 is queued as soon as its 150 frames are final
     waves = decoder.finish(frames)
     assert decoder.error is None and decoder.busy_seconds > 0
     for wave, reference in zip(waves, at_end):
@@ -175,7 +174,7 @@ def test_overlapped_decoding_recovers_from_a_worker_failure(random_codec, pieces
         return real_decode_chunk(codes, scale)
 
     monkeypatch.setattr(random_codec, "decode_chunk", failing_once)
-    decoder = generation.OverlappedDecoder(random_codec, scales, audio_samples, batch=2, chunks_per_group=1,
+    decoder = generation.OverlappedDecoder(random_codec, scales, audio_samples, batch=2, chunks_per_pass=1,
                                            threads=1)
     waves = decoder.finish(frames)
     assert isinstance(decoder.error, torch.cuda.OutOfMemoryError)

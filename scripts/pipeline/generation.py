@@ -16,6 +16,7 @@ import contextlib
 import gc
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -467,18 +468,20 @@ class ThreadPlan:
     decode: int | None
 
 
-def thread_plan(device: str, requested: int = 0, overlapped: bool = True) -> ThreadPlan:
+def thread_plan(device: str, requested: int = 0) -> ThreadPlan:
     """The measured choice (BENCHMARKS.md, stage 5): a generation step on the CPU is a chain of small
-    matrix products that a second thread slows down, so generation runs on one thread; decoding
-    (large convolutions) gains from threads and gets the other cores while it overlaps generation,
-    all of them when it runs at the end. `requested` > 0 (`--threads N`) uses N for both phases.
+    matrix products that a second thread slows down, so generation runs on one thread. Decoding
+    (large convolutions) gets the other cores, whether it overlaps generation or runs at the end:
+    on the shared 2-core machine two threads for either phase were 7-16x slower than one, because
+    OpenMP threads spin-wait for a core another process holds. `requested` > 0 (`--threads N`)
+    uses N for both phases.
     """
     if requested:
         return ThreadPlan(generate=requested, decode=requested)
     if device != "cpu":
         return ThreadPlan(generate=None, decode=None)
-    cores = torch.get_num_threads()
-    return ThreadPlan(generate=1, decode=max(1, cores - 1) if overlapped else None)
+    cores = os.cpu_count() or 1
+    return ThreadPlan(generate=1, decode=max(1, cores - 1))
 
 
 def generate_frames(model, prompt: torch.Tensor | None, total_frames: int, generation: GenerationSettings,
@@ -571,22 +574,23 @@ def frames_to_chunk_codes(codec, frames: torch.Tensor, audio_samples: int) -> to
 class OverlappedDecoder:
     """Decodes each piece's codec chunks on a worker thread while the next frames are generated.
 
-    Feed it `frames_final(final_frames, frames)` (the `TokenGenerator` progress signature): every
-    group of `chunks_per_group` chunks whose frames are all final is copied and queued. Chunks
-    decode independently (`Codec.decode_chunks`), so the audio equals decoding at the end; the
-    overlap-add runs in `finish`. The worker uses `threads` torch threads (its own count; the
+    Feed it `frames_final(final_frames, frames)` (the `TokenGenerator` progress signature): each
+    chunk whose frames are all final is copied and queued at once, so decoding trails generation by
+    about one chunk (1 s of audio). Chunks decode independently (`Codec.decode_chunk`), so the audio
+    equals decoding at the end; the overlap-add runs in `finish`. `chunks_per_pass` bounds the
+    groups of a decoding redone at the end. The worker uses `threads` torch threads (its own count; the
     generating thread keeps its own). A failure in the worker (a CUDA out-of-memory error, say)
     is kept, and `finish` decodes that piece again at the end with `decode_chunked`'s fallbacks.
     """
 
-    def __init__(self, codec, scales: torch.Tensor, audio_samples: int, batch: int, chunks_per_group: int,
+    def __init__(self, codec, scales: torch.Tensor, audio_samples: int, batch: int, chunks_per_pass: int,
                  threads: int | None = None):
         import queue
         import threading
 
         self.codec, self.scales, self.audio_samples, self.batch = codec, scales, audio_samples, batch
         self.n_chunks = codec.n_chunks(audio_samples)
-        self.group = max(1, min(chunks_per_group, self.n_chunks))
+        self.chunks_per_pass = max(1, min(chunks_per_pass, self.n_chunks))
         self.chunk_frames = [codec.chunk_frames] * (self.n_chunks - 1) + [codec.last_chunk_frames(audio_samples)]
         self.queued = 0  # chunks handed to the worker so far
         self.waves = [[None] * self.n_chunks for _ in range(batch)]  # per piece, per chunk: [2, L]
@@ -601,9 +605,9 @@ class OverlappedDecoder:
         return (stop_chunk - 1) * self.codec.chunk_frames + self.chunk_frames[stop_chunk - 1]
 
     def frames_final(self, final_frames: int, frames: torch.Tensor) -> None:
-        """Queue every whole group of chunks the first `final_frames` frames of `frames` `[B, N, Q]` cover."""
+        """Queue every chunk the first `final_frames` frames of `frames` `[B, N, Q]` cover."""
         while self.queued < self.n_chunks:
-            stop = min(self.queued + self.group, self.n_chunks)
+            stop = self.queued + 1
             if final_frames < self._frames_needed(stop):
                 return
             first_frame = self.queued * self.codec.chunk_frames
@@ -652,5 +656,6 @@ class OverlappedDecoder:
                 waves.append(self.codec.overlap_add(self.waves[piece], self.audio_samples))
             else:
                 codes = frames_to_chunk_codes(self.codec, frames[piece:piece + 1].cpu(), self.audio_samples)
-                waves.append(decode_chunked(self.codec, codes, self.scales, self.audio_samples, self.group, notes))
+                waves.append(decode_chunked(self.codec, codes, self.scales, self.audio_samples, self.chunks_per_pass,
+                                            notes))
         return waves
