@@ -224,6 +224,11 @@ def main() -> None:
         print(f"base (26 M), batch 1, sampled, 1 thread: {frames / base_s:.0f} frames/s = "
               f"{frames / base_s / FRAME_RATE:.2f}x real time (goal >= 1x); {against_bound(base, 1, base_s)} "
               f"(goal <= 2x the bound)")
+        cores = os.cpu_count() or 1
+        if cores > 1:
+            all_cores_s, _ = timed_generation(base, settings_for(pattern, context), frames, True, cores)
+            print(f"base, batch 1, sampled, {cores} threads (--threads {cores}): {frames / all_cores_s:.0f} frames/s = "
+                  f"{frames / all_cores_s / FRAME_RATE:.2f}x real time")
 
     # goal: long piece, overlapped decoding against generation alone
     audio_samples = round(args.long_seconds * SAMPLE_RATE)
