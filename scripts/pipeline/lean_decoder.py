@@ -139,12 +139,13 @@ class LeanDecoder:
         x = self._embed(tokens, slice(position, position + 1))  # [B, d]
         seen = position + 1
         for block, keys, values in zip(self.blocks, self.keys, self.values):
-            q, k, v = self._split_heads(self._conv1d(self._norm(x, block.ln_1), block.attn.c_attn), 1)
-            keys[:, :, position] = k[:, :, 0]
-            values[:, :, position] = v[:, :, 0]
+            qkv = self._conv1d(self._norm(x, block.ln_1), block.attn.c_attn)  # [B, 3d]
+            q, k, v = qkv.view(self.batch, 3, self.n_head, 1, self.head_dim).unbind(1)  # -> 3 x [B, H, 1, hd]
+            keys[:, :, position:seen] = k
+            values[:, :, position:seen] = v
             # the newest row may see every cached one: no mask
             attended = F.scaled_dot_product_attention(q, keys[:, :, :seen], values[:, :, :seen])  # [B, H, 1, hd]
-            x = x + self._conv1d(self._merge_heads(attended), block.attn.c_proj)
+            x = x + self._conv1d(attended.view(self.batch, self.d_model), block.attn.c_proj)  # [B, H, 1, hd] -> [B, d]
             x = x + self._mlp(block, x)
         self.length = seen
         return self._output(x)
