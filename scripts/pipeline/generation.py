@@ -2,8 +2,9 @@
 lean KV-cache engine, and chunked (optionally overlapped) decoding.
 
 Front-ends (`scripts/5_MusicPrediction.py`, a local studio) build a model, settings dataclasses and
-a codec, then call `generate_frames` (or `TokenGenerator`) and `decode_pieces`; nothing here parses
-options or writes files.
+a codec, then call `generate_frames` (or `TokenGenerator`) with an `OverlappedDecoder`'s
+`frames_final` in their progress callback, and its `finish` for the waves (`decode_chunked`
+decodes a piece at the end instead); nothing here parses options or writes files.
 
 Token grid: the model reads and writes "rows" of Q codebook cells. In the `parallel` pattern row s
 holds frame s; in the `delay` pattern cell (s, q) holds codebook q of frame s - q. Input position 0
@@ -17,6 +18,9 @@ import gc
 import logging
 import math
 import os
+import queue
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -578,16 +582,13 @@ class OverlappedDecoder:
     chunk whose frames are all final is copied and queued at once, so decoding trails generation by
     about one chunk (1 s of audio). Chunks decode independently (`Codec.decode_chunk`), so the audio
     equals decoding at the end; the overlap-add runs in `finish`. `chunks_per_pass` bounds the
-    groups of a decoding redone at the end. The worker uses `threads` torch threads (its own count; the
-    generating thread keeps its own). A failure in the worker (a CUDA out-of-memory error, say)
+    groups of a decoding redone at the end. The worker uses `threads` torch threads (its own
+    count; the generating thread keeps its own). A failure in the worker (a CUDA out-of-memory error, say)
     is kept, and `finish` decodes that piece again at the end with `decode_chunked`'s fallbacks.
     """
 
     def __init__(self, codec, scales: torch.Tensor, audio_samples: int, batch: int, chunks_per_pass: int,
                  threads: int | None = None):
-        import queue
-        import threading
-
         self.codec, self.scales, self.audio_samples, self.batch = codec, scales, audio_samples, batch
         self.n_chunks = codec.n_chunks(audio_samples)
         self.chunks_per_pass = max(1, min(chunks_per_pass, self.n_chunks))
@@ -616,8 +617,6 @@ class OverlappedDecoder:
             self.queued = stop
 
     def _work(self, threads: int | None) -> None:
-        import time
-
         if threads is not None:
             torch.set_num_threads(threads)  # this thread's own count
         while (job := self.jobs.get()) is not None:
@@ -642,11 +641,16 @@ class OverlappedDecoder:
                 self.waves[piece][chunk] = self.codec.decode_chunk(chunk_codes, self.scales[chunk])
                 offset += self.codec.chunk_frames
 
+    def close(self) -> None:
+        """Stop the worker after the chunks already queued (after a cancelled generation, say)."""
+        if self.worker.is_alive():
+            self.jobs.put(None)
+            self.worker.join()
+
     def finish(self, frames: torch.Tensor, notes: list | None = None) -> list[torch.Tensor]:
         """All frames `[B, N, Q]` final -> one wave `[2, audio_samples]` per piece."""
         self.frames_final(frames.shape[1], frames)
-        self.jobs.put(None)
-        self.worker.join()
+        self.close()
         if self.error is not None:
             LOG.warning("overlapped decoding failed (%s: %s): decoding again at the end",
                         type(self.error).__name__, self.error)
