@@ -150,3 +150,17 @@ def test_collapse_events_reach_the_sidecar(transformer_module, in_process, tmp_p
     assert len(events) >= 2 and events[0]["frame"] == 39 and events[0]["codebooks"] == [0, 1, 2, 3]
     assert all(bits < 1.0 for bits in events[0]["mean_entropy_bits"])
     assert "collapse in piece 0 at frame 39" in capsys.readouterr().err
+
+
+def test_overlapped_decoding_writes_the_same_audio_as_decoding_at_the_end(transformer_module, in_process, tmp_path):
+    root = make_root(tmp_path, transformer_module, "delay")
+    common = ("--seconds", 2.2, "--seed", 4, "--num-samples", 2, "--decode-chunk-seconds", 1)
+    assert in_process(root, *common, "--name", "overlapped") == 0
+    assert in_process(root, *common, "--decode-at-end", "--name", "at_end") == 0
+    for index in range(2):
+        overlapped, _ = sf.read(outputs(root, f"overlapped_{index}")[".wav"])
+        at_end, _ = sf.read(outputs(root, f"at_end_{index}")[".wav"])
+        assert overlapped.shape == (105_600, 2) and np.array_equal(overlapped, at_end)
+    sidecar = json.loads(outputs(root, "overlapped_0")[".json"].read_text())
+    assert sidecar["threads"]["decode_overlapped"] is True
+    assert json.loads(outputs(root, "at_end_0")[".json"].read_text())["threads"]["decode_overlapped"] is False
