@@ -31,11 +31,13 @@ from pipeline.codec import UNTRAINED_WARNING, CodecUnavailable, load_codec  # no
 from pipeline.contract import SAMPLE_RATE, TokenFile, TokenFileError, load_token_file, save_token_file  # noqa: E402
 from pipeline.files import (PathEscapesRoot, atomic_path, atomic_write_json, remove_stale_temporaries,  # noqa: E402
                             resolve_inside)
-from pipeline.generation import (ENGINES, CollapseDetector, CollapseSettings, GenerationSettings,  # noqa: E402,F401
-                                 OverlappedDecoder, SamplingSettings, TokenGenerator, apply_repetition_penalty,
-                                 chunk_scales, cpu_threads, decode_chunked, entropy_bits, frames_for_samples,
-                                 frames_to_chunk_codes, generate_frames, mask_special, sample_tokens,
-                                 samples_for_frames, ThreadPlan, thread_plan)
+from pipeline.generation import (ENGINES, CollapseDetector, CollapseSettings, GenerationSettings,  # noqa: E402
+                                 OverlappedDecoder, SamplingSettings, ThreadPlan, chunk_scales, cpu_threads,
+                                 decode_chunked, frames_for_samples, frames_to_chunk_codes, generate_frames,
+                                 samples_for_frames, thread_plan)
+# the generation core's names stage 5 used to define itself, still reachable as `stage5.<name>`
+from pipeline.generation import (TokenGenerator, apply_repetition_penalty, entropy_bits,  # noqa: E402,F401
+                                 mask_special, sample_tokens)
 from pipeline.manifest import ManifestError, manifest_path, read_manifest  # noqa: E402
 from pipeline.stages import load_stage  # noqa: E402
 
