@@ -619,6 +619,12 @@ class OverlappedDecoder:
     def _work(self, threads: int | None) -> None:
         if threads is not None:
             torch.set_num_threads(threads)  # this thread's own count
+        on_gpu = str(self.codec.device).startswith("cuda")
+        # on a GPU, a stream of its own lets decoding run beside the generation steps instead of between them
+        with torch.cuda.stream(torch.cuda.Stream(self.codec.device)) if on_gpu else contextlib.nullcontext():
+            self._work_through_jobs()
+
+    def _work_through_jobs(self) -> None:
         while (job := self.jobs.get()) is not None:
             if self.error is not None:
                 continue
