@@ -90,7 +90,7 @@ def test_prompt_audio_is_encoded_like_training_and_continued(transformer_module,
     assert tokens.scales[1] == pytest.approx(0.05)  # generated chunk: the checkpoint's median scale
     sidecar = json.loads(outputs(root, "cont")[".json"].read_text())
     assert sidecar["prompt"]["kind"] == "audio" and sidecar["frames"]["prompt"] == 75
-    assert sidecar["window"]["kv_cache"] is False
+    assert sidecar["window"]["kv_cache"] is False and sidecar["window"]["engine"] == "recompute"
 
 
 def test_seed_tokens_bare_tensor_and_q_mismatch(transformer_module, in_process, tmp_path, capsys):
@@ -164,3 +164,16 @@ def test_overlapped_decoding_writes_the_same_audio_as_decoding_at_the_end(transf
     sidecar = json.loads(outputs(root, "overlapped_0")[".json"].read_text())
     assert sidecar["threads"]["decode_overlapped"] is True
     assert json.loads(outputs(root, "at_end_0")[".json"].read_text())["threads"]["decode_overlapped"] is False
+
+
+def test_bfloat16_generation_and_the_transformers_engine_run_end_to_end(transformer_module, in_process, tmp_path):
+    """(The engines' tokens are compared on a model with spread logits in test_generation_engine.py.)"""
+    root = make_root(tmp_path, transformer_module, "delay")
+    assert in_process(root, "--seconds", 1.2, "--seed", 2, "--dtype", "bfloat16", "--name", "bf16") == 0
+    assert in_process(root, "--seconds", 1.2, "--seed", 2, "--temperature", 0, "--engine", "transformers",
+                      "--name", "hf") == 0
+    for name in ("bf16", "hf"):
+        tokens = load_token_file(outputs(root, name)[".th"]).codes[:, :, :182]
+        assert int(tokens.min()) >= 0 and int(tokens.max()) < CODEBOOK_SIZE
+    assert json.loads(outputs(root, "bf16")[".json"].read_text())["parameters"]["dtype"] == "bfloat16"
+    assert json.loads(outputs(root, "hf")[".json"].read_text())["window"]["engine"] == "transformers"
