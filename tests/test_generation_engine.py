@@ -76,9 +76,9 @@ class RecordingSteps:
         return self.logits[-1]
 
 
-def greedy_run(model, pattern, use_cache, total_frames=1500, context=100, stride=37, batch=2):
+def greedy_run(model, pattern, use_cache, total_frames=1500, context=100, stride=37, batch=2, engine="lean"):
     settings = generation.GenerationSettings(pattern=pattern, context_frames=context, stride_frames=stride,
-                                             use_cache=use_cache, num_samples=batch)
+                                             use_cache=use_cache, num_samples=batch, engine=engine)
     engine = generation.TokenGenerator(model, settings, generation.SamplingSettings(temperature=0.0), None, None,
                                        "cpu")
     engine.steps, engine._steps_batch = RecordingSteps(engine.make_steps(batch)), batch
@@ -98,6 +98,13 @@ def test_lean_greedy_equals_recompute_over_1500_frames(transformer_module, patte
     worst = max(float((a - b).abs().max()) for a, b in zip(lean_logits, reference_logits))
     assert worst <= 1e-4
     assert int(lean.min()) >= 0 and int(lean.max()) < CODEBOOK_SIZE
+
+
+def test_the_transformers_cache_engine_equals_recompute_too(transformer_module):
+    model = spread_model(transformer_module, context_frames=30)
+    cached, _ = greedy_run(model, "delay", True, total_frames=80, context=30, stride=11, engine="transformers")
+    reference, _ = greedy_run(model, "delay", False, total_frames=80, context=30, stride=11)
+    assert torch.equal(cached, reference)
 
 
 def test_batch_pieces_equal_single_pieces(transformer_module):
