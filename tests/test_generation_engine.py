@@ -196,3 +196,10 @@ def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_mass():
     counts = torch.bincount(choice.flatten(), minlength=5).float() / 20_000
     assert counts[1] == 0 and counts[4] == 0  # zero-mass candidates are never drawn
     assert torch.allclose(counts, probs[0], atol=0.015)
+
+
+def test_a_window_beyond_the_position_table_is_refused(transformer_module):
+    model = spread_model(transformer_module, context_frames=20)  # 24 positions
+    settings = generation.GenerationSettings(pattern="delay", context_frames=22, stride_frames=5)
+    with pytest.raises(ValueError, match="needs 25 positions, the model has 24"):
+        generation.TokenGenerator(model, settings, generation.SamplingSettings(), None, None, "cpu")

@@ -335,6 +335,10 @@ class TokenGenerator:
         delayed = generation.pattern == "delay"
         self.offsets = torch.arange(self.n_codebooks) if delayed else torch.zeros(self.n_codebooks, dtype=torch.long)
         self.extra_rows = self.n_codebooks - 1 if delayed else 0
+        if generation.context_frames + self.extra_rows > int(model.args.n_positions):
+            raise ValueError(f"a {generation.context_frames}-frame window needs "
+                             f"{generation.context_frames + self.extra_rows} positions, the model has "
+                             f"{model.args.n_positions}")
         self.max_position = 0  # the largest position any forward pass used (tests check the window bound)
         self.codebook_index = torch.arange(self.n_codebooks, device=device)
         self._temperatures = None
