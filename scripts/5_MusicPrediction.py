@@ -342,7 +342,7 @@ def generate_pieces(args) -> int:
         return 0
     remove_stale_temporaries(out_folder)
     run = prepare(args)
-    decoder = None if args.decode_at_end else OverlappedDecoder(
+    decoder = None if not overlapped(run) else OverlappedDecoder(
         run.codec, run.scales, run.audio_samples, args.num_samples, chunks_per_pass(run), run.threads.decode)
     frames, detector = generate(run, decoder)
     notes: list = []
@@ -396,6 +396,11 @@ def prepare(args) -> Run:
               scale_sources=scale_sources, threads=threads)
     run.timings.update(load_s=load_seconds, prompt_s=time.perf_counter() - started - load_seconds)
     return run
+
+
+def overlapped(run: Run) -> bool:
+    """Decode while generating, unless asked not to or generation's threads already fill the cores."""
+    return not run.args.decode_at_end and run.threads.overlap
 
 
 def chunks_per_pass(run: Run) -> int:
@@ -533,7 +538,7 @@ def describe(run: Run, index: int, name: str, detector: CollapseDetector, gain_d
         "collapse_events": [event for event in detector.events if event["sample"] == index],
         "timings": {key: round(value, 4) for key, value in run.timings.items()},
         "threads": {"generate": run.threads.generate, "decode": run.threads.decode,
-                    "decode_overlapped": not run.args.decode_at_end},
+                    "decode_overlapped": overlapped(run)},
         "frames_per_second": round(generated * pieces / max(run.timings["generate_s"], 1e-9), 2),
         "real_time_factor": round(audio_seconds * pieces / max(wall_seconds, 1e-9), 3),
         "codec": {"name": run.codec.name, "pretrained": run.codec.pretrained,

@@ -474,6 +474,7 @@ class ThreadPlan:
 
     generate: int | None
     decode: int | None
+    overlap: bool = True  # decode while generating; False when generation already holds every core
 
 
 def thread_plan(device: str, requested: int = 0) -> ThreadPlan:
@@ -482,10 +483,12 @@ def thread_plan(device: str, requested: int = 0) -> ThreadPlan:
     (large convolutions) gets the other cores, whether it overlaps generation or runs at the end:
     on the shared 2-core machine two threads for either phase were 7-16x slower than one, because
     OpenMP threads spin-wait for a core another process holds. `requested` > 0 (`--threads N`)
-    uses N for both phases.
+    uses N for both phases, and decoding waits for the end when N threads already fill the cores
+    (an overlapping decoder would oversubscribe them).
     """
     if requested:
-        return ThreadPlan(generate=requested, decode=requested)
+        fills_the_cores = requested > 1 and requested >= (os.cpu_count() or 1)
+        return ThreadPlan(generate=requested, decode=requested, overlap=not fills_the_cores)
     if device != "cpu":
         return ThreadPlan(generate=None, decode=None)
     cores = os.cpu_count() or 1
