@@ -91,15 +91,20 @@ def keep_nucleus(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, settings: SamplingSettings,
-                  generator: torch.Generator | None) -> torch.Tensor:
+                  generator: torch.Generator | None, all_greedy: bool | None = None) -> torch.Tensor:
     """Masked logits `[B, Q, V]` and per-piece temperatures `[B]` -> tokens `[B, Q]` (temperature 0 = greedy).
+
+    `all_greedy`, when the caller knows it, says whether every piece is greedy (True) or none is
+    (False); None reads it from `temperatures` (on a GPU, a wait for the device).
 
     All B*Q distributions at once: top-k (sorted only when top-p needs the order), top-p over the k
     candidates, then one uniform number per distribution through the inverse CDF. Random numbers
     are the costly part of sampling on a CPU: one per row instead of one per candidate.
     """
-    greedy_pieces = temperatures <= 0  # [B]
-    if bool(greedy_pieces.all()):
+    if all_greedy:
+        return logits.argmax(dim=-1)  # [B, Q]
+    greedy_pieces = None if all_greedy is False else temperatures <= 0  # [B]
+    if greedy_pieces is not None and bool(greedy_pieces.all()):
         return logits.argmax(dim=-1)  # [B, Q]
     scaled = logits / temperatures.clamp_min(1e-6).view(-1, 1, 1)  # [B, Q, V]
     nucleus = settings.top_p < 1.0
@@ -115,7 +120,7 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, settings: Sa
         drawn = choice.view(logits.shape[:2])  # [B*Q, 1] -> [B, Q]
     else:
         drawn = token_ids.flatten(0, 1).gather(1, choice).view(logits.shape[:2])  # [B*Q, 1] -> [B, Q]
-    if bool(greedy_pieces.any()):
+    if greedy_pieces is not None and bool(greedy_pieces.any()):
         return torch.where(greedy_pieces.view(-1, 1), logits.argmax(dim=-1), drawn)
     return drawn
 
@@ -428,7 +433,8 @@ class TokenGenerator:
         base = self.sampling.temperature
         temperatures = self.detector.temperatures(base) if self.detector is not None else self._base_temperatures(
             logits.shape[0], base, logits.device)
-        tokens = sample_tokens(logits, temperatures, self.sampling, self.generator)  # [B, Q]
+        # a boost multiplies the base temperature: every piece is greedy, or none is
+        tokens = sample_tokens(logits, temperatures, self.sampling, self.generator, all_greedy=base <= 0)  # [B, Q]
         if plan.row_all_open[row]:
             self.codes[:, plan.frames_on_device[row], self.codebook_index] = tokens
         else:
