@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
-"""Stage 5 speed: KV-cache generation against the recompute path, and the real-time factor of `small`.
+"""Stage 5 speed: the lean engine against transformers' cache and the seed's full recompute,
+batches, overlapped decoding, threads per phase, and `base` against its memory-bandwidth bound.
 
-    python bench/bench_stage5.py                      # defaults below; prints the cache/recompute ratio last
-    python bench/bench_stage5.py --recompute-full     # the reference path over all 1,500 frames (slow)
+    python bench/bench_stage5.py                       # every goal of issue 11; last line engine/recompute
+    python bench/bench_stage5.py --recompute-full      # the seed's path over all 1,500 frames (slow)
+    python bench/bench_stage5.py --long-seconds 30     # a shorter "long piece" for a quick run
 
-Both paths run the same randomly initialised model in this one process, greedy, from BOS. The
-recompute path re-runs the whole history at every step, so a step's cost depends only on the
-length reached; by default it is timed on a few short stretches centred in equal parts of the
-1,500-frame piece (continuing the cached run's tokens, which it must reproduce) and averaged,
-instead of running all 1,500 steps. The real-time factor covers generation plus decoding with the
-random 48 kHz Encodec (same architecture and cost as the pretrained one).
+Everything runs in this one process on randomly initialised models (speed does not depend on the
+weights) and the random 48 kHz Encodec (the pretrained codec's architecture and cost), through
+the generation core stage 5 itself calls (`pipeline.generation`). Each ratio compares two figures
+measured in this run. The recompute path re-runs the whole history every step, so by default it
+is timed on a few short stretches centred in equal parts of the piece (continuing the cached run's
+tokens, which it must reproduce) and averaged; `--recompute-full` runs all the steps.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -21,12 +25,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from pipeline import generation  # noqa: E402
 from pipeline.codec import load_codec  # noqa: E402
 from pipeline.contract import SAMPLE_RATE  # noqa: E402
 from pipeline.stages import load_stage  # noqa: E402
 
 stage4 = load_stage("4_Transformer")
-stage5 = load_stage("5_MusicPrediction")
+FRAME_RATE = 150  # codec frames per second of audio (the real-time line)
 
 
 def build_model(preset: str, n_codebooks: int, context_frames: int) -> torch.nn.Module:
@@ -34,136 +39,226 @@ def build_model(preset: str, n_codebooks: int, context_frames: int) -> torch.nn.
     return stage4.MusicTransformer(stage4.model_args_for(preset, n_codebooks, context_frames)).eval()
 
 
-def make_engine(model, pattern: str, context: int, use_cache: bool):
-    settings = stage5.GenerationSettings(pattern=pattern, context_frames=context, stride_frames=context // 2,
-                                         use_cache=use_cache, num_samples=1)
-    return stage5.TokenGenerator(model, settings, stage5.SamplingSettings(temperature=0.0), None, None, "cpu")
+def settings_for(pattern: str, context: int, batch: int = 1, engine: str = "lean", use_cache: bool = True):
+    return generation.GenerationSettings(pattern=pattern, context_frames=context, stride_frames=context // 2,
+                                         use_cache=use_cache, num_samples=batch, engine=engine)
 
 
-def frames_per_second(model, pattern: str, frames: int, context: int, use_cache: bool) -> tuple[float, torch.Tensor]:
-    """Greedy generation of a whole piece from BOS -> (frames/s, frames `[1, N, Q]`)."""
-    engine = make_engine(model, pattern, context, use_cache)
-    engine.generate(None, 8)  # warm-up: first-call allocations are not what we measure
+def timed_generation(model, settings, frames: int, sampled: bool, threads: int | None, prompt=None, progress=None):
+    """-> (seconds, frames `[B, N, Q]`) of one `generate_frames` call (after a short warm-up)."""
+    sampling = generation.SamplingSettings() if sampled else generation.SamplingSettings(temperature=0.0)
+    collapse = generation.CollapseSettings() if sampled else None
+    generation.generate_frames(model, None, 8, settings, sampling, collapse, 0, "cpu", threads=threads)
     started = time.perf_counter()
-    codes = engine.generate(None, frames)  # [1, frames, Q]
-    return frames / (time.perf_counter() - started), codes
+    codes, _ = generation.generate_frames(model, prompt, frames, settings, sampling, collapse, 0, "cpu",
+                                          progress=progress, threads=threads)
+    return time.perf_counter() - started, codes
 
 
-def recompute_frames_per_second_sampled(model, pattern: str, reference: torch.Tensor, context: int,
-                                        segments: int, per_segment: int) -> tuple[float, bool]:
-    """The recompute path's cost over a `reference`-long piece, measured on `segments` stretches of
-    `per_segment` frames centred in equal parts of it (midpoint rule; each step costs one forward
-    over the whole history, so its cost depends only on the length reached).
-
-    Each stretch continues the cached run's own tokens, so its greedy output must match them.
-    -> (frames/s, tokens identical).
-    """
+def recompute_sampled_fps(model, pattern: str, reference: torch.Tensor, context: int, segments: int,
+                          per_segment: int, threads: int | None) -> tuple[float, bool]:
+    """The seed's recompute path timed on `segments` stretches of `per_segment` frames centred in equal
+    parts of the `reference` piece (midpoint rule; a step's cost depends only on the length reached).
+    Each stretch continues the cached run's own tokens, so its greedy output must match them."""
     frames = reference.shape[1]
     extra_rows = stage4.extra_steps(pattern, reference.shape[2])
     seconds_per_row, identical = [], True
     for segment in range(segments):
         start = (2 * segment + 1) * frames // (2 * segments) - per_segment // 2
-        engine = make_engine(model, pattern, context, use_cache=False)
-        started = time.perf_counter()
-        codes = engine.generate(reference[:, :start], start + per_segment)  # [1, start+per_segment, Q]
-        seconds_per_row.append((time.perf_counter() - started) / (per_segment + extra_rows))
+        settings = settings_for(pattern, context, use_cache=False)
+        seconds, codes = timed_generation(model, settings, start + per_segment, False, threads,
+                                          prompt=reference[:, :start])
+        seconds_per_row.append(seconds / (per_segment + extra_rows))
         checked = start + per_segment - extra_rows  # a shorter piece's last Q-1 delayed frames see BOS
         identical &= torch.equal(codes[:, :checked], reference[:, :checked])
     return 1.0 / (sum(seconds_per_row) / segments), identical
 
 
-class FrameClock:
-    """A progress sink that records when each frame was finished."""
-
-    def __init__(self):
-        self.stamps = [time.perf_counter()]
-
-    def update(self, count: int) -> None:
-        self.stamps.extend([time.perf_counter()] * count)
-
-
-def per_frame_ms_over_a_long_piece(model, pattern: str, frames: int, context: int, blocks: int = 5) -> list[float]:
-    """Cached generation far past the window (it slides every context/2 frames): ms per frame in each block."""
-    settings = stage5.GenerationSettings(pattern=pattern, context_frames=context, stride_frames=context // 2)
-    engine = stage5.TokenGenerator(model, settings, stage5.SamplingSettings(temperature=0.0), None, None, "cpu")
-    clock = FrameClock()
-    engine.generate(None, frames, clock)
-    size = frames // blocks
-    return [1000 * (clock.stamps[(b + 1) * size] - clock.stamps[b * size]) / size for b in range(blocks)]
+def read_bandwidth_gb_s(gigabytes: float = 1.5, repeats: int = 3) -> float:
+    """Memory read bandwidth on one thread: summing a buffer larger than the caches (1.5 GB; the build
+    machine's L3 holds 480 MB), best of three."""
+    buffer = torch.ones(int(gigabytes * 1e9 / 4))
+    with generation.cpu_threads(1):
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            buffer.sum()
+            best = min(best, time.perf_counter() - started)
+    return buffer.numel() * 4 / best / 1e9
 
 
-def real_time_factor(model, pattern: str, seconds: float, context: int, codec, threads: int | None) -> dict:
-    """Generation (cache, sampled) plus decoding of `seconds` of audio -> frames/s and audio s per wall s."""
-    num_samples = round(seconds * SAMPLE_RATE)
-    total = stage5.frames_for_samples(codec, num_samples)
-    settings = stage5.GenerationSettings(pattern=pattern, context_frames=context, stride_frames=context // 2)
-    detector = stage5.CollapseDetector(stage5.CollapseSettings(), 1, model.args.n_codebooks, "cpu")
-    engine = stage5.TokenGenerator(model, settings, stage5.SamplingSettings(), detector,
-                                   torch.Generator().manual_seed(0), "cpu")
+def step_bytes(model, batch: int, mean_position: float) -> float:
+    """Bytes one cached step must read: every weight except the position table (one row of it), and the
+    KV cache up to the mean position of a window."""
+    table = model.backbone.wpe.weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - table.numel() * table.element_size()
+    weights += table.shape[1] * table.element_size()
+    args = model.args
+    cache = 2 * args.n_layer * batch * mean_position * args.d_model * table.element_size()
+    return weights + cache
+
+
+def lean_step_ms(model, batch: int, threads: int, steps: int = 150) -> float:
+    """ms of one lean step at positions 1..steps (model only, no sampling)."""
+    from pipeline.lean_decoder import LeanDecoder
+
+    tokens = torch.zeros(batch, 1, model.args.n_codebooks, dtype=torch.long)
+    with torch.inference_mode(), generation.cpu_threads(threads):
+        decoder = LeanDecoder(model, batch, steps + 2)
+        decoder.prefill(tokens)
+        for _ in range(10):
+            decoder.step(tokens)
+        decoder.prefill(tokens)
+        started = time.perf_counter()
+        for _ in range(steps):
+            decoder.step(tokens)
+    return 1000 * (time.perf_counter() - started) / steps
+
+
+def decode_chunk_ms(codec, threads: int) -> float:
+    codes = torch.randint(0, 1024, (4, codec.chunk_frames))
+    with torch.inference_mode(), generation.cpu_threads(threads):
+        codec.decode_chunk(codes, 0.05)
+        started = time.perf_counter()
+        codec.decode_chunk(codes, 0.05)
+    return 1000 * (time.perf_counter() - started)
+
+
+def piece_with_decoding(model, codec, pattern: str, context: int, seconds: float, overlapped: bool,
+                        batch: int = 1) -> dict:
+    """A sampled piece decoded to audio the way stage 5 does it -> timings and frames/s."""
+    audio_samples = round(seconds * SAMPLE_RATE)
+    total = generation.frames_for_samples(codec, audio_samples)
+    plan = generation.thread_plan("cpu", 0)
+    scales = torch.full((codec.n_chunks(audio_samples),), 0.05)
+    chunks_per_pass = 10  # stage 5's default --decode-chunk-seconds
+    decoder = (generation.OverlappedDecoder(codec, scales, audio_samples, batch, chunks_per_pass, plan.decode)
+               if overlapped else None)
+    progress = None if decoder is None else decoder.frames_final
+    generate_s, frames = timed_generation(model, settings_for(pattern, context, batch), total, True, plan.generate,
+                                          progress=progress)
     started = time.perf_counter()
-    with stage5.cpu_threads(threads):
-        frames = engine.generate(None, total)  # [1, N, Q]
-    generated = time.perf_counter()
-    n_chunks = codec.n_chunks(num_samples)
-    codes = torch.zeros(1, n_chunks * codec.chunk_frames, frames.shape[2], dtype=torch.long)
-    codes[:, :total] = frames
-    stage5.decode_chunked(codec, codes.transpose(1, 2), torch.full((n_chunks,), 0.05), num_samples, 10)
-    decoded = time.perf_counter()
-    return {"frames": total, "generate_s": generated - started, "decode_s": decoded - generated,
-            "frames_per_s": total / (decoded - started), "rtf": seconds / (decoded - started)}
+    if decoder is not None:
+        decoder.finish(frames)
+    else:
+        with generation.cpu_threads(plan.decode):
+            for piece in range(batch):
+                codes = generation.frames_to_chunk_codes(codec, frames[piece:piece + 1], audio_samples)
+                generation.decode_chunked(codec, codes, scales, audio_samples, chunks_per_pass)
+    tail_s = time.perf_counter() - started
+    wall = generate_s + tail_s
+    return {"frames": total, "generate_s": generate_s, "tail_s": tail_s, "wall_s": wall,
+            "frames_per_s": total * batch / wall, "rtf": seconds * batch / wall}
+
+
+def machine_line() -> str:
+    model_name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                       if line.startswith("model name")), platform.processor())
+    return (f"machine: {os.cpu_count()} cores ({model_name}), torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads by default, load average {os.getloadavg()[0]:.1f}, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small", help="model size (4_Transformer.PRESETS)")
     parser.add_argument("--pattern", default="delay", choices=["parallel", "delay"], help="codebook pattern")
     parser.add_argument("--codebooks", type=int, default=4, help="Q (4 = 6 kbps)")
     parser.add_argument("--context-frames", type=int, default=1500, help="window (10 s)")
-    parser.add_argument("--frames", type=int, default=1500, help="frames generated with the cache")
-    parser.add_argument("--recompute-full", action="store_true",
-                        help="run the reference path over all --frames (slow) instead of sampled stretches")
-    parser.add_argument("--segments", type=int, default=4, help="stretches the reference path is timed on")
+    parser.add_argument("--frames", type=int, default=1500, help="frames of the engine comparisons")
+    parser.add_argument("--recompute-full", action="store_true", help="the seed's path over all --frames (slow)")
+    parser.add_argument("--segments", type=int, default=4, help="stretches the recompute path is timed on")
     parser.add_argument("--segment-frames", type=int, default=25, help="frames per stretch")
-    parser.add_argument("--rtf-seconds", type=float, default=10.0, help="audio length for the real-time factor")
-    parser.add_argument("--long-frames", type=int, default=1500, help="frames of the window-slide run")
-    parser.add_argument("--long-context", type=int, default=300, help="window of the window-slide run")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads for everything; 0 = as the script does: one thread for cached "
-                             "generation, torch's default (all cores) for the recompute path and decoding")
+    parser.add_argument("--batch", type=int, default=8, help="the batch compared with batch 1")
+    parser.add_argument("--long-seconds", type=float, default=120.0, help="the long piece of the overlap goal")
+    parser.add_argument("--skip-base", action="store_true", help="leave out the `base` preset (26 M)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cached_threads = 1 if not args.threads else None  # None: leave the count as it is
-    model = build_model(args.preset, args.codebooks, args.context_frames)
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    threads = f"{args.threads}" if args.threads else f"1 (cached generation) / {torch.get_num_threads()} (the rest)"
-    print(f"machine: {threads} CPU threads, torch {torch.__version__}; model {args.preset} "
-          f"({params:.1f} M parameters), Q={args.codebooks}, {args.pattern} pattern, context {args.context_frames}")
-    with torch.inference_mode():
-        codec = load_codec("random:0")
-        rtf = real_time_factor(model, args.pattern, args.rtf_seconds, args.context_frames, codec, cached_threads)
-        print(f"real time ({args.rtf_seconds:g} s, sampled + decoded): generation {rtf['generate_s']:.2f} s, "
-              f"decoding {rtf['decode_s']:.2f} s -> {rtf['frames_per_s']:.0f} frames/s, "
-              f"real-time factor {rtf['rtf']:.2f} (goal >= 150 frames/s, 1.0)")
-        with stage5.cpu_threads(cached_threads):
-            blocks = per_frame_ms_over_a_long_piece(model, args.pattern, args.long_frames, args.long_context)
-        print(f"long piece: {args.long_frames} frames through a {args.long_context}-frame window, ms per frame in "
-              f"consecutive fifths: {', '.join(f'{ms:.2f}' for ms in blocks)} (flat = the slide costs nothing extra)")
-        with stage5.cpu_threads(cached_threads):
-            cached_fps, cached = frames_per_second(model, args.pattern, args.frames, args.context_frames, True)
-        print(f"kv cache:  {args.frames} frames at {cached_fps:.1f} frames/s")
-        if args.recompute_full:
-            recompute_fps, recomputed = frames_per_second(model, args.pattern, args.frames, args.context_frames, False)
-            identical = torch.equal(recomputed, cached)
-            how = f"all {args.frames} frames"
-        else:
-            recompute_fps, identical = recompute_frames_per_second_sampled(
-                model, args.pattern, cached, args.context_frames, args.segments, args.segment_frames)
-            how = (f"estimated from {args.segments} stretches of {args.segment_frames} frames spread over the "
-                   f"{args.frames}-frame piece, not a full run")
-        print(f"recompute: {recompute_fps:.2f} frames/s ({how})")
-        print(f"greedy tokens identical to the cached run: {identical}")
-    print(f"ratio cache/recompute: {cached_fps / recompute_fps:.1f}x (goal >= 20x)")
+    print(machine_line())
+    small = build_model("small", args.codebooks, args.context_frames)
+    codec = load_codec("random:0")
+    pattern, context, frames = args.pattern, args.context_frames, args.frames
+
+    # threads per phase, measured
+    base = None if args.skip_base else build_model("base", args.codebooks, args.context_frames)
+    for name, model in (("small", small), ("base", base)):
+        if model is not None:
+            one, two = lean_step_ms(model, 1, 1), lean_step_ms(model, 1, 2)
+            print(f"threads: {name} lean step (batch 1, positions 1-150) {one:.2f} ms on 1 thread, "
+                  f"{two:.2f} ms on 2 threads")
+    print(f"threads: decoding one codec chunk (1 s) {decode_chunk_ms(codec, 1):.0f} ms on 1 thread, "
+          f"{decode_chunk_ms(codec, 2):.0f} ms on 2 threads")
+
+    bandwidth = read_bandwidth_gb_s()
+    rows = frames + stage4.extra_steps(pattern, args.codebooks)  # steps of one piece
+
+    def against_bound(model, batch: int, seconds: float) -> str:
+        step_ms = 1000 * seconds / rows
+        bound_ms = 1000 * step_bytes(model, batch, frames / 2) / (bandwidth * 1e9)
+        megabytes = step_bytes(model, batch, frames / 2) / 1e6
+        return (f"step {step_ms:.2f} ms, {step_ms / bound_ms:.2f}x the {bound_ms:.2f} ms it takes to read "
+                f"{megabytes:.0f} MB of weights and mean KV cache at {bandwidth:.1f} GB/s (1 thread, measured)")
+
+    # goal: lean vs transformers' cache, same threads
+    lean_s, _ = timed_generation(small, settings_for(pattern, context), frames, True, 1)
+    hf_s, _ = timed_generation(small, settings_for(pattern, context, engine="transformers"), frames, True, 1)
+    print(f"lean vs transformers cache (small, batch 1, sampled, 1 thread, {frames} frames): "
+          f"{frames / lean_s:.0f} vs {frames / hf_s:.0f} frames/s: {hf_s / lean_s:.2f}x (goal >= 3x); lean "
+          f"{against_bound(small, 1, lean_s)}")
+
+    # goal: batch 8 vs batch 1, frames/s per piece summed
+    batch_s, _ = timed_generation(small, settings_for(pattern, context, args.batch), frames, True, 1)
+    print(f"batch {args.batch} vs batch 1 (small, sampled, 1 thread): {args.batch * frames / batch_s:.0f} vs "
+          f"{frames / lean_s:.0f} frames/s summed over the pieces: {args.batch * lean_s / batch_s:.2f}x (goal >= 4x); "
+          f"batch {args.batch} {against_bound(small, args.batch, batch_s)}")
+
+    # goal: small on 2 cores, 10 s piece including decoding
+    overlapped = piece_with_decoding(small, codec, pattern, context, 10.0, overlapped=True)
+    at_end = piece_with_decoding(small, codec, pattern, context, 10.0, overlapped=False)
+    print(f"small, 10 s piece incl. decoding, overlapped: generation {overlapped['generate_s']:.2f} s + decoding "
+          f"tail {overlapped['tail_s']:.2f} s -> {overlapped['frames_per_s']:.0f} frames/s, "
+          f"{overlapped['rtf']:.2f}x real time (goal >= 5x, 750 frames/s); decoding at the end: "
+          f"{at_end['generate_s']:.2f} s + {at_end['tail_s']:.2f} s -> {at_end['rtf']:.2f}x")
+
+    # goal: base on 2 cores, batch 1, against the memory-bandwidth bound
+    if base is not None:
+        base_s, _ = timed_generation(base, settings_for(pattern, context), frames, True, 1)
+        print(f"base (26 M), batch 1, sampled, 1 thread: {frames / base_s:.0f} frames/s = "
+              f"{frames / base_s / FRAME_RATE:.2f}x real time (goal >= 1x); {against_bound(base, 1, base_s)} "
+              f"(goal <= 2x the bound)")
+        cores = os.cpu_count() or 1
+        if cores > 1:
+            all_cores_s, _ = timed_generation(base, settings_for(pattern, context), frames, True, cores)
+            print(f"base, batch 1, sampled, {cores} threads (--threads {cores}): {frames / all_cores_s:.0f} frames/s = "
+                  f"{frames / all_cores_s / FRAME_RATE:.2f}x real time")
+
+    # goal: long piece, overlapped decoding against generation alone
+    audio_samples = round(args.long_seconds * SAMPLE_RATE)
+    long_frames = generation.frames_for_samples(codec, audio_samples)
+    alone_s, _ = timed_generation(small, settings_for(pattern, context), long_frames, True, 1)
+    long = piece_with_decoding(small, codec, pattern, context, args.long_seconds, overlapped=True)
+    print(f"{args.long_seconds:g} s piece (small, {long_frames} frames): generation alone {alone_s:.1f} s, with "
+          f"overlapped decoding {long['wall_s']:.1f} s (decoding tail {long['tail_s']:.1f} s): "
+          f"{long['wall_s'] / alone_s:.2f}x (goal <= 1.15x)")
+
+    # goal: lean vs the seed's full recompute, default threads for both
+    plan = generation.thread_plan("cpu", 0)
+    lean_default_s, cached = timed_generation(small, settings_for(pattern, context), frames, False, plan.generate)
+    if args.recompute_full:
+        recompute_s, recomputed = timed_generation(small, settings_for(pattern, context, use_cache=False), frames,
+                                                   False, None)
+        recompute_fps, identical = frames / recompute_s, torch.equal(recomputed, cached)
+        how = f"all {frames} frames"
+    else:
+        recompute_fps, identical = recompute_sampled_fps(small, pattern, cached, context, args.segments,
+                                                         args.segment_frames, None)
+        how = f"{args.segments} stretches of {args.segment_frames} frames spread over the {frames}-frame piece"
+    print(f"recompute (the seed's path, {torch.get_num_threads()} threads, {how}): {recompute_fps:.2f} frames/s; "
+          f"lean engine ({plan.generate} thread, greedy): {frames / lean_default_s:.0f} frames/s; greedy tokens "
+          f"identical: {identical}")
+    one_thread_fps, _ = recompute_sampled_fps(small, pattern, cached, context, args.segments, args.segment_frames, 1)
+    print(f"with equal threads (recompute on 1 thread too): {one_thread_fps:.2f} frames/s, "
+          f"engine/recompute {frames / lean_default_s / one_thread_fps:.1f}x")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    print(f"engine/recompute: {frames / lean_default_s / recompute_fps:.1f}x (goal >= 50x)")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,15 @@
 #!/usr/bin/env python3
 """Stage 5: continue (or start) a piece with a trained MusicTransformer and decode it to stereo audio.
 
-Story of a run: parse the options, find and rebuild the checkpoint's model, build the prompt
-(none, a token file, or audio encoded with the training codec), generate tokens with the KV cache
-(sliding the context window MusicGen-style when the piece outgrows it), decode them with per-chunk
-scales and Encodec's overlap-add, normalise, and write `<name>.{wav,th,json,png}` per piece into
+A thin command line over the generation core (`pipeline.generation`): parse the options, find and
+rebuild the checkpoint's model, build the prompt (none, a token file, or audio encoded with the
+training codec), generate tokens with the lean KV-cache engine (sliding the context window
+MusicGen-style when the piece outgrows it) while a worker thread decodes each finished group of
+codec chunks, normalise, and write `<name>.{wav,th,json,png}` per piece into
 `music_transformer/<artist>/`.
-
-Token grid: the model reads and writes "rows" of Q codebook cells. In the `parallel` pattern row s
-holds frame s; in the `delay` pattern cell (s, q) holds codebook q of frame s - q. Input position 0
-is always a BOS row and position p >= 1 holds row p - 1, so the logits at position p predict row p
-(exactly the layout `build_sequence` trains on). Cells outside the window's frames are BOS.
 """
 from __future__ import annotations
 
-import contextlib
-import gc
 import logging
 import math
 import random
@@ -34,20 +28,25 @@ from pipeline.cli import (StageError, StageReport, bounded_number, make_parser, 
                           non_negative_int, positive_float, positive_int, resolve_device, run_main,
                           setup_logging)
 from pipeline.codec import UNTRAINED_WARNING, CodecUnavailable, load_codec  # noqa: E402
-from pipeline.contract import (BOS, CODEBOOK_SIZE, SAMPLE_RATE, TokenFile, TokenFileError,  # noqa: E402
-                               load_token_file, save_token_file)
+from pipeline.contract import SAMPLE_RATE, TokenFile, TokenFileError, load_token_file, save_token_file  # noqa: E402
 from pipeline.files import (PathEscapesRoot, atomic_path, atomic_write_json, remove_stale_temporaries,  # noqa: E402
                             resolve_inside)
+from pipeline.generation import (ENGINES, CollapseDetector, CollapseSettings, GenerationSettings,  # noqa: E402
+                                 OverlappedDecoder, SamplingSettings, ThreadPlan, chunk_scales, cpu_threads,
+                                 decode_chunked, frames_for_samples, frames_to_chunk_codes, generate_frames,
+                                 samples_for_frames, thread_plan)
+# the generation core's names stage 5 used to define itself, still reachable as `stage5.<name>`
+from pipeline.generation import (TokenGenerator, apply_repetition_penalty, entropy_bits,  # noqa: E402,F401
+                                 mask_special, sample_tokens)
 from pipeline.manifest import ManifestError, manifest_path, read_manifest  # noqa: E402
 from pipeline.stages import load_stage  # noqa: E402
 
 LOG = logging.getLogger("pipeline.stage5")
 STAGE = "5_MusicPrediction"
-UNKNOWN = -1  # a cell of the frame buffer that is neither prompt nor generated yet
 OUTPUT_SUFFIXES = (".wav", ".th", ".png", ".json")  # the JSON is written last: it marks a finished piece
 
 probability_mass = bounded_number(float, 0.0, 1.0, minimum_inclusive=False)
-penalty_factor = bounded_number(float, 1.0)
+factor_at_least_one = bounded_number(float, 1.0)  # --repetition-penalty, --boost
 loudness_target = bounded_number(float, None, 0.0)
 
 
@@ -88,7 +87,9 @@ def find_checkpoint(root: Path, artist: str, checkpoint: Path | None, epoch: int
 
 
 def _held_checkpoints(folder: Path) -> str:
-    names = sorted(path.name for path in folder.glob("*.pt")) if folder.is_dir() else []
+    # hidden names are an interrupted save's temporaries (`.<stem>.tmp-XXXX.pt`), not checkpoints
+    found = folder.glob("*.pt") if folder.is_dir() else []
+    names = sorted(path.name for path in found if not path.name.startswith("."))
     return f"it holds {', '.join(names)}" if names else "it holds no checkpoint"
 
 
@@ -122,19 +123,6 @@ def check_contract(model_args: dict, contract: dict, path: Path) -> None:
                          f"model_args says n_codebooks = {model_args.get('n_codebooks')}")
     if contract["pattern"] not in ("parallel", "delay"):
         raise StageError(f"{path}: unknown codebook pattern {contract['pattern']!r}")
-
-
-# ==== frames <-> samples ======================================================================
-def frames_for_samples(codec, num_samples: int) -> int:
-    """Codec frames that carry `num_samples` of audio: full chunks, then the last chunk's real frames."""
-    return (codec.n_chunks(num_samples) - 1) * codec.chunk_frames + codec.last_chunk_frames(num_samples)
-
-
-def samples_for_frames(codec, n_frames: int) -> int:
-    """Inverse of `frames_for_samples` (a last chunk keeps at most 149 frames: a chunk overlaps the next)."""
-    n_chunks = math.ceil(n_frames / codec.chunk_frames)
-    last_frames = n_frames - (n_chunks - 1) * codec.chunk_frames
-    return (n_chunks - 1) * codec.chunk_stride + min(last_frames * codec.hop_length, codec.chunk_stride)
 
 
 # ==== prompt ==================================================================================
@@ -181,373 +169,6 @@ def prompt_from_audio(path: Path, codec, bandwidth: float, prompt_seconds: float
     n_frames = frames_for_samples(codec, wave.shape[0])
     frames = codes[:, :, :n_frames].long().transpose(1, 2)  # [1, Q, T] -> [1, L, Q]
     return Prompt(frames=frames, scales=scales[0], kind="audio", source=str(path))
-
-
-# ==== sampling ================================================================================
-@dataclass
-class SamplingSettings:
-    temperature: float = 1.0  # 0 = greedy (argmax)
-    top_k: int = 250  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    repetition_penalty: float = 1.0  # 1 = off
-    repetition_window: int = 150
-
-
-def mask_special(logits: torch.Tensor) -> torch.Tensor:
-    """BOS and PAD are never sampled: their logits become -inf."""
-    logits = logits.clone()
-    logits[..., CODEBOOK_SIZE:] = float("-inf")
-    return logits
-
-
-def apply_repetition_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Lower every token seen in `recent` `[B, W, Q]` (UNKNOWN = none) by log(penalty) in logit space.
-
-    Subtracting a constant always lowers that token's probability, whatever the logit's sign
-    (dividing a negative logit by the penalty, as the original did, raises it instead).
-    """
-    batch, n_codebooks, vocab = logits.shape
-    index = recent.transpose(1, 2).clone()  # [B, W, Q] -> [B, Q, W]
-    index[index < 0] = vocab  # a spare column collects the empty cells
-    seen = logits.new_zeros(batch, n_codebooks, vocab + 1).scatter_(2, index, 1.0)[..., :vocab]  # [B, Q, V]
-    return logits - math.log(penalty) * seen
-
-
-def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy in bits of softmax(logits) over the last axis: `[..., V]` -> `[...]`."""
-    return torch.special.entr(torch.softmax(logits, dim=-1)).sum(dim=-1) / math.log(2)
-
-
-def keep_nucleus(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Logits sorted in descending order `[..., K]`: drop the tail beyond mass `top_p` (the top one always stays)."""
-    if top_p >= 1.0:
-        return sorted_logits
-    probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
-    return sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-
-
-def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, settings: SamplingSettings,
-                  generator: torch.Generator | None) -> torch.Tensor:
-    """Masked logits `[B, Q, V]` and per-piece temperatures `[B]` -> tokens `[B, Q]` (temperature 0 = greedy).
-
-    Top-k, then top-p over the k candidates, then one draw; drawing among the k candidates instead
-    of the whole vocabulary keeps the random-number work (most of a step's sampling cost) small.
-    """
-    greedy_pieces = temperatures <= 0  # [B]
-    if bool(greedy_pieces.all()):
-        return logits.argmax(dim=-1)  # [B, Q]
-    scaled = logits / temperatures.clamp_min(1e-6).view(-1, 1, 1)  # [B, Q, V]
-    if 0 < settings.top_k < min(scaled.shape[-1], CODEBOOK_SIZE):  # k >= 1024 keeps every code: off
-        candidates, token_ids = torch.topk(scaled, settings.top_k, dim=-1)  # [B, Q, k], sorted descending
-    else:
-        candidates, token_ids = torch.sort(scaled, dim=-1, descending=True)  # [B, Q, V]
-    probs = torch.softmax(keep_nucleus(candidates, settings.top_p), dim=-1).flatten(0, 1)  # [B*Q, k]
-    choice = torch.multinomial(probs, 1, generator=generator)  # [B*Q, 1] index among the candidates
-    drawn = token_ids.flatten(0, 1).gather(1, choice).view(logits.shape[:2])  # [B*Q, 1] -> [B, Q]
-    if bool(greedy_pieces.any()):
-        return torch.where(greedy_pieces.view(-1, 1), logits.argmax(dim=-1), drawn)
-    return drawn
-
-
-# ==== collapse detector =======================================================================
-@dataclass
-class CollapseSettings:
-    bits: float = 0.5  # 0 = off
-    window: int = 150  # rows (about frames) over which the entropy is averaged
-    boost: float = 1.5
-    boost_frames: int = 150
-    max_temperature: float = 2.0
-
-
-class CollapseDetector:
-    """Per piece and codebook, the mean entropy of the model's sampling distributions over a sliding
-    window; a mean below `bits` (a loop or a stuck note) boosts that piece's temperature.
-
-    The entropy is measured at temperature 1, before the boost, so the boost cannot hide the
-    collapse it answers. After a trigger the piece's window restarts, so one collapse is one event.
-    """
-
-    def __init__(self, settings: CollapseSettings, batch: int, n_codebooks: int, device: str):
-        self.settings = settings
-        self.history = torch.zeros(batch, n_codebooks, settings.window, device=device)  # [B, Q, W]
-        self.filled = torch.zeros(batch, n_codebooks, dtype=torch.long, device=device)  # [B, Q]
-        self.boost_left = [0] * batch
-        self.events: list[dict] = []
-        self._unboosted: torch.Tensor | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.settings.bits > 0
-
-    def temperatures(self, base: float) -> torch.Tensor:
-        """Per-piece temperature `[B]`: boosted pieces decay linearly back to `base`."""
-        if not any(self.boost_left):  # the usual case: reuse one tensor instead of building one per step
-            if self._unboosted is None or float(self._unboosted[0]) != base:
-                self._unboosted = torch.full((len(self.boost_left),), base, device=self.history.device)
-            return self._unboosted
-        extra = [(self.settings.boost - 1.0) * left / self.settings.boost_frames for left in self.boost_left]
-        ceiling = max(base, self.settings.max_temperature)
-        return torch.tensor([min(base * (1.0 + e), ceiling) for e in extra], device=self.history.device)
-
-    def observe(self, entropy: torch.Tensor, sampled: torch.Tensor, frame: int, base_temperature: float) -> None:
-        """Record `entropy` `[B, Q]` for the codebooks that were `sampled` `[Q]` at this row."""
-        self.boost_left = [max(0, left - 1) for left in self.boost_left]
-        if not self.enabled:
-            return
-        slot = (self.filled % self.settings.window).unsqueeze(-1)  # [B, Q, 1]
-        current = self.history.gather(2, slot).squeeze(-1)  # [B, Q]
-        new = torch.where(sampled.view(1, -1), entropy, current)  # [B, Q]
-        self.history.scatter_(2, slot, new.unsqueeze(-1))
-        self.filled += sampled.view(1, -1).long()
-        mean = self.history.mean(dim=-1)  # [B, Q, W] -> [B, Q]
-        low = (self.filled >= self.settings.window) & (mean < self.settings.bits)  # [B, Q]
-        if bool(low.any()):
-            self._trigger(low, mean, frame, base_temperature)
-
-    def _trigger(self, low: torch.Tensor, mean: torch.Tensor, frame: int, base_temperature: float) -> None:
-        for piece in torch.nonzero(low.any(dim=1)).flatten().tolist():
-            codebooks = torch.nonzero(low[piece]).flatten().tolist()
-            self.boost_left[piece] = self.settings.boost_frames
-            self.filled[piece] = 0
-            temperature = float(self.temperatures(base_temperature)[piece])
-            event = {"sample": piece, "frame": frame, "codebooks": codebooks,
-                     "mean_entropy_bits": [round(float(mean[piece, q]), 4) for q in codebooks],
-                     "threshold_bits": self.settings.bits, "temperature": round(temperature, 4),
-                     "boost_frames": self.settings.boost_frames}
-            self.events.append(event)
-            LOG.warning("collapse in piece %d at frame %d: codebook(s) %s averaged %s bits < %g; temperature "
-                        "boosted to %.3g for %d frames", piece, frame, codebooks, event["mean_entropy_bits"],
-                        self.settings.bits, temperature, self.settings.boost_frames)
-
-
-# ==== generation ==============================================================================
-@dataclass
-class GenerationSettings:
-    pattern: str = "parallel"
-    context_frames: int = 1500
-    stride_frames: int = 750
-    use_cache: bool = True
-    num_samples: int = 1
-
-
-class WindowPlan:
-    """One window's grid: for each row and codebook, its frame, whether it lies in the window, whether it is open."""
-
-    def __init__(self, frames: torch.Tensor, inside: torch.Tensor, open_cells: torch.Tensor, device: str):
-        self.frames, self.inside, self.open_cells = frames, inside, open_cells  # [R, Q] each, on the CPU
-        self.frames_on_device = frames.to(device)
-        self.inside_on_device = inside.to(device)
-        self.open_on_device = open_cells.to(device)
-        self.n_rows = int(frames.shape[0])
-        open_rows = open_cells.any(dim=1)  # [R]
-        self.row_has_open = open_rows.tolist()
-        self.row_all_open = open_cells.all(dim=1).tolist()
-        self.row_closes_frame = open_cells[:, -1].tolist()
-        self.first_open_row = int(torch.nonzero(open_rows)[0]) if bool(open_rows.any()) else self.n_rows
-
-
-class TokenGenerator:
-    """Fills a frame buffer `[B, N, Q]` window by window; each window is one causal pass over the grid.
-
-    A window covers at most `context_frames` frames. When it is full, the next one keeps the most
-    recent `context_frames - stride_frames` frames as its prompt (re-prefilled from a fresh BOS),
-    so no step ever attends to more than one window and the time per frame stays flat.
-    """
-
-    def __init__(self, model, generation: GenerationSettings, sampling: SamplingSettings,
-                 detector: CollapseDetector | None, generator: torch.Generator | None, device: str):
-        self.model = model
-        self.generation = generation
-        self.sampling = sampling
-        self.detector = detector
-        self.generator = generator
-        self.device = device
-        self.n_codebooks = int(model.args.n_codebooks)
-        delayed = generation.pattern == "delay"
-        self.offsets = torch.arange(self.n_codebooks) if delayed else torch.zeros(self.n_codebooks, dtype=torch.long)
-        self.extra_rows = self.n_codebooks - 1 if delayed else 0
-        self.max_position = 0  # the largest position any forward pass used (tests check the window bound)
-        self.codebook_index = torch.arange(self.n_codebooks, device=device)
-        self._temperatures = None
-
-    @torch.inference_mode()
-    def generate(self, prompt: torch.Tensor | None, total_frames: int, progress=None) -> torch.Tensor:
-        """prompt long `[1, L, Q]` (or None) -> frames long `[B, total_frames, Q]` with the prompt kept."""
-        batch = self.generation.num_samples
-        self.codes = torch.full((batch, total_frames, self.n_codebooks), UNKNOWN, dtype=torch.long,
-                                device=self.device)  # [B, N, Q]
-        self.known = torch.zeros(total_frames, self.n_codebooks, dtype=torch.bool)  # [N, Q], shared by the batch
-        if prompt is not None:
-            length = min(prompt.shape[1], total_frames)
-            self.codes[:, :length] = prompt[:, :length].to(self.device)  # [1, L, Q] -> [B, L, Q]
-            self.known[:length] = True
-        self.progress = progress
-        while not bool(self.known.all()):
-            start = self._window_start()
-            self._run_window(self.plan_window(start, min(self.generation.context_frames, total_frames - start)))
-        return self.codes
-
-    def _window_start(self) -> int:
-        """0 while the whole history fits with room to generate; later the last (context - stride) frames."""
-        first_unknown = int(torch.nonzero(~self.known.all(dim=1))[0])
-        context = self.generation.context_frames
-        if first_unknown < context:
-            return 0
-        return first_unknown - (context - self.generation.stride_frames)
-
-    def plan_window(self, start: int, frames_in_window: int) -> "WindowPlan":
-        """Where every cell of the window's grid comes from, computed once so a step only indexes it."""
-        rows = torch.arange(frames_in_window + self.extra_rows).unsqueeze(1)  # [R, 1]
-        relative = rows - self.offsets.unsqueeze(0)  # [R, 1] - [1, Q] -> [R, Q] frame within the window
-        inside = (relative >= 0) & (relative < frames_in_window)  # [R, Q]
-        frames = start + relative.clamp(0, frames_in_window - 1)  # [R, Q] frame in the piece
-        open_cells = inside & ~self.known[frames, torch.arange(self.n_codebooks)]  # [R, Q] to be sampled
-        return WindowPlan(frames=frames, inside=inside, open_cells=open_cells, device=self.device)
-
-    def _rows(self, plan: "WindowPlan", first_row: int, stop_row: int) -> torch.Tensor:
-        """Grid rows `first_row..stop_row-1` -> model inputs `[B, S, Q]` (BOS outside the window)."""
-        batch = self.codes.shape[0]
-        index = plan.frames_on_device[first_row:stop_row].unsqueeze(0).expand(batch, -1, -1)  # [B, S, Q]
-        values = self.codes.gather(1, index)  # [B, S, Q]
-        return torch.where(plan.inside_on_device[first_row:stop_row], values, BOS)
-
-    def _run_window(self, plan: "WindowPlan") -> None:
-        first_row, n_rows = plan.first_open_row, plan.n_rows
-        batch = self.codes.shape[0]
-        bos = torch.full((batch, 1, self.n_codebooks), BOS, dtype=torch.long, device=self.device)
-        inputs = torch.cat([bos, self._rows(plan, 0, first_row)], dim=1)  # [B, 1+S, Q]
-        logits, cache = self._forward(inputs, 0, None)
-        for row in range(first_row, n_rows):
-            self._fill_row(plan, row, logits[:, -1])  # logits at position `row` predict grid row `row`
-            if row + 1 == n_rows:
-                break
-            new_row = self._rows(plan, row, row + 1)  # [B, 1, Q], input position row + 1
-            if self.generation.use_cache:
-                logits, cache = self._forward(new_row, row + 1, cache)
-            else:
-                inputs = torch.cat([inputs, new_row], dim=1)  # [B, P, Q] -> [B, P+1, Q]
-                logits, _ = self._forward(inputs, 0, None)
-        self.known[plan.frames[plan.open_cells], torch.nonzero(plan.open_cells)[:, 1]] = True
-
-    def _forward(self, tokens: torch.Tensor, first_position: int, cache):
-        """Run the model on `tokens` `[B, T, Q]` at positions `first_position..`; -> (logits `[B, T, Q, V]`, cache)."""
-        batch, length, _ = tokens.shape
-        positions = torch.arange(first_position, first_position + length, device=self.device)
-        self.max_position = max(self.max_position, first_position + length - 1)
-        return self.model(tokens, cache=cache, use_cache=self.generation.use_cache,
-                          position_ids=positions.unsqueeze(0).expand(batch, -1))  # [T] -> [B, T]
-
-    def _fill_row(self, plan: "WindowPlan", row: int, logits: torch.Tensor) -> None:
-        """Sample the open cells of `row` from logits `[B, Q, V]` into the frame buffer."""
-        if not plan.row_has_open[row]:
-            return
-        logits = mask_special(logits.float())
-        if self.sampling.repetition_penalty > 1.0:
-            logits = apply_repetition_penalty(logits, self._recent(plan.frames[row]), self.sampling.repetition_penalty)
-        base = self.sampling.temperature
-        temperatures = self.detector.temperatures(base) if self.detector is not None else self._base_temperatures(
-            logits.shape[0], base, logits.device)
-        tokens = sample_tokens(logits, temperatures, self.sampling, self.generator)  # [B, Q]
-        if plan.row_all_open[row]:
-            self.codes[:, plan.frames_on_device[row], self.codebook_index] = tokens
-        else:
-            codebooks = torch.nonzero(plan.open_on_device[row]).flatten()  # [k]
-            self.codes[:, plan.frames_on_device[row, codebooks], codebooks] = tokens[:, codebooks]
-        if self.detector is not None:
-            self.detector.observe(entropy_bits(logits), plan.open_on_device[row], int(plan.frames[row, 0]), base)
-        if self.progress is not None and plan.row_closes_frame[row]:
-            self.progress.update(1)  # the last codebook closes a frame in both patterns
-
-    def _base_temperatures(self, batch: int, base: float, device) -> torch.Tensor:
-        if self._temperatures is None:
-            self._temperatures = torch.full((batch,), base, device=device)
-        return self._temperatures
-
-    def _recent(self, frames: torch.Tensor) -> torch.Tensor:
-        """Tokens of the `repetition_window` frames before each cell's frame -> `[B, W, Q]` (UNKNOWN before 0)."""
-        window = self.sampling.repetition_window
-        index = frames.unsqueeze(0) - torch.arange(window, 0, -1).unsqueeze(1)  # [W, 1] -> [W, Q]
-        batch = self.codes.shape[0]
-        values = self.codes.gather(1, index.clamp_min(0).to(self.device).unsqueeze(0).expand(batch, -1, -1))
-        return values.masked_fill((index < 0).to(self.device).unsqueeze(0), UNKNOWN)  # [B, W, Q]
-
-
-@contextlib.contextmanager
-def cpu_threads(count: int | None):
-    """Run a block with `count` torch CPU threads (None: leave them), then restore the previous count.
-
-    Cached generation steps are one frame each: their matrix products are too small to share out,
-    and a second thread only adds synchronisation (measured slower even on an idle 2-core machine,
-    and several times slower on a busy one). The occasional re-prefill after a window slide runs
-    on that one thread too; decoding keeps torch's default.
-    """
-    previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-# ==== decoding ================================================================================
-def free_accelerator_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def decode_chunked(codec, codes: torch.Tensor, scales: torch.Tensor, num_samples: int, chunks_per_pass: int,
-                   notes: list | None = None) -> torch.Tensor:
-    """codes `[1, Q, T]` -> wave `[2, num_samples]`, decoding `chunks_per_pass` codec chunks at a time.
-
-    Each chunk decodes on its own exactly, so the groups only bound memory; the overlap-add runs
-    once over all chunks. On a CUDA out-of-memory error: free memory, halve the group, and at one
-    chunk a pass move the codec to the CPU. Every fallback is logged and appended to `notes`.
-    """
-    n_chunks = codec.n_chunks(num_samples)
-    group = max(1, min(chunks_per_pass, n_chunks))
-    waves: list[torch.Tensor] = []
-    while len(waves) < n_chunks:
-        first = len(waves)
-        try:
-            waves.extend(codec.decode_chunks(codes, scales, num_samples, first, first + group))
-        except torch.cuda.OutOfMemoryError:
-            free_accelerator_memory()
-            group = _after_out_of_memory(codec, group, notes if notes is not None else [])
-    return codec.overlap_add(waves, num_samples)
-
-
-def _after_out_of_memory(codec, group: int, notes: list) -> int:
-    if group > 1:
-        message = f"decoding ran out of memory on {codec.device} with {group} chunks a pass; retrying with {group // 2}"
-        group //= 2
-    elif codec.device != "cpu":
-        message = f"decoding ran out of memory on {codec.device} even one chunk at a time; falling back to the CPU"
-        codec.move_to("cpu")
-    else:
-        raise StageError("decoding ran out of memory on the CPU, one chunk at a time")
-    LOG.warning("%s", message)
-    notes.append(message)
-    return group
-
-
-def chunk_scales(prompt_scales: torch.Tensor | None, n_chunks: int, median_scale: float | None,
-                 median_source: str) -> tuple[torch.Tensor, list[str]]:
-    """Per-chunk scales: the prompt's first, then the median scale, else 1.0 -> (`[n_chunks]`, sources)."""
-    scales, sources = [], []
-    for index in range(n_chunks):
-        if prompt_scales is not None and index < prompt_scales.numel():
-            scales.append(float(prompt_scales[index]))
-            sources.append("prompt")
-        elif median_scale is not None:
-            scales.append(float(median_scale))
-            sources.append(median_source)
-        else:
-            scales.append(1.0)
-            sources.append("default 1.0")
-    return torch.tensor(scales, dtype=torch.float32), sources
 
 
 def median_scale_for(contract: dict, root: Path, artist: str) -> tuple[float | None, str]:
@@ -616,8 +237,10 @@ def build_parser():
     source.add_argument("--codec", help="codec spec for the prompt and decoding (default: the checkpoint's)")
     source.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     source.add_argument("--threads", type=non_negative_int, default=0,
-                        help="CPU threads for torch; 0 = automatic: one thread for cached generation steps on "
-                             "the CPU (they are too small to share), torch's default for the rest")
+                        help="CPU threads for torch; 0 = automatic (measured, see docs/stage5.md): one thread for "
+                             "generation steps on the CPU, the other cores for the overlapped decoding")
+    source.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights and KV cache of generation (bfloat16: for a GPU; decoding stays float32)")
     prompt = parser.add_argument_group("prompt").add_mutually_exclusive_group()
     prompt.add_argument("--seed-tokens", type=Path, help="continue a .th token file (contract dict or [1,Q,T])")
     prompt.add_argument("--prompt-audio", type=Path, help="continue an audio file (encoded like the training data)")
@@ -628,6 +251,11 @@ def build_parser():
     length.add_argument("--stride-frames", type=positive_int,
                         help="frames a full window moves on; it keeps context - stride (default: half the context)")
     length.add_argument("--no-cache", action="store_true", help="recompute the whole window each step (reference path)")
+    length.add_argument("--engine", choices=ENGINES, default="lean",
+                        help="cached decoding: lean (a static KV cache over the model's weights) or transformers "
+                             "(GPT-2's own cache, the slower path it replaced; kept for comparison)")
+    length.add_argument("--no-cuda-graph", action="store_true",
+                        help="on CUDA, run each lean step eagerly instead of replaying a captured CUDA graph")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--temperature", type=non_negative_float, default=1.0,
                           help="sampling temperature; 0 = greedy (always the likeliest code); negative is refused")
@@ -635,7 +263,7 @@ def build_parser():
                           help="keep the k likeliest codes (0 = off); a k of 1024 or more is clamped to "
                                "the 1024 codes, i.e. off")
     sampling.add_argument("--top-p", type=probability_mass, default=1.0, help="nucleus mass in (0, 1] (1 = off)")
-    sampling.add_argument("--repetition-penalty", type=penalty_factor, default=1.0,
+    sampling.add_argument("--repetition-penalty", type=factor_at_least_one, default=1.0,
                           help=">= 1: a token seen in the recent window loses log(penalty) of logit (1 = off)")
     sampling.add_argument("--repetition-window", type=positive_int, default=150, help="frames the penalty looks back")
     sampling.add_argument("--seed", type=non_negative_int, help="random seed (default: drawn and recorded in the JSON)")
@@ -645,12 +273,14 @@ def build_parser():
                           help="boost when a codebook's mean entropy falls below this many bits (0 = off)")
     collapse.add_argument("--collapse-window", type=positive_int, default=150,
                           help="frames the entropy is averaged over")
-    collapse.add_argument("--boost", type=penalty_factor, default=1.5, help="temperature factor on a collapse")
+    collapse.add_argument("--boost", type=factor_at_least_one, default=1.5, help="temperature factor on a collapse")
     collapse.add_argument("--boost-frames", type=positive_int, default=150, help="frames the boost decays over")
     collapse.add_argument("--max-temperature", type=positive_float, default=2.0, help="cap of a boosted temperature")
     output = parser.add_argument_group("decoding and output")
     output.add_argument("--decode-chunk-seconds", type=non_negative_float, default=10.0,
                         help="decode this much audio a pass (0 = all at once); halves on out-of-memory")
+    output.add_argument("--decode-at-end", action="store_true",
+                        help="decode after generation instead of overlapping it with generation (same audio)")
     output.add_argument("--target-lufs", type=loudness_target, default=DEFAULT_TARGET_LUFS,
                         help="loudness of the WAV (peak capped at -1 dBFS)")
     output.add_argument("--name", default="sample", help="output name; <name>_<i> when --num-samples > 1")
@@ -658,15 +288,16 @@ def build_parser():
 
 
 def resolve_window(args, loaded: LoadedModel) -> tuple[int, int]:
-    """(context_frames, stride_frames) within what the model's positions allow."""
+    """(context_frames, stride_frames) within the context the model was trained on."""
     n_codebooks = loaded.n_codebooks
     extra = n_codebooks - 1 if loaded.contract["pattern"] == "delay" else 0
     limit = int(loaded.model_args["n_positions"]) - extra  # BOS + (frames + extra - 1) rows fit the positions
     trained = int(loaded.contract.get("context_frames") or limit)
     context = args.context_frames or min(trained, limit)
-    if context > limit:
-        raise StageError(f"--context-frames {context} exceeds what the model's {loaded.model_args['n_positions']} "
-                         f"positions hold ({limit} frames with the {loaded.contract['pattern']} pattern)")
+    if context > min(trained, limit):
+        raise StageError(f"--context-frames {context} exceeds the training context of {min(trained, limit)} "
+                         f"frames (the checkpoint's token_contract context_frames; the model's "
+                         f"{loaded.model_args['n_positions']} positions beyond it were never trained)")
     stride = args.stride_frames or max(1, context // 2)
     if stride > context:
         raise StageError(f"--stride-frames {stride} is larger than the context ({context} frames)")
@@ -687,7 +318,10 @@ class Run:
     context: int
     stride: int
     total_frames: int
-    num_samples: int
+    audio_samples: int  # length of each piece's wave (`--num-samples` counts pieces)
+    scales: torch.Tensor  # float32 [n_chunks], the per-chunk decoding scales
+    scale_sources: list
+    threads: ThreadPlan
     timings: dict = field(default_factory=dict)
 
 
@@ -708,14 +342,19 @@ def generate_pieces(args) -> int:
         return 0
     remove_stale_temporaries(out_folder)
     run = prepare(args)
-    frames, detector = generate(run)
+    decoder = None if not overlapped(run) else OverlappedDecoder(
+        run.codec, run.scales, run.audio_samples, args.num_samples, chunks_per_pass(run), run.threads.decode)
+    frames, detector = generate(run, decoder)
+    notes: list = []
+    waves = decode_pieces(run, frames, decoder, notes)
     report = StageReport(stage=STAGE, artist=args.artist, started=started)
     for index, name in enumerate(names):
         if name not in todo:
             report.skipped.append(name)
             continue
         try:
-            finish_piece(run, frames[index:index + 1], detector, index, out_folder / name, report)
+            finish_piece(run, frames[index:index + 1], waves[index], detector, index, out_folder / name, notes)
+            report.done.append(name)
         except (OSError, RuntimeError, ValueError) as error:  # one piece's failure must not lose the others
             report.fail(out_folder / name, f"{type(error).__name__}: {error}", LOG)
     LOG.info("%s", report.summary())
@@ -728,6 +367,8 @@ def prepare(args) -> Run:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     loaded = load_checkpoint(find_checkpoint(args.root, args.artist, args.checkpoint, args.epoch), device)
+    if args.dtype == "bfloat16":
+        loaded.model.to(torch.bfloat16)  # the engine reads the model's own weights in their dtype
     LOG.info("model from %s (epoch %s, step %s, %s pattern, Q = %d)", loaded.path, loaded.epoch, loaded.step,
              loaded.contract["pattern"], loaded.n_codebooks)
     try:
@@ -739,16 +380,35 @@ def prepare(args) -> Run:
     load_seconds = time.perf_counter() - started
     prompt = build_prompt(args, codec, loaded)
     context, stride = resolve_window(args, loaded)
-    num_samples = round(args.seconds * SAMPLE_RATE)
-    total_frames = frames_for_samples(codec, num_samples)
+    audio_samples = round(args.seconds * SAMPLE_RATE)
+    total_frames = frames_for_samples(codec, audio_samples)
     if prompt.n_frames >= total_frames:
         raise StageError(f"the prompt already holds {prompt.n_frames} frames, --seconds {args.seconds:g} asks for "
                          f"{total_frames}: nothing to generate (raise --seconds or lower --prompt-seconds)")
+    median, median_source = median_scale_for(loaded.contract, args.root, args.artist)
+    scales, scale_sources = chunk_scales(prompt.scales, codec.n_chunks(audio_samples), median, median_source)
+    if "default 1.0" in scale_sources:
+        LOG.warning("no scale for generated chunks (%s): using 1.0, the level may be off", median_source)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    threads = thread_plan(device, args.threads)
     run = Run(args=args, loaded=loaded, codec=codec, prompt=prompt, seed=seed, device=device, context=context,
-              stride=stride, total_frames=total_frames, num_samples=num_samples)
+              stride=stride, total_frames=total_frames, audio_samples=audio_samples, scales=scales,
+              scale_sources=scale_sources, threads=threads)
     run.timings.update(load_s=load_seconds, prompt_s=time.perf_counter() - started - load_seconds)
     return run
+
+
+def overlapped(run: Run) -> bool:
+    """Decode while generating, unless asked not to or generation's threads already fill the cores."""
+    return not run.args.decode_at_end and run.threads.overlap
+
+
+def chunks_per_pass(run: Run) -> int:
+    """`--decode-chunk-seconds` in codec chunks (0 = all of them)."""
+    n_chunks = run.codec.n_chunks(run.audio_samples)
+    if run.args.decode_chunk_seconds == 0:
+        return n_chunks
+    return max(1, round(run.args.decode_chunk_seconds * SAMPLE_RATE / run.codec.chunk_stride))
 
 
 def checked_codec_spec(loaded: LoadedModel, root: Path) -> str:
@@ -776,53 +436,67 @@ def build_prompt(args, codec, loaded: LoadedModel) -> Prompt:
     return Prompt(frames=None, scales=None)
 
 
-def generate(run: Run) -> tuple[torch.Tensor, CollapseDetector]:
+def generate(run: Run, decoder: OverlappedDecoder | None) -> tuple[torch.Tensor, CollapseDetector]:
+    """Generate every piece's frames `[B, N, Q]`, feeding finished frames to `decoder` as they come."""
     args = run.args
-    torch.manual_seed(run.seed)
-    generator = torch.Generator(device=run.device).manual_seed(run.seed)
     collapse = CollapseSettings(bits=args.collapse_bits, window=args.collapse_window, boost=args.boost,
                                 boost_frames=args.boost_frames, max_temperature=args.max_temperature)
-    detector = CollapseDetector(collapse, args.num_samples, run.loaded.n_codebooks, run.device)
     sampling = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 repetition_penalty=args.repetition_penalty, repetition_window=args.repetition_window)
     settings = GenerationSettings(pattern=run.loaded.contract["pattern"], context_frames=run.context,
-                                  stride_frames=run.stride, use_cache=not args.no_cache, num_samples=args.num_samples)
-    engine = TokenGenerator(run.loaded.model, settings, sampling, detector, generator, run.device)
+                                  stride_frames=run.stride, use_cache=not args.no_cache, num_samples=args.num_samples,
+                                  engine=args.engine, cuda_graph=not args.no_cuda_graph)
     from tqdm import tqdm
 
     to_generate = run.total_frames - run.prompt.n_frames
-    one_frame_steps = run.device == "cpu" and not args.threads and not args.no_cache
     started = time.perf_counter()
-    with tqdm(total=to_generate, unit="frame", desc="generating", mininterval=0.5) as progress, \
-            cpu_threads(1 if one_frame_steps else None):
-        frames = engine.generate(run.prompt.frames, run.total_frames, progress)  # [B, N, Q]
+    with tqdm(total=to_generate, unit="frame", desc="generating", mininterval=0.5) as bar:
+        def progress(final_frames: int, frames: torch.Tensor) -> None:
+            bar.update(final_frames - run.prompt.n_frames - bar.n)
+            if decoder is not None:
+                decoder.frames_final(final_frames, frames)
+
+        frames, detector = generate_frames(run.loaded.model, run.prompt.frames, run.total_frames, settings, sampling,
+                                           collapse, run.seed, run.device, progress=progress,
+                                           threads=run.threads.generate)
     run.timings["generate_s"] = time.perf_counter() - started
     LOG.info("generated %d frames x %d piece(s) in %.1f s (%.0f frames/s)", to_generate, args.num_samples,
              run.timings["generate_s"], to_generate / max(run.timings["generate_s"], 1e-9))
     return frames.cpu(), detector
 
 
-def finish_piece(run: Run, frames: torch.Tensor, detector: CollapseDetector, index: int, stem: Path,
-                 report: StageReport) -> None:
-    """Decode one piece `[1, N, Q]` and write its WAV, tokens, spectrogram and sidecar JSON."""
-    codec, args = run.codec, run.args
-    n_chunks = codec.n_chunks(run.num_samples)
-    codes = torch.zeros(1, n_chunks * codec.chunk_frames, frames.shape[2], dtype=torch.long)  # padded last chunk
-    codes[:, :frames.shape[1]] = frames
-    codes = codes.transpose(1, 2)  # [1, T, Q] -> [1, Q, T]
-    median, median_source = median_scale_for(run.loaded.contract, args.root, args.artist)
-    scales, scale_sources = chunk_scales(run.prompt.scales, n_chunks, median, median_source)
-    if "default 1.0" in scale_sources:
-        LOG.warning("no scale for generated chunks (%s): using 1.0, the level may be off", median_source)
+def decode_pieces(run: Run, frames: torch.Tensor, decoder: OverlappedDecoder | None, notes: list) -> list:
+    """Every piece's wave `[2, S]` (or the error that stopped it): the overlapped decoder's, or decoded now."""
     started = time.perf_counter()
-    notes: list = []
-    chunks_per_pass = (n_chunks if args.decode_chunk_seconds == 0
-                       else max(1, round(args.decode_chunk_seconds * SAMPLE_RATE / codec.chunk_stride)))
-    wave = decode_chunked(codec, codes, scales, run.num_samples, chunks_per_pass, notes)  # [2, S]
-    decode_seconds = time.perf_counter() - started
+    if decoder is not None:
+        waves = decoder.finish(frames, notes)
+        busy = decoder.busy_seconds
+    else:
+        waves = []
+        with cpu_threads(run.threads.decode):
+            for index in range(frames.shape[0]):
+                codes = frames_to_chunk_codes(run.codec, frames[index:index + 1], run.audio_samples)  # [1, Q, T]
+                try:
+                    waves.append(decode_chunked(run.codec, codes, run.scales, run.audio_samples,
+                                                chunks_per_pass(run), notes))
+                except (RuntimeError, ValueError) as error:  # one piece's failure must not lose the others
+                    waves.append(error)
+        busy = time.perf_counter() - started
+    run.timings["decode_wait_s"] = time.perf_counter() - started  # wall time decoding added after generation
+    run.timings["decode_s"] = busy  # time spent decoding, all pieces
+    return waves
+
+
+def finish_piece(run: Run, frames: torch.Tensor, wave, detector: CollapseDetector, index: int, stem: Path,
+                 notes: list) -> None:
+    """Write one piece's WAV, tokens, spectrogram and sidecar JSON from its frames `[1, N, Q]` and wave `[2, S]`."""
+    if isinstance(wave, Exception):
+        raise wave
+    codec, args = run.codec, run.args
+    codes = frames_to_chunk_codes(codec, frames, run.audio_samples)  # [1, Q, n_chunks*150], padded last chunk
     samples, gain_db = normalise(wave, args.target_lufs)
     write_wav(samples, stem.with_suffix(".wav"))
-    token_file = TokenFile(codes=codes.to(torch.int16), scales=scales, num_samples=run.num_samples,
+    token_file = TokenFile(codes=codes.to(torch.int16), scales=run.scales, num_samples=run.audio_samples,
                            bandwidth=float(run.loaded.contract["bandwidth"]), codec=codec.name,
                            source=run.prompt.source,
                            extra={"generated_by": STAGE, "prompt_frames": run.prompt.n_frames,
@@ -830,18 +504,21 @@ def finish_piece(run: Run, frames: torch.Tensor, detector: CollapseDetector, ind
     save_token_file(token_file, stem.with_suffix(".th"))
     prompt_seconds = samples_for_frames(codec, run.prompt.n_frames) / SAMPLE_RATE if run.prompt.n_frames else 0.0
     write_spectrogram(samples, stem.with_suffix(".png"), stem.name, prompt_seconds)
-    sidecar = describe(run, index, stem.name, detector, scales, scale_sources, gain_db, decode_seconds, notes)
+    sidecar = describe(run, index, stem.name, detector, gain_db, notes)
     atomic_write_json(sidecar, stem.with_suffix(".json"))
-    report.done.append(stem.name)
     LOG.info("wrote %s.{wav,th,png,json} (%.1f s of audio, real-time factor %.2f)", stem,
-             run.num_samples / SAMPLE_RATE, sidecar["real_time_factor"])
+             run.audio_samples / SAMPLE_RATE, sidecar["real_time_factor"])
 
 
-def describe(run: Run, index: int, name: str, detector: CollapseDetector, scales: torch.Tensor,
-             scale_sources: list, gain_db: float, decode_seconds: float, notes: list) -> dict:
+def engine_name(args) -> str:
+    return "recompute" if args.no_cache else args.engine
+
+
+def describe(run: Run, index: int, name: str, detector: CollapseDetector, gain_db: float, notes: list) -> dict:
     """The sidecar JSON: every parameter, the checkpoint, seeds, collapse events, timings, codec."""
-    audio_seconds = run.num_samples / SAMPLE_RATE
-    batch_seconds = run.timings["generate_s"] / run.args.num_samples + decode_seconds
+    audio_seconds = run.audio_samples / SAMPLE_RATE
+    pieces = run.args.num_samples
+    wall_seconds = run.timings["generate_s"] + run.timings["decode_wait_s"]  # the whole batch, audio ready
     generated = run.total_frames - run.prompt.n_frames
     return {
         "name": name, "artist": run.args.artist, "sample_index": index, "stage": STAGE,
@@ -851,16 +528,19 @@ def describe(run: Run, index: int, name: str, detector: CollapseDetector, scales
                        "model_args": run.loaded.model_args, "token_contract": run.loaded.contract},
         "seed": run.seed, "seeding": "one torch.Generator seeded with `seed` draws every piece of the batch",
         "device": run.device,
-        "window": {"context_frames": run.context, "stride_frames": run.stride, "kv_cache": not run.args.no_cache},
+        "window": {"context_frames": run.context, "stride_frames": run.stride, "kv_cache": not run.args.no_cache,
+                   "engine": engine_name(run.args)},
         "prompt": {"kind": run.prompt.kind, "source": run.prompt.source, "frames": run.prompt.n_frames},
         "frames": {"total": run.total_frames, "prompt": run.prompt.n_frames, "generated": generated},
-        "duration_s": audio_seconds, "num_samples": run.num_samples, "sample_rate": SAMPLE_RATE, "channels": 2,
-        "scales": [round(float(s), 6) for s in scales], "scale_sources": scale_sources,
+        "duration_s": audio_seconds, "audio_samples": run.audio_samples, "sample_rate": SAMPLE_RATE, "channels": 2,
+        "scales": [round(float(s), 6) for s in run.scales], "scale_sources": run.scale_sources,
         "loudness": {"target_lufs": run.args.target_lufs, "gain_db": round(gain_db, 3)},
         "collapse_events": [event for event in detector.events if event["sample"] == index],
-        "timings": {**{k: round(v, 4) for k, v in run.timings.items()}, "decode_s": round(decode_seconds, 4)},
-        "frames_per_second": round(generated * run.args.num_samples / max(run.timings["generate_s"], 1e-9), 2),
-        "real_time_factor": round(audio_seconds / max(batch_seconds, 1e-9), 3),
+        "timings": {key: round(value, 4) for key, value in run.timings.items()},
+        "threads": {"generate": run.threads.generate, "decode": run.threads.decode,
+                    "decode_overlapped": overlapped(run)},
+        "frames_per_second": round(generated * pieces / max(run.timings["generate_s"], 1e-9), 2),
+        "real_time_factor": round(audio_seconds * pieces / max(wall_seconds, 1e-9), 3),
         "codec": {"name": run.codec.name, "pretrained": run.codec.pretrained,
                   "bandwidth": float(run.loaded.contract["bandwidth"])},
         "warning": None if run.codec.pretrained else UNTRAINED_WARNING,

@@ -38,9 +38,9 @@ def save_checkpoint(path, model, pattern="parallel", state=None, context_frames=
 
 
 def run_engine(stage5, model, pattern, total_frames, prompt=None, use_cache=True, context=12, stride=5,
-               temperature=0.0, num_samples=1, seed=0, detector=None, **sampling):
+               temperature=0.0, num_samples=1, seed=0, detector=None, engine="lean", **sampling):
     settings = stage5.GenerationSettings(pattern=pattern, context_frames=context, stride_frames=stride,
-                                         use_cache=use_cache, num_samples=num_samples)
+                                         use_cache=use_cache, num_samples=num_samples, engine=engine)
     sampling = stage5.SamplingSettings(temperature=temperature, **sampling)
     generator = torch.Generator().manual_seed(seed)
     engine = stage5.TokenGenerator(model, settings, sampling, detector, generator, "cpu")
@@ -169,19 +169,22 @@ def test_prefill_layout_is_the_training_layout(stage5, transformer_module, patte
     assert torch.equal(expected[:, 1:], rows) and bool((expected[:, 0] == BOS).all())
 
 
-def test_window_slide_keeps_context_minus_stride_frames(stage5, transformer_module):
-    """A recording model shows each re-prefill starts with BOS and the last (context - stride) frames."""
+@pytest.mark.parametrize("engine", ["lean", "transformers"])
+def test_window_slide_keeps_context_minus_stride_frames(stage5, transformer_module, engine, monkeypatch):
+    """Recorded prefills show each re-prefill starts with BOS and the last (context - stride) frames."""
+    from pipeline import generation
+
     model = tiny_model(transformer_module, context_frames=12)
     prefills = []
-    original = model.forward
+    steps_class = generation.LeanSteps if engine == "lean" else generation.TransformersCacheSteps
+    original = steps_class.prefill
 
-    def recording_forward(tokens, **kwargs):
-        if kwargs.get("cache") is None:
-            prefills.append(tokens.clone())
-        return original(tokens, **kwargs)
+    def recording_prefill(self, tokens):
+        prefills.append(tokens.clone())
+        return original(self, tokens)
 
-    model.forward = recording_forward
-    frames, _ = run_engine(stage5, model, "parallel", 30, context=12, stride=5)
+    monkeypatch.setattr(steps_class, "prefill", recording_prefill)
+    frames, _ = run_engine(stage5, model, "parallel", 30, context=12, stride=5, engine=engine)
     assert [int(p.shape[1]) for p in prefills] == [1, 8, 8, 8, 8]  # BOS, then BOS + 7 kept frames
     for prefill in prefills:
         assert bool((prefill[:, 0] == BOS).all())
@@ -252,12 +255,34 @@ def three_chunks(random_codec):
     return codes, scales, num_samples, random_codec.decode(codes, scales, num_samples)
 
 
-def test_chunked_decoding_equals_single_pass(stage5, random_codec, three_chunks):
-    codes, scales, num_samples, single = three_chunks
-    for chunks_per_pass in (2,):  # groups [0, 1] and [2]: a group border and a chunk border
-        chunked = stage5.decode_chunked(random_codec, codes, scales, num_samples, chunks_per_pass)
-        assert chunked.shape == (2, num_samples)
-        assert float((chunked - single).abs().max()) < 1e-4
+@pytest.fixture(scope="module")
+def plain_encodec_decode(random_codec):
+    """Three chunks decoded by one whole-sequence `EncodecModel.decode` (transformers' own chunking and
+    overlap-add, not the project's `decode_chunks` / `overlap_add`): the reference for chunked decoding."""
+    chunk_frames = random_codec.chunk_frames
+    codes = torch.randint(0, CODEBOOK_SIZE, (1, 4, 3 * chunk_frames), generator=torch.Generator().manual_seed(7))
+    scales = torch.tensor([0.05, 0.1, 0.07])
+    num_samples = 3 * random_codec.chunk_stride  # three chunks, the last one holding 149 real frames
+    per_chunk = codes.view(1, 4, 3, chunk_frames).permute(2, 0, 1, 3)  # [1, Q, 3*F] -> [3, 1, Q, F]
+    with torch.no_grad():
+        audio = random_codec.model.decode(per_chunk, [scale.view(1, 1) for scale in scales],
+                                          return_dict=True).audio_values  # [1, 2, S]
+    return codes, scales, num_samples, audio[0, :, :num_samples]
+
+
+@pytest.mark.parametrize("chunks_per_pass", [1, 2, 3, 5])
+def test_chunked_decoding_equals_plain_encodec_decode(stage5, random_codec, plain_encodec_decode, chunks_per_pass):
+    codes, scales, num_samples, reference = plain_encodec_decode
+    chunked = stage5.decode_chunked(random_codec, codes, scales, num_samples, chunks_per_pass)
+    assert chunked.shape == reference.shape == (2, num_samples)
+    last_chunk_start = 2 * random_codec.chunk_stride  # up to here only full chunks contribute: exact
+    peak = float(reference.abs().max())
+    assert float((chunked - reference)[:, :last_chunk_start].abs().max()) < 1e-5 * peak
+    # the plain decode saw all 150 frames of the last chunk, the piece has 149 real ones: the codec's
+    # whole-chunk normalisation moves that chunk slightly, and its last frames' samples (the convolutions'
+    # edge) more; a wrong scale, order or offset would move all of it by far more
+    edge = num_samples - 10 * random_codec.hop_length
+    assert float((chunked - reference)[:, last_chunk_start:edge].abs().max()) < 1e-2 * peak
 
 
 def test_out_of_memory_falls_back_to_smaller_chunks_then_cpu(stage5, random_codec, three_chunks, monkeypatch):

@@ -55,7 +55,14 @@ def test_script_writes_every_output_and_skips_finished_pieces(transformer_module
         assert sidecar["checkpoint"]["path"].endswith("best.pt") and sidecar["checkpoint"]["epoch"] == 2
         assert sidecar["frames"] == {"total": 182, "prompt": 0, "generated": 182}
         assert "UNTRAINED" in sidecar["warning"] and sidecar["codec"]["pretrained"] is False
-        assert sidecar["real_time_factor"] > 0 and "generate_s" in sidecar["timings"]
+        timings = sidecar["timings"]  # the real-time factor is the batch's audio over its wall time, audio ready
+        wall = timings["generate_s"] + timings["decode_wait_s"]
+        assert sidecar["real_time_factor"] == pytest.approx(2 * 1.2 / wall, rel=1e-2, abs=2e-3)
+        assert sidecar["frames_per_second"] == pytest.approx(2 * 182 / timings["generate_s"], rel=1e-2, abs=0.02)
+        assert timings["decode_s"] > 0 and sidecar["threads"]["decode_overlapped"] is True
+        assert sidecar["audio_samples"] == 57_600 and sidecar["parameters"]["num_samples"] == 2
+        assert "num_samples" not in sidecar  # one name, one meaning: pieces
+        assert sidecar["window"]["engine"] == "lean"
         assert sidecar["collapse_events"] == []
         assert files[".png"].read_bytes()[:4] == b"\x89PNG"
     first = load_token_file(outputs(root, "sample_0")[".th"]).codes
@@ -83,7 +90,7 @@ def test_prompt_audio_is_encoded_like_training_and_continued(transformer_module,
     assert tokens.scales[1] == pytest.approx(0.05)  # generated chunk: the checkpoint's median scale
     sidecar = json.loads(outputs(root, "cont")[".json"].read_text())
     assert sidecar["prompt"]["kind"] == "audio" and sidecar["frames"]["prompt"] == 75
-    assert sidecar["window"]["kv_cache"] is False
+    assert sidecar["window"]["kv_cache"] is False and sidecar["window"]["engine"] == "recompute"
 
 
 def test_seed_tokens_bare_tensor_and_q_mismatch(transformer_module, in_process, tmp_path, capsys):
@@ -106,9 +113,20 @@ def test_seed_tokens_bare_tensor_and_q_mismatch(transformer_module, in_process, 
 def test_missing_checkpoint_and_bad_window_exit_2(transformer_module, in_process, tmp_path, capsys):
     assert in_process(tmp_path) == 2
     assert "4_Transformer.py" in capsys.readouterr().err
+    folder = tmp_path / "model_results" / ARTIST
+    folder.mkdir(parents=True)
+    (folder / ".best.tmp-ab12.pt").write_bytes(b"x")  # an interrupted save's temporary
+    (folder / "music_transformer_ep3.pt").write_bytes(b"x")
+    assert in_process(tmp_path, "--epoch", 9) == 2
+    error = capsys.readouterr().err
+    assert "it holds music_transformer_ep3.pt" in error and ".best.tmp" not in error
+    (folder / "music_transformer_ep3.pt").unlink()
     root = make_root(tmp_path, transformer_module, "parallel")
     assert in_process(root, "--context-frames", 500) == 2
     assert "exceeds" in capsys.readouterr().err
+    # 121 frames still fit the 124 positions, but position 121 was never trained: refused, with the limit
+    assert in_process(root, "--context-frames", 121) == 2
+    assert "exceeds the training context of 120 frames" in capsys.readouterr().err
     assert in_process(root, "--context-frames", 50, "--stride-frames", 60) == 2
     assert "larger than the context" in capsys.readouterr().err
 
@@ -132,3 +150,30 @@ def test_collapse_events_reach_the_sidecar(transformer_module, in_process, tmp_p
     assert len(events) >= 2 and events[0]["frame"] == 39 and events[0]["codebooks"] == [0, 1, 2, 3]
     assert all(bits < 1.0 for bits in events[0]["mean_entropy_bits"])
     assert "collapse in piece 0 at frame 39" in capsys.readouterr().err
+
+
+def test_overlapped_decoding_writes_the_same_audio_as_decoding_at_the_end(transformer_module, in_process, tmp_path):
+    root = make_root(tmp_path, transformer_module, "delay")
+    common = ("--seconds", 2.2, "--seed", 4, "--num-samples", 2, "--decode-chunk-seconds", 1)
+    assert in_process(root, *common, "--name", "overlapped") == 0
+    assert in_process(root, *common, "--decode-at-end", "--name", "at_end") == 0
+    for index in range(2):
+        overlapped, _ = sf.read(outputs(root, f"overlapped_{index}")[".wav"])
+        at_end, _ = sf.read(outputs(root, f"at_end_{index}")[".wav"])
+        assert overlapped.shape == (105_600, 2) and np.array_equal(overlapped, at_end)
+    sidecar = json.loads(outputs(root, "overlapped_0")[".json"].read_text())
+    assert sidecar["threads"]["decode_overlapped"] is True
+    assert json.loads(outputs(root, "at_end_0")[".json"].read_text())["threads"]["decode_overlapped"] is False
+
+
+def test_bfloat16_generation_and_the_transformers_engine_run_end_to_end(transformer_module, in_process, tmp_path):
+    """(The engines' tokens are compared on a model with spread logits in test_generation_engine.py.)"""
+    root = make_root(tmp_path, transformer_module, "delay")
+    assert in_process(root, "--seconds", 1.2, "--seed", 2, "--dtype", "bfloat16", "--name", "bf16") == 0
+    assert in_process(root, "--seconds", 1.2, "--seed", 2, "--temperature", 0, "--engine", "transformers",
+                      "--name", "hf") == 0
+    for name in ("bf16", "hf"):
+        tokens = load_token_file(outputs(root, name)[".th"]).codes[:, :, :182]
+        assert int(tokens.min()) >= 0 and int(tokens.max()) < CODEBOOK_SIZE
+    assert json.loads(outputs(root, "bf16")[".json"].read_text())["parameters"]["dtype"] == "bfloat16"
+    assert json.loads(outputs(root, "hf")[".json"].read_text())["window"]["engine"] == "transformers"

@@ -1,0 +1,201 @@
+"""A lean incremental decoder over a trained MusicTransformer's own GPT-2 weights.
+
+The training model runs transformers' GPT-2 stack; at one frame per step that stack spends most of
+its time on per-call bookkeeping (module calls, mask building, cache objects). This decoder runs the
+same blocks as a handful of tensor operations per layer on a preallocated KV cache:
+
+    x   = model.embed(tokens) + wpe[position]                    # the model's own input end
+    per layer:  x += c_proj(attention(c_attn(ln_1(x)), cache))   # GPT-2's fused QKV projection
+                x += mlp(ln_2(x))
+    logits = model.logits(ln_f(x))                               # the model's own output end
+
+The two ends are the model's `embed` and `logits` methods, so a change to either (untied heads,
+conditioning) needs nothing here. The parameters are read from the model, never copied: no
+conversion step and no second checkpoint format. GPT-2's `Conv1D` stores its weight as
+`[in, out]`, hence `addmm(bias, x, weight)`.
+
+Two ways to step:
+- `step` (the CPU default) attends to the cache slice `[..., :length]`: no mask at all.
+- `step_static` keeps every shape fixed (the whole cache and a validity mask, the write position
+  a device tensor), so a CUDA graph can capture it once and replay it every step (`GraphedStep`).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+LOG = logging.getLogger("pipeline.lean_decoder")
+SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+class UnsupportedBackbone(ValueError):
+    """The GPT-2 configuration uses an option this decoder does not implement."""
+
+
+def check_backbone(config) -> None:
+    """Refuse GPT-2 options the lean decoder does not reproduce (the training model never sets them)."""
+    problems = []
+    if config.activation_function not in SUPPORTED_ACTIVATIONS:
+        problems.append(f"activation {config.activation_function!r}")
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn", False):
+        problems.append("layer-wise attention scaling")
+    if not getattr(config, "scale_attn_weights", True):
+        problems.append("unscaled attention")
+    if getattr(config, "add_cross_attention", False):
+        problems.append("cross-attention")
+    if problems:
+        raise UnsupportedBackbone(f"the lean decoder does not implement {', '.join(problems)}")
+
+
+class LeanDecoder:
+    """Incremental decoding of `model` (a MusicTransformer) for a batch of `batch` sequences.
+
+    `prefill(tokens)` starts a sequence at position 0; each `step(tokens)` appends one row. Both
+    return the logits of the last row, `[B, Q, V]`. The KV cache is one `[B, H, capacity, head_dim]`
+    pair per layer, allocated once and written in place.
+    """
+
+    def __init__(self, model, batch: int, capacity: int):
+        backbone = model.backbone
+        config = backbone.config
+        check_backbone(config)
+        if capacity > config.n_positions:
+            raise ValueError(f"a cache of {capacity} positions exceeds the model's {config.n_positions}")
+        self.model = model
+        self.blocks = list(backbone.h)
+        self.position_table = backbone.wpe.weight  # [n_positions, d]
+        self.final_norm = backbone.ln_f
+        self.n_head = int(config.n_head)
+        self.d_model = int(config.n_embd)
+        self.head_dim = self.d_model // self.n_head
+        self.eps = float(config.layer_norm_epsilon)
+        self.batch, self.capacity = batch, capacity
+        like = self.position_table
+        shape = (batch, self.n_head, capacity, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in self.blocks]
+        self.values = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in self.blocks]
+        self.slots = torch.arange(capacity, device=like.device)  # [C], for step_static's validity mask
+        self.length = 0
+
+    # ---- building blocks --------------------------------------------------------------------
+    def _norm(self, x: torch.Tensor, layer_norm) -> torch.Tensor:
+        return F.layer_norm(x, (self.d_model,), layer_norm.weight, layer_norm.bias, self.eps)
+
+    @staticmethod
+    def _conv1d(x: torch.Tensor, conv) -> torch.Tensor:
+        """GPT-2's Conv1D on rows `[N, in]` -> `[N, out]` (its weight is `[in, out]`)."""
+        return torch.addmm(conv.bias, x, conv.weight)
+
+    def _mlp(self, block, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.gelu(self._conv1d(self._norm(x, block.ln_2), block.mlp.c_fc), approximate="tanh")
+        return self._conv1d(hidden, block.mlp.c_proj)
+
+    def _split_heads(self, qkv: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fused QKV `[B*T, 3d]` -> q, k, v, each `[B, H, T, head_dim]`."""
+        grid = qkv.view(self.batch, rows, 3, self.n_head, self.head_dim)  # [B*T, 3d] -> [B, T, 3, H, hd]
+        q, k, v = grid.permute(2, 0, 3, 1, 4).unbind(0)  # -> 3 x [B, H, T, hd]
+        return q, k, v
+
+    def _merge_heads(self, attended: torch.Tensor) -> torch.Tensor:
+        """`[B, H, T, head_dim]` -> rows `[B*T, d]`."""
+        return attended.transpose(1, 2).reshape(-1, self.d_model)  # [B, H, T, hd] -> [B*T, d]
+
+    def _output(self, x: torch.Tensor) -> torch.Tensor:
+        """Last hidden rows `[B, d]` -> logits `[B, Q, V]` through the model's own heads."""
+        hidden = self._norm(x, self.final_norm).unsqueeze(1)  # [B, d] -> [B, 1, d]
+        return self.model.logits(hidden)[:, 0]  # [B, 1, Q, V] -> [B, Q, V]
+
+    def _embed(self, tokens: torch.Tensor, positions) -> torch.Tensor:
+        """tokens `[B, T, Q]` -> rows `[B*T, d]` with the position embeddings added."""
+        x = self.model.embed(tokens) + self.position_table[positions]  # [B, T, d] + [T, d]
+        return x.reshape(-1, self.d_model)  # [B, T, d] -> [B*T, d]
+
+    # ---- prefill: a whole prompt at once, causal ----------------------------------------------
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Start over: tokens `[B, T, Q]` at positions 0..T-1 -> logits of the last row `[B, Q, V]`."""
+        rows = int(tokens.shape[1])
+        if rows > self.capacity:
+            raise ValueError(f"a prefill of {rows} rows exceeds the cache's {self.capacity} positions")
+        x = self._embed(tokens, slice(0, rows))  # [B*T, d]
+        for block, keys, values in zip(self.blocks, self.keys, self.values):
+            q, k, v = self._split_heads(self._conv1d(self._norm(x, block.ln_1), block.attn.c_attn), rows)
+            keys[:, :, :rows] = k
+            values[:, :, :rows] = v
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
+            x = x + self._conv1d(self._merge_heads(attended), block.attn.c_proj)
+            x = x + self._mlp(block, x)
+        self.length = rows
+        last = x.view(self.batch, rows, self.d_model)[:, -1]  # [B*T, d] -> [B, T, d] -> [B, d]
+        return self._output(last)
+
+    # ---- one row at a time --------------------------------------------------------------------
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one row: tokens `[B, 1, Q]` at position `length` -> logits `[B, Q, V]`."""
+        position = self.length
+        if position >= self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions: prefill a new window first")
+        x = self._embed(tokens, slice(position, position + 1))  # [B, d]
+        seen = position + 1
+        for block, keys, values in zip(self.blocks, self.keys, self.values):
+            qkv = self._conv1d(self._norm(x, block.ln_1), block.attn.c_attn)  # [B, 3d]
+            q, k, v = qkv.view(self.batch, 3, self.n_head, 1, self.head_dim).unbind(1)  # -> 3 x [B, H, 1, hd]
+            keys[:, :, position:seen] = k
+            values[:, :, position:seen] = v
+            # the newest row may see every cached one: no mask
+            attended = F.scaled_dot_product_attention(q, keys[:, :, :seen], values[:, :, :seen])  # [B, H, 1, hd]
+            x = x + self._conv1d(attended.view(self.batch, self.d_model), block.attn.c_proj)  # [B, H, 1, hd] -> [B, d]
+            x = x + self._mlp(block, x)
+        self.length = seen
+        return self._output(x)
+
+    def step_static(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """`step` with fixed shapes for CUDA graphs: `position` is a long tensor `[1]` on the device.
+
+        Attends to the whole cache under a validity mask (slots beyond `position` hold zeros or an
+        older window's rows; the mask hides them). The caller advances `length`.
+        """
+        x = self.model.embed(tokens)[:, 0] + self.position_table.index_select(0, position)  # [B, 1, d] -> [B, d]
+        visible = (self.slots <= position).view(1, 1, 1, -1)  # [C] -> [1, 1, 1, C]
+        for block, keys, values in zip(self.blocks, self.keys, self.values):
+            q, k, v = self._split_heads(self._conv1d(self._norm(x, block.ln_1), block.attn.c_attn), 1)
+            keys.index_copy_(2, position, k)
+            values.index_copy_(2, position, v)
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)  # [B, H, 1, hd]
+            x = x + self._conv1d(self._merge_heads(attended), block.attn.c_proj)
+            x = x + self._mlp(block, x)
+        return self._output(x)
+
+
+class GraphedStep:
+    """`LeanDecoder.step_static` captured once in a CUDA graph and replayed for every step.
+
+    Inputs are copied into static buffers; the returned logits tensor is the graph's own output
+    buffer, overwritten by the next replay (the caller samples from it before stepping again).
+    """
+
+    def __init__(self, decoder: LeanDecoder, n_codebooks: int, fill_token: int, warmup: int = 3):
+        device = decoder.position_table.device
+        self.decoder = decoder
+        self.tokens = torch.full((decoder.batch, 1, n_codebooks), fill_token, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):  # allocations and kernel choices happen before the capture
+                decoder.step_static(self.tokens, self.position)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decoder.step_static(self.tokens, self.position)  # [B, Q, V]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        position = self.decoder.length
+        if position >= self.decoder.capacity:
+            raise ValueError(f"the cache holds {self.decoder.capacity} positions: prefill a new window first")
+        self.tokens.copy_(tokens)
+        self.position.fill_(position)
+        self.graph.replay()
+        self.decoder.length = position + 1
+        return self.logits
