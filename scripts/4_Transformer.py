@@ -990,11 +990,12 @@ class Trainer:
         metrics.update(epoch=self.progress.epoch, step=self.progress.step, elapsed_s=self.progress.elapsed_s)
         if self.info.is_main:
             self.write_epoch(metrics, improved)
+        gain = metrics["gain_over_bigram_bits_per_frame"]
         self.log.info("epoch %d/%d: train loss %.4f, train NLL %.3f bits/frame, valid NLL %s bits/frame "
-                      "(%+.2f against the bigram), LR %.3g, %.0f frames/s", self.progress.epoch, self.args["epochs"],
+                      "(%.2f %s the bigram), LR %.3g, %.0f frames/s", self.progress.epoch, self.args["epochs"],
                       metrics["train_loss"], metrics["train_nll_bits_per_frame"],
                       "n/a" if metrics["valid_nll_bits_per_frame"] is None
-                      else f"{metrics['valid_nll_bits_per_frame']:.3f}", -metrics["gain_over_bigram_bits_per_frame"],
+                      else f"{metrics['valid_nll_bits_per_frame']:.3f}", abs(gain), "below" if gain >= 0 else "above",
                       metrics["lr"], metrics["frames_per_s"])
         return metrics
 

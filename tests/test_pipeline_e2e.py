@@ -89,7 +89,7 @@ def test_demo_pipeline_runs_end_to_end_and_reruns_idempotently(tmp_path):
     for artist in ("demo_sunny_arps", "demo_night_bells"):
         counts = check_contract(root, artist, clip_seconds=4, generated_seconds=2)
         assert counts["clips"] == 2 * 2  # two 9 s tracks -> two 4 s clips each (the 1 s tails dropped)
-    assert "demo_sunny_arps" in first.stdout and "valid NLL" in first.stdout
+    assert "demo_sunny_arps" in first.stdout and "valid NLL" in first.stdout and "gain vs bigram" in first.stdout
     assert "untrained codec" in first.stdout + first.stderr
     before = file_digests(root)
     second = run_pipeline(*args, cwd=tmp_path)

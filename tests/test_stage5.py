@@ -19,10 +19,10 @@ def tiny_model(transformer_module, n_codebooks=4, context_frames=40, seed=0):
     args = transformer_module.model_args_for("tiny", n_codebooks, context_frames)
     model = transformer_module.MusicTransformer(args).eval()
     with torch.no_grad():  # logits spread far above float noise, whatever initialisation stage 4 chooses
-        for table, proj in zip(model.embeddings, model.head_proj):
+        for table in model.embeddings:
             table.weight.normal_(0.0, 1.0)
             table.weight[PAD] = 0.0
-            proj.weight.normal_(0.0, 0.5)
+        model.heads.weight.normal_(0.0, 0.5)
     return model
 
 
@@ -205,13 +205,10 @@ def forced_logits_model(transformer_module, peaked: bool):
     """A real tiny model whose heads ignore the input: flat logits (10 bits), or one token far ahead."""
     model = tiny_model(transformer_module)
     with torch.no_grad():
-        for proj, table in zip(model.head_proj, model.embeddings):
-            proj.weight.zero_()  # the logits no longer depend on the input
-            proj.bias.zero_()  # flat: every logit 0
-            if peaked:  # token 7's embedding is long and the bias points at it: logit 50 vs at most ~10
-                table.weight[7] = 0.0
-                table.weight[7, 0] = 20.0
-                proj.bias[0] = 50.0 / 20.0
+        model.heads.weight.zero_()  # the logits no longer depend on the input
+        model.heads.bias.zero_()  # flat: every logit 0
+        if peaked:  # token 7 of every codebook: logit 50, every other 0
+            model.heads.bias.view(model.args.n_codebooks, -1)[:, 7] = 50.0
     return model
 
 

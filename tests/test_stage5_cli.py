@@ -137,12 +137,9 @@ def test_collapse_events_reach_the_sidecar(transformer_module, in_process, tmp_p
     path = root / "model_results" / ARTIST / "best.pt"
     checkpoint = torch.load(path, weights_only=True)
     state = checkpoint["model"]
-    for q in range(4):
-        state[f"head_proj.{q}.weight"].zero_()  # the logits no longer depend on the input
-        state[f"head_proj.{q}.bias"].zero_()
-        state[f"embeddings.{q}.weight"][7] = 0.0
-        state[f"embeddings.{q}.weight"][7, 0] = 20.0
-        state[f"head_proj.{q}.bias"][0] = 50.0 / 20.0  # token 7: logit 50 against at most ~10
+    state["heads.weight"].zero_()  # the logits no longer depend on the input
+    state["heads.bias"].zero_()
+    state["heads.bias"].view(4, -1)[:, 7] = 50.0  # token 7 of every codebook: logit 50 against 0
     atomic_torch_save(checkpoint, path)
     assert in_process(root, "--seconds", 1.2, "--seed", 1, "--collapse-bits", 1.0, "--collapse-window", 40,
                       "--boost-frames", 20, "--name", "stuck") == 0

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .files import is_temporary
 
-COLUMNS = ("artist", "clips", "token frames", "valid NLL (bits/frame)", "outputs", "elapsed", "status")
+COLUMNS = ("artist", "clips", "token frames", "valid NLL (bits/frame)", "gain vs bigram", "outputs", "elapsed",
+           "status")
 
 
 def count_clips(root: Path, artist: str) -> int:
@@ -33,19 +34,31 @@ def token_frames(root: Path, artist: str) -> int:
     return total
 
 
-def final_valid_nll(root: Path, artist: str) -> str:
+def last_epoch_record(root: Path, artist: str) -> dict | None:
+    """The newest epoch line of the artist's metrics.jsonl (damaged lines and the baseline line skipped)."""
     metrics = root / "model_results" / artist / "metrics.jsonl"
     if not metrics.is_file():
-        return "-"
+        return None
     for line in reversed(metrics.read_text(encoding="utf-8", errors="replace").splitlines()):
         try:
-            last = json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a damaged line (stage 4 warns about it): the last good epoch counts
-        if isinstance(last, dict):
-            value = last.get("valid_nll_bits_per_frame", last.get("train_nll_bits_per_frame"))
-            return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
-    return "-"
+        if isinstance(record, dict) and "train_nll_bits_per_frame" in record:
+            return record
+    return None
+
+
+def final_valid_nll(root: Path, artist: str) -> str:
+    record = last_epoch_record(root, artist) or {}
+    value = record.get("valid_nll_bits_per_frame", record.get("train_nll_bits_per_frame"))
+    return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
+
+
+def gain_over_bigram(root: Path, artist: str) -> str:
+    """Bits per frame the model is below its bigram baseline (negative: above it)."""
+    value = (last_epoch_record(root, artist) or {}).get("gain_over_bigram_bits_per_frame")
+    return f"{value:+.2f}" if isinstance(value, (int, float)) else "-"
 
 
 def output_files(root: Path, artist: str) -> list[Path]:
@@ -55,7 +68,7 @@ def output_files(root: Path, artist: str) -> list[Path]:
 
 def rows(root: Path, results: list[tuple[str, str, float]]) -> list[tuple]:
     return [(artist, str(count_clips(root, artist)), str(token_frames(root, artist)), final_valid_nll(root, artist),
-             str(len(output_files(root, artist))), f"{elapsed:.0f} s", status)
+             gain_over_bigram(root, artist), str(len(output_files(root, artist))), f"{elapsed:.0f} s", status)
             for artist, status, elapsed in results]
 
 
