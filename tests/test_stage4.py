@@ -323,10 +323,15 @@ def straight(transformer_module, tmp_path_factory):
     """Two uninterrupted epochs: what every interrupted-and-resumed run must reproduce exactly."""
     root = tmp_path_factory.mktemp("straight")
     write_dataset(root, lengths=(70, 64, 40, 30))
+    return on_one_thread(state_after, transformer_module, root)[1]
+
+
+def on_one_thread(function, *args):
+    """Module-scoped fixtures run outside the per-test one-thread fixture: pin the thread count here."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return state_after(transformer_module, root)[1]
+        return function(*args)
     finally:
         torch.set_num_threads(threads)
 
@@ -538,12 +543,7 @@ def stopped_run(transformer_module, tmp_path_factory):
     """A run stopped one optimizer step into epoch 1 (--max-steps 1), to resume with other options."""
     root = tmp_path_factory.mktemp("stopped")
     write_dataset(root, lengths=(70, 64, 40, 30))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert state_after(transformer_module, root, "--max-steps", "1")[0] == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert on_one_thread(state_after, transformer_module, root, "--max-steps", "1")[0] == 0
     return root
 
 
