@@ -66,7 +66,9 @@ def check_contract(root: Path, artist: str, clip_seconds: float, generated_secon
     assert checkpoints and (results / "metrics.jsonl").is_file() and (results / "loss.png").is_file()
     checkpoint = torch.load(checkpoints[-1], weights_only=True)
     assert not any(key.startswith(("module.", "_orig_mod.")) for key in checkpoint["model"])
-    metrics = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["record"] == "baselines" and lines[0]["bigram_bits_per_frame"] > 0  # then one line an epoch
+    metrics = lines[1:]
     wavs = sorted((root / "music_transformer" / artist).glob("*.wav"))
     assert wavs, f"stage 5 wrote no WAV for {artist}"
     for wav in wavs:

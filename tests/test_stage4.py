@@ -259,7 +259,7 @@ def test_checkpoint_layout_loads_with_weights_only_into_a_plain_model(stage4, tm
         assert key in checkpoint, key
     assert checkpoint["format"] == 1 and checkpoint["epoch"] == 2 and checkpoint["artist"] == "A"
     assert checkpoint["token_contract"] == {"n_codebooks": 4, "bandwidth": 6.0, "codec": "random:0",
-                                            "pattern": "parallel", "frame_rate": 150, "sample_rate": 48000,
+                                            "pattern": "delay", "frame_rate": 150, "sample_rate": 48000,
                                             "context_frames": 32, "median_scale": 2.0}
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
     model = stage4.MusicTransformer(stage4.ModelArgs(**checkpoint["model_args"]))
@@ -359,11 +359,11 @@ def test_explicit_lr_on_resume_takes_effect(stage4, tmp_path):
     state_after(stage4, tmp_path / "a", "--max-steps", "2")
     _, plain = state_after(stage4, tmp_path / "a", "--resume")
     state_after(stage4, tmp_path / "b", "--max-steps", "2")
-    _, faster = state_after(stage4, tmp_path / "b", "--resume", "--lr", "3e-3")
-    assert faster["metrics"]["lr"] == pytest.approx(plain["metrics"]["lr"] * 10)
-    assert faster["train_args"]["lr"] == 3e-3
-    with pytest.raises(StageError, match="--pattern delay differs"):
-        state_after(stage4, tmp_path / "b", "--resume", "--pattern", "delay", "--epochs", "3")
+    _, slower = state_after(stage4, tmp_path / "b", "--resume", "--lr", "3e-4")  # tiny's default peak: 3e-3
+    assert slower["metrics"]["lr"] == pytest.approx(plain["metrics"]["lr"] / 10)
+    assert slower["train_args"]["lr"] == 3e-4
+    with pytest.raises(StageError, match="--pattern parallel differs"):
+        state_after(stage4, tmp_path / "b", "--resume", "--pattern", "parallel", "--epochs", "3")
 
 
 def test_signal_saves_a_resumable_checkpoint(stage4, tmp_path, monkeypatch, straight):
@@ -524,7 +524,7 @@ def test_leftover_micro_batches_still_make_an_optimizer_step(stage4, tmp_path):
 # step into epoch 1 (mid-epoch), so batch geometry cannot change; model options never can.
 RESUME_CASES = {
     "preset": ("small", "refused"), "d_embed": ("8", "refused"), "d_model": ("64", "refused"),
-    "n_layer": ("1", "refused"), "n_head": ("4", "refused"), "pattern": ("delay", "refused"),
+    "n_layer": ("1", "refused"), "n_head": ("4", "refused"), "pattern": ("parallel", "refused"),
     "context_frames": ("16", "refused"), "tie_heads": (None, "refused"), "embed_init": ("unit", "refused"),
     "batch_size": ("1", "refused"), "grad_accum": ("1", "refused"),
     "dropout": ("0.2", 0.2), "epochs": ("3", 3), "lr": ("0.001", 0.001), "min_lr_frac": ("0.5", 0.5),
