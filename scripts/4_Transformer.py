@@ -95,7 +95,7 @@ class MusicTransformer(nn.Module):
         self._init_own_weights()
 
     def _init_own_weights(self) -> None:
-        """Initialise the layers around the backbone (docs/stage4.md, "What the model learns").
+        """Initialise the layers around the backbone (docs/stage4.md, "The recipe, and how it was chosen").
 
         "gpt2" (the seed): embeddings and input projection both N(0, 0.02), so a token reached the
         backbone at ~0.004 per channel, five times below GPT-2's position table (0.02): the first
@@ -248,8 +248,7 @@ LOG = logging.getLogger("pipeline.stage4")
 # Training options a resumed run takes from its checkpoint unless given again on the command line.
 TRAIN_DEFAULTS = dict(
     preset="base", d_embed=None, d_model=None, n_layer=None, n_head=None, dropout=None, tie_heads=False,
-    embed_init="match",
-    pattern="delay", context_frames=1500, epochs=20, batch_size=8, grad_accum=1, lr=None,
+    embed_init="match", pattern="delay", context_frames=1500, epochs=20, batch_size=8, grad_accum=1, lr=None,
     min_lr_frac=0.1, warmup_frac=0.05, weight_decay=0.1, max_grad_norm=1.0, label_smoothing=0.0,
     frame_dropout=0.0, seed=0, keep_last=3, max_steps=0, device="auto", compile=False,
     grad_checkpointing=False,
@@ -1340,6 +1339,7 @@ def train_from_command_line(namespace, explicit: set[str], info: DistInfo, devic
     if len(data.store.clips("valid")) == 0:
         log.warning("no 'valid' clips in the manifest: best.pt follows the training NLL instead")
     model_args = build_model_args(args, data.store.n_codebooks, checkpoint)
+    args.update(tie_heads=model_args.tie_heads, embed_init=model_args.embed_init)  # an old checkpoint's: the seed's
     trainer = Trainer(args, model_args, data, folder, namespace.artist, info, device, log)
     if checkpoint is not None:
         trainer.restore(checkpoint, args["lr"] if "lr" in explicit else None, explicit)
