@@ -61,8 +61,8 @@ def refuse_unsafe_id(value: str, what: str) -> None:
 class Catalog:
     """The models under `model_results/` and the pieces under `music_transformer/`, found by listing."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, stage5):
+        self.root, self.stage5 = root, stage5
         self._codec_specs: dict = {}  # (path, mtime) -> the checkpoint's codec spec
 
     def models(self) -> dict[str, Path]:
@@ -98,13 +98,12 @@ class Catalog:
 
     def pieces(self) -> dict[str, Path]:
         """Piece id (`<artist>:<name>`) -> its stem, for every finished piece (its sidecar JSON written last)."""
-        stage5 = load_stage("5_MusicPrediction")
         found = {}
         folder = self.root / "music_transformer"
         for sidecar in sorted(folder.glob("*/*.json")) if folder.is_dir() else []:
             if is_temporary(sidecar) or sidecar.parent.name.startswith("."):
                 continue
-            if stage5.is_complete(sidecar.parent, sidecar.stem):
+            if self.stage5.is_complete(sidecar.parent, sidecar.stem):
                 found[piece_id(sidecar.parent.name, sidecar.stem)] = sidecar.with_suffix("")
         return found
 
@@ -132,9 +131,9 @@ def piece_summary(identifier: str, stem: Path) -> dict:
 
 
 # ==== stage 5's options =======================================================================
-def stage5_args(settings: dict, root: Path, artist: str, checkpoint: Path, name: str, prompt: Path | None):
+def stage5_args(stage5, settings: dict, root: Path, artist: str, checkpoint: Path, name: str,
+                prompt: Path | None):
     """The request's settings as stage 5's parsed options: its parser's defaults and limits (422 otherwise)."""
-    stage5 = load_stage("5_MusicPrediction")
     argv = ["--root", str(root), "--artist", artist, "--checkpoint", str(checkpoint), "--name", name,
             "--log-level", "WARNING"]
     for key in STAGE5_FIELDS:
@@ -202,7 +201,8 @@ class Studio:
     def __init__(self, root: Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_seconds: float = MAX_SECONDS):
         self.root = Path(root)
         self.max_seconds = max_seconds
-        self.catalog = Catalog(self.root)
+        self.stage5 = load_stage("5_MusicPrediction")
+        self.catalog = Catalog(self.root, self.stage5)
         self.max_upload_bytes = max_upload_bytes
         self.prompt_folder = Path(tempfile.mkdtemp(prefix="studio-prompts-"))
         self.prompts: dict[str, Path] = {}
@@ -276,7 +276,7 @@ class Studio:
                 raise StudioError(404, f"no prompt {settings['prompt_id']!r} (upload one to /api/prompts)")
         identifier = uuid.uuid4().hex[:12]
         name = f"studio-{time.strftime('%Y%m%d-%H%M%S')}-{identifier}"
-        job = Job(id=identifier, model=model, args=stage5_args(settings, self.root, artist, checkpoint, name, prompt))
+        job = Job(id=identifier, model=model, args=stage5_args(self.stage5, settings, self.root, artist, checkpoint, name, prompt))
         self.jobs[identifier] = job
         self.queue.put(job)
         return job
@@ -300,7 +300,7 @@ class Studio:
             if job.cancel_requested.is_set():
                 job.state = "cancelled"
                 continue
-            job.state, job.started = "running", time.perf_counter()
+            job.state = "running"
             try:
                 self._run(job)
             except GenerationCancelled:
@@ -312,10 +312,11 @@ class Studio:
                 job.state, job.error = "failed", f"{type(error).__name__}: {error_reason(error)}"
 
     def _run(self, job: Job) -> None:
-        stage5 = load_stage("5_MusicPrediction")
+        stage5 = self.stage5
         if job.model not in self.models:
             self.models[job.model] = stage5.load_model_and_codec(job.args)
         preloaded = self.models[job.model]
+        job.started = time.perf_counter()  # frames/s counts generation, not the model's first load
         job.warning = None if preloaded.codec.pretrained else UNTRAINED_WARNING
         report = stage5.write_pieces(job.args, preloaded, on_frames=job.on_frames,
                                      cancel=job.cancel_requested.is_set)
