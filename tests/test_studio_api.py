@@ -207,8 +207,9 @@ def test_the_page_and_the_openapi_document(client, stage5):
         assert shown and float(shown.group(1)) == getattr(defaults, option), option  # the page shows stage 5's
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/models", "/api/prompts", "/api/generate", "/api/jobs/{job_id}", "/api/pieces",
-            "/api/pieces/{piece_id}", "/api/pieces/{piece_id}/audio", "/api/pieces/{piece_id}/spectrogram"} <= set(paths)
-    assert "413" in client.get("/openapi.json").text  # the upload limit is documented
+            "/api/pieces/{piece_id}", "/api/pieces/{piece_id}/audio",
+            "/api/pieces/{piece_id}/spectrogram"} <= set(paths)
+    assert "413" in paths["/api/prompts"]["post"]["responses"]  # the upload limit is documented
 
 
 def test_a_length_between_chunks_is_kept_to_the_sample(client):
@@ -216,3 +217,24 @@ def test_a_length_between_chunks_is_kept_to_the_sample(client):
     status = wait_for(client, generate(client, seconds=1.3, seed=0))
     wave, rate = sf.read(io.BytesIO(client.get(f"/api/pieces/{status['pieces'][0]}/audio").content))
     assert wave.shape == (62_400, 2) and np.abs(wave).max() > 0
+
+
+@pytest.mark.parametrize("host, warned", [("127.0.0.1", False), ("localhost", False), ("::1", False),
+                                          ("0.0.0.0", True), ("192.168.1.5", True)])
+def test_binding_beyond_loopback_warns(host, warned, monkeypatch, tmp_path, caplog):
+    import importlib.util
+
+    import uvicorn
+
+    from conftest import SCRIPTS
+
+    spec = importlib.util.spec_from_file_location("studio_cli", SCRIPTS / "studio.py")
+    studio_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(studio_cli)
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: served.append((host, port)))
+    monkeypatch.setattr(studio_cli, "setup_logging", lambda *args: None)
+    with caplog.at_level("WARNING", logger="pipeline.studio"):
+        assert studio_cli.main(["--root", str(tmp_path), "--host", host, "--port", "8123"]) == 0
+    assert served == [(host, 8123)]
+    assert ("not loopback" in caplog.text) is warned

@@ -40,7 +40,6 @@ MAX_SECONDS = 600.0  # the longest piece a request may ask for (the command line
 STAGE5_FIELDS = ("seconds", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "num_samples",
                  "prompt_seconds")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:-]{0,200}$")
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 
 
 class StudioError(Exception):
@@ -276,7 +275,8 @@ class Studio:
                 raise StudioError(404, f"no prompt {settings['prompt_id']!r} (upload one to /api/prompts)")
         identifier = uuid.uuid4().hex[:12]
         name = f"studio-{time.strftime('%Y%m%d-%H%M%S')}-{identifier}"
-        job = Job(id=identifier, model=model, args=stage5_args(self.stage5, settings, self.root, artist, checkpoint, name, prompt))
+        args = stage5_args(self.stage5, settings, self.root, artist, checkpoint, name, prompt)
+        job = Job(id=identifier, model=model, args=args)
         self.jobs[identifier] = job
         self.queue.put(job)
         return job
@@ -349,12 +349,16 @@ def create_app(studio: Studio):
     def models():
         return studio.model_list()
 
-    @app.post("/api/prompts", summary=f"Upload an audio prompt (at most {studio.max_upload_bytes} bytes: 413)")
+    @app.post("/api/prompts", summary=f"Upload an audio prompt (at most {studio.max_upload_bytes} bytes: 413)",
+              responses={400: {"description": "the upload is not audio"},
+                         413: {"description": f"the upload is over {studio.max_upload_bytes} bytes"}})
     def upload_prompt(file: UploadFile = File(...)):
         blocks = iter(lambda: file.file.read(1 << 20), b"")  # counted while read: it stops at the limit
         return {"prompt_id": studio.store_prompt(blocks)}
 
-    @app.post("/api/generate", status_code=202, summary="Queue a generation -> {job}")
+    @app.post("/api/generate", status_code=202, summary="Queue a generation -> {job}",
+              responses={404: {"description": "unknown model, artist or prompt"},
+                         422: {"description": "a setting out of stage 5's range (the reason says which)"}})
     def generate(request: GenerateRequest):
         return {"job": studio.submit(request.model_dump()).id}
 
