@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 import time
 
 import numpy as np
@@ -123,6 +124,7 @@ def test_cancel_mid_run_leaves_no_file_under_a_final_name(client, studio):
     status = wait_for(client, job)
     assert status["state"] == "cancelled" and 0 < status["progress"] < 1 and status["pieces"] == []
     assert final_files(studio) == []
+    assert not [thread for thread in threading.enumerate() if thread.name == "stage5-decoder"]  # closed, not leaked
     assert client.get("/api/pieces").json() == []
     after = wait_for(client, generate(client, seconds=0.5))  # the worker goes on with the next job
     assert after["state"] == "done"
@@ -148,6 +150,16 @@ def test_an_audio_prompt_is_uploaded_and_continued(client):
     assert status["state"] == "done", status
     sidecar = client.get(f"/api/pieces/{status['pieces'][0]}").json()
     assert sidecar["prompt"]["kind"] == "audio" and 0 < sidecar["prompt"]["frames"] <= 75
+
+
+def test_a_job_stage5_refuses_fails_with_its_reason_and_writes_nothing(client, studio):
+    upload = io.BytesIO()
+    sf.write(upload, sine_tone(1.0), 48_000, format="WAV")
+    prompt = client.post("/api/prompts", files={"file": ("riff.wav", upload.getvalue(), "audio/wav")}).json()
+    status = wait_for(client, generate(client, seconds=0.5, **prompt))  # the prompt is longer than the piece
+    assert status["state"] == "failed" and "nothing to generate" in status["error"]
+    assert status["pieces"] == [] and final_files(studio) == []
+    assert wait_for(client, generate(client, seconds=0.5))["state"] == "done"  # the worker goes on
 
 
 @pytest.mark.parametrize("settings, status, reason", [
