@@ -10,6 +10,7 @@ codec chunks, normalise, and write `<name>.{wav,th,json,png}` per piece into
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -332,22 +333,38 @@ def main(argv=None) -> int:
 
 
 def generate_pieces(args) -> int:
+    return write_pieces(args).exit_code()
+
+
+def write_pieces(args, preloaded: Preloaded | None = None, on_frames=None, cancel=None) -> StageReport:
+    """Generate and write every piece `args` asks for -> the report (the studio's entry point too).
+
+    `preloaded`: a model and codec kept in memory (else loaded from `args`); `on_frames(done, total)`
+    after each final frame instead of the tqdm bar; `cancel()` True stops generation
+    (`GenerationCancelled`) before anything is written.
+    """
     started = time.time()
     out_folder = args.root / "music_transformer" / args.artist
     names = piece_names(args.name, args.num_samples)
+    report = StageReport(stage=STAGE, artist=args.artist, started=started)
     todo = [name for name in names if args.overwrite or not is_complete(out_folder, name)]
     if not todo:
         LOG.info("all %d piece(s) already exist in %s: nothing to do (pass --overwrite or another --name)",
                  len(names), out_folder)
-        return 0
+        report.skipped.extend(names)
+        return report
     remove_stale_temporaries(out_folder)
-    run = prepare(args)
+    run = prepare(args, preloaded)
     decoder = None if not overlapped(run) else OverlappedDecoder(
         run.codec, run.scales, run.audio_samples, args.num_samples, chunks_per_pass(run), run.threads.decode)
-    frames, detector = generate(run, decoder)
+    try:
+        frames, detector = generate(run, decoder, on_frames, cancel)
+    except BaseException:
+        if decoder is not None:
+            decoder.close()  # a cancelled or failed generation leaves no worker behind
+        raise
     notes: list = []
     waves = decode_pieces(run, frames, decoder, notes)
-    report = StageReport(stage=STAGE, artist=args.artist, started=started)
     for index, name in enumerate(names):
         if name not in todo:
             report.skipped.append(name)
@@ -358,13 +375,22 @@ def generate_pieces(args) -> int:
         except (OSError, RuntimeError, ValueError) as error:  # one piece's failure must not lose the others
             report.fail(out_folder / name, f"{type(error).__name__}: {error}", LOG)
     LOG.info("%s", report.summary())
-    return report.exit_code()
+    return report
 
 
-def prepare(args) -> Run:
+@dataclass
+class Preloaded:
+    """A checkpoint's model and its codec, loaded once and reused (the studio keeps one per model)."""
+
+    loaded: LoadedModel
+    codec: object
+    device: str
+    load_seconds: float
+
+
+def load_model_and_codec(args) -> Preloaded:
+    """The checkpoint `args` names (`--checkpoint`, `--epoch`, else the artist's best/last) and its codec."""
     started = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     loaded = load_checkpoint(find_checkpoint(args.root, args.artist, args.checkpoint, args.epoch), device)
     if args.dtype == "bfloat16":
@@ -377,7 +403,19 @@ def prepare(args) -> Run:
         raise StageError(str(error)) from None
     if not codec.pretrained:
         LOG.warning("%s", UNTRAINED_WARNING)
-    load_seconds = time.perf_counter() - started
+    return Preloaded(loaded=loaded, codec=codec, device=device, load_seconds=time.perf_counter() - started)
+
+
+def prepare(args, preloaded: Preloaded | None = None) -> Run:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if preloaded is None:
+        preloaded = load_model_and_codec(args)
+        load_seconds = preloaded.load_seconds
+    else:
+        load_seconds = 0.0  # already in memory
+    loaded, codec, device = preloaded.loaded, preloaded.codec, preloaded.device
+    prompt_started = time.perf_counter()
     prompt = build_prompt(args, codec, loaded)
     context, stride = resolve_window(args, loaded)
     audio_samples = round(args.seconds * SAMPLE_RATE)
@@ -394,7 +432,7 @@ def prepare(args) -> Run:
     run = Run(args=args, loaded=loaded, codec=codec, prompt=prompt, seed=seed, device=device, context=context,
               stride=stride, total_frames=total_frames, audio_samples=audio_samples, scales=scales,
               scale_sources=scale_sources, threads=threads)
-    run.timings.update(load_s=load_seconds, prompt_s=time.perf_counter() - started - load_seconds)
+    run.timings.update(load_s=load_seconds, prompt_s=time.perf_counter() - prompt_started)
     return run
 
 
@@ -436,8 +474,13 @@ def build_prompt(args, codec, loaded: LoadedModel) -> Prompt:
     return Prompt(frames=None, scales=None)
 
 
-def generate(run: Run, decoder: OverlappedDecoder | None) -> tuple[torch.Tensor, CollapseDetector]:
-    """Generate every piece's frames `[B, N, Q]`, feeding finished frames to `decoder` as they come."""
+def generate(run: Run, decoder: OverlappedDecoder | None, on_frames=None,
+             cancel=None) -> tuple[torch.Tensor, CollapseDetector]:
+    """Generate every piece's frames `[B, N, Q]`, feeding finished frames to `decoder` as they come.
+
+    `on_frames(done, total)` reports the frames generated so far (else a tqdm bar on stderr); `cancel`
+    goes to the core.
+    """
     args = run.args
     collapse = CollapseSettings(bits=args.collapse_bits, window=args.collapse_window, boost=args.boost,
                                 boost_frames=args.boost_frames, max_temperature=args.max_temperature)
@@ -446,23 +489,32 @@ def generate(run: Run, decoder: OverlappedDecoder | None) -> tuple[torch.Tensor,
     settings = GenerationSettings(pattern=run.loaded.contract["pattern"], context_frames=run.context,
                                   stride_frames=run.stride, use_cache=not args.no_cache, num_samples=args.num_samples,
                                   engine=args.engine, cuda_graph=not args.no_cuda_graph)
-    from tqdm import tqdm
-
     to_generate = run.total_frames - run.prompt.n_frames
     started = time.perf_counter()
-    with tqdm(total=to_generate, unit="frame", desc="generating", mininterval=0.5) as bar:
+    with contextlib.ExitStack() as stack:
+        if on_frames is None:
+            on_frames = tqdm_reporter(stack, to_generate)
+
         def progress(final_frames: int, frames: torch.Tensor) -> None:
-            bar.update(final_frames - run.prompt.n_frames - bar.n)
+            on_frames(final_frames - run.prompt.n_frames, to_generate)
             if decoder is not None:
                 decoder.frames_final(final_frames, frames)
 
         frames, detector = generate_frames(run.loaded.model, run.prompt.frames, run.total_frames, settings, sampling,
-                                           collapse, run.seed, run.device, progress=progress,
+                                           collapse, run.seed, run.device, progress=progress, cancel=cancel,
                                            threads=run.threads.generate)
     run.timings["generate_s"] = time.perf_counter() - started
     LOG.info("generated %d frames x %d piece(s) in %.1f s (%.0f frames/s)", to_generate, args.num_samples,
              run.timings["generate_s"], to_generate / max(run.timings["generate_s"], 1e-9))
     return frames.cpu(), detector
+
+
+def tqdm_reporter(stack: contextlib.ExitStack, total: int):
+    """A tqdm bar (frames/s on stderr) entered on `stack` -> the `on_frames(done, total)` that moves it."""
+    from tqdm import tqdm
+
+    bar = stack.enter_context(tqdm(total=total, unit="frame", desc="generating", mininterval=0.5))
+    return lambda done, _total: bar.update(done - bar.n)
 
 
 def decode_pieces(run: Run, frames: torch.Tensor, decoder: OverlappedDecoder | None, notes: list) -> list:

@@ -1,0 +1,391 @@
+"""The local studio's web app: a page and a JSON API over stage 5 (`scripts/studio.py` serves it).
+
+No generation code of its own: a request becomes stage 5's options (parsed by stage 5's own
+parser, so the defaults and limits are the command line's), and a single worker thread runs
+stage 5's `write_pieces` with a model kept in memory per model name, reporting progress through
+the core's progress callback and stopping through its cancel check. Pieces land where stage 5
+writes them (`music_transformer/<artist>/<name>.{wav,th,png,json}`), so the command line and the
+studio share one history.
+
+Nothing from a request is used as a filesystem path: models, artists, prompts and pieces are
+looked up by id in what the server found on disk or stored itself.
+"""
+
+import argparse
+import json
+import logging
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from .cli import StageError, error_reason
+from .codec import UNTRAINED_WARNING, parse_random_spec
+from .files import is_temporary
+from .generation import GenerationCancelled
+from .stages import load_stage
+
+LOG = logging.getLogger("pipeline.studio")
+PAGE = Path(__file__).with_name("studio_page.html")
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # an audio prompt: a few minutes of WAV; larger uploads get 413
+MAX_SECONDS = 600.0  # the longest piece a request may ask for (the command line has no such limit)
+# stage 5's options a request may set (field name = option name with '-' as '_'); issue 12's can join
+STAGE5_FIELDS = ("seconds", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "num_samples",
+                 "prompt_seconds")
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:-]{0,200}$")
+
+
+class StudioError(Exception):
+    """A request the studio refuses: an HTTP status and a reason."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def refuse_unsafe_id(value: str, what: str) -> None:
+    """An id is a name, never a path: '..' or a separator is refused (404: no such thing)."""
+    if "/" in value or "\\" in value or ".." in value or not SAFE_ID.match(value):
+        raise StudioError(404, f"{what} {value!r} is not one (an id holds no '..' or path separator)")
+
+
+# ==== what lies on disk =======================================================================
+class Catalog:
+    """The models under `model_results/` and the pieces under `music_transformer/`, found by listing."""
+
+    def __init__(self, root: Path, stage5):
+        self.root, self.stage5 = root, stage5
+        self._codec_specs: dict = {}  # (path, mtime) -> the checkpoint's codec spec
+
+    def models(self) -> dict[str, Path]:
+        """Model name -> checkpoint (best.pt, else last.pt) for every folder of `model_results/`."""
+        found = {}
+        folder = self.root / "model_results"
+        for model in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if model.name.startswith(".") or not model.is_dir():
+                continue
+            checkpoint = next((model / name for name in ("best.pt", "last.pt") if (model / name).is_file()), None)
+            if checkpoint is not None:
+                found[model.name] = checkpoint
+        return found
+
+    @staticmethod
+    def artists_of(model: str) -> list[str]:
+        """A stage-4 model is trained on one artist, its folder's name (issue 12 widens this)."""
+        return [model]
+
+    def codec_spec(self, checkpoint: Path) -> str | None:
+        """The checkpoint's codec spec, read once per file version (memory-mapped: weights stay on disk)."""
+        key = (checkpoint, checkpoint.stat().st_mtime_ns)
+        if key not in self._codec_specs:
+            import torch
+
+            try:
+                saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+                self._codec_specs[key] = str(saved["token_contract"]["codec"])
+            except Exception as error:  # noqa: BLE001 - a listing must not fail on one odd file
+                LOG.warning("%s: cannot read its codec (%s)", checkpoint, error_reason(error))
+                self._codec_specs[key] = None
+        return self._codec_specs[key]
+
+    def pieces(self) -> dict[str, Path]:
+        """Piece id (`<artist>:<name>`) -> its stem, for every finished piece (its sidecar JSON written last)."""
+        found = {}
+        folder = self.root / "music_transformer"
+        for sidecar in sorted(folder.glob("*/*.json")) if folder.is_dir() else []:
+            if is_temporary(sidecar) or sidecar.parent.name.startswith("."):
+                continue
+            if self.stage5.is_complete(sidecar.parent, sidecar.stem):
+                found[piece_id(sidecar.parent.name, sidecar.stem)] = sidecar.with_suffix("")
+        return found
+
+    def piece(self, identifier: str) -> Path:
+        refuse_unsafe_id(identifier, "piece id")
+        stem = self.pieces().get(identifier)
+        if stem is None:
+            raise StudioError(404, f"no piece {identifier!r}")
+        return stem
+
+
+def piece_id(artist: str, name: str) -> str:
+    return f"{artist}:{name}"
+
+
+def piece_summary(identifier: str, stem: Path) -> dict:
+    """What the page lists for a piece: its id, links and a few sidecar fields."""
+    sidecar = json.loads(stem.with_suffix(".json").read_text())
+    base = f"/api/pieces/{identifier}"
+    return {"id": identifier, "artist": sidecar.get("artist"), "name": sidecar.get("name"),
+            "duration_s": sidecar.get("duration_s"), "seed": sidecar.get("seed"),
+            "created": stem.with_suffix(".json").stat().st_mtime,
+            "collapse_events": sidecar.get("collapse_events", []), "warning": sidecar.get("warning"),
+            "audio": f"{base}/audio", "spectrogram": f"{base}/spectrogram", "sidecar": base}
+
+
+# ==== stage 5's options =======================================================================
+def stage5_args(stage5, settings: dict, root: Path, artist: str, checkpoint: Path, name: str,
+                prompt: Path | None):
+    """The request's settings as stage 5's parsed options: its parser's defaults and limits (422 otherwise)."""
+    argv = ["--root", str(root), "--artist", artist, "--checkpoint", str(checkpoint), "--name", name,
+            "--log-level", "WARNING"]
+    for key in STAGE5_FIELDS:
+        if settings.get(key) is not None:
+            argv += [f"--{key.replace('_', '-')}", str(settings[key])]
+    if prompt is not None:
+        argv += ["--prompt-audio", str(prompt)]
+    parser = stage5.build_parser()
+
+    def refuse(message: str):  # "argument --top-p: 0.0 must be > 0.0" -> "top_p: 0.0 must be > 0.0"
+        raise StudioError(422, re.sub(r"argument --([a-z-]+)", lambda m: m.group(1).replace("-", "_"), message))
+
+    parser.error = refuse  # argparse would exit the process
+    return parser.parse_args(argv)
+
+
+class GenerateRequest(BaseModel):
+    """Stage 5's options by name; an omitted one takes stage 5's default."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str | None = None
+    artist: str | None = None
+    seconds: float | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    num_samples: int | None = None
+    prompt_id: str | None = None
+    prompt_seconds: float | None = None
+
+
+# ==== jobs ====================================================================================
+@dataclass
+class Job:
+    id: str
+    model: str
+    args: argparse.Namespace
+    state: str = "queued"
+    progress: float = 0.0
+    frames_per_second: float | None = None
+    error: str | None = None
+    pieces: list = field(default_factory=list)
+    warning: str | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+
+    def as_dict(self) -> dict:
+        return {"job": self.id, "state": self.state, "progress": round(self.progress, 4),
+                "frames_per_second": self.frames_per_second, "error": self.error, "pieces": list(self.pieces),
+                "model": self.model, "artist": self.args.artist, "warning": self.warning}
+
+    def on_frames(self, done: int, total: int) -> None:
+        self.progress = done / max(total, 1)
+        elapsed = time.perf_counter() - self.started
+        if elapsed > 0:
+            self.frames_per_second = round(done * self.args.num_samples / elapsed, 1)
+
+
+class Studio:
+    """The models in memory, the uploaded prompts and the job queue, run by one worker thread."""
+
+    def __init__(self, root: Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_seconds: float = MAX_SECONDS):
+        self.root = Path(root)
+        self.max_seconds = max_seconds
+        self.stage5 = load_stage("5_MusicPrediction")
+        self.catalog = Catalog(self.root, self.stage5)
+        self.max_upload_bytes = max_upload_bytes
+        self.prompt_folder = Path(tempfile.mkdtemp(prefix="studio-prompts-"))
+        self.prompts: dict[str, Path] = {}
+        self.models: dict = {}  # model name -> stage 5's Preloaded, loaded on first use
+        self.jobs: dict[str, Job] = {}
+        self.queue: queue.Queue = queue.Queue()
+        self.worker = threading.Thread(target=self._work, name="studio-worker", daemon=True)
+        self.worker.start()
+
+    def close(self) -> None:
+        for job in self.jobs.values():
+            job.cancel_requested.set()
+        self.queue.put(None)
+        self.worker.join(timeout=30)
+        shutil.rmtree(self.prompt_folder, ignore_errors=True)
+
+    # ---- requests -------------------------------------------------------------------------
+    def model_list(self) -> list[dict]:
+        listed = []
+        for name, checkpoint in self.catalog.models().items():
+            spec = self.catalog.codec_spec(checkpoint)
+            listed.append({"name": name, "artists": self.catalog.artists_of(name), "checkpoint": checkpoint.name,
+                           "loaded": name in self.models, "codec": spec,
+                           "codec_untrained": None if spec is None else parse_random_spec(spec) is not None})
+        return listed
+
+    def store_prompt(self, chunks) -> str:
+        """Save an uploaded file (an iterable of byte blocks) as a prompt if it is audio -> its id."""
+        from .audio import AudioDecodeError, open_audio
+
+        limit = self.max_upload_bytes
+        identifier = uuid.uuid4().hex
+        path = self.prompt_folder / identifier
+        size = 0
+        with open(path, "wb") as handle:
+            for block in chunks:
+                size += len(block)
+                if size > limit:
+                    handle.close()
+                    path.unlink()
+                    raise StudioError(413, f"the upload is over the limit of {limit} bytes")
+                handle.write(block)
+        try:
+            open_audio(path).close()
+        except AudioDecodeError as error:
+            path.unlink()
+            raise StudioError(400, f"not audio: {error_reason(error).replace(str(path), 'the upload')}") from None
+        self.prompts[identifier] = path
+        return identifier
+
+    def submit(self, settings: dict) -> Job:
+        """Check a generation request (4xx, nothing changed) and queue it."""
+        model, artist = settings.get("model"), settings.get("artist")
+        if settings.get("seconds") is not None and settings["seconds"] > self.max_seconds:
+            raise StudioError(422, f"seconds: {settings['seconds']:g} is over this studio's limit of "
+                                   f"{self.max_seconds:g} s (scripts/studio.py --max-seconds)")
+        if model is None and artist is None:
+            raise StudioError(422, "name a model or an artist")
+        model = model if model is not None else artist
+        refuse_unsafe_id(model, "model")
+        checkpoint = self.catalog.models().get(model)
+        if checkpoint is None:
+            raise StudioError(404, f"no model {model!r} under model_results/")
+        artist = artist if artist is not None else self.catalog.artists_of(model)[0]
+        if artist not in self.catalog.artists_of(model):
+            raise StudioError(404, f"model {model!r} knows no artist {artist!r}")
+        prompt = None
+        if settings.get("prompt_id") is not None:
+            prompt = self.prompts.get(settings["prompt_id"])
+            if prompt is None:
+                raise StudioError(404, f"no prompt {settings['prompt_id']!r} (upload one to /api/prompts)")
+        identifier = uuid.uuid4().hex[:12]
+        name = f"studio-{time.strftime('%Y%m%d-%H%M%S')}-{identifier}"
+        args = stage5_args(self.stage5, settings, self.root, artist, checkpoint, name, prompt)
+        job = Job(id=identifier, model=model, args=args)
+        self.jobs[identifier] = job
+        self.queue.put(job)
+        return job
+
+    def job(self, identifier: str) -> Job:
+        refuse_unsafe_id(identifier, "job id")
+        if identifier not in self.jobs:
+            raise StudioError(404, f"no job {identifier!r}")
+        return self.jobs[identifier]
+
+    def cancel(self, identifier: str) -> Job:
+        job = self.job(identifier)
+        job.cancel_requested.set()
+        if job.state == "queued":
+            job.state = "cancelled"  # the worker skips it
+        return job
+
+    # ---- the worker -----------------------------------------------------------------------
+    def _work(self) -> None:
+        while (job := self.queue.get()) is not None:
+            if job.cancel_requested.is_set():
+                job.state = "cancelled"
+                continue
+            job.state = "running"
+            try:
+                self._run(job)
+            except GenerationCancelled:
+                job.state = "cancelled"
+            except StageError as error:  # stage 5's plain refusal (a prompt too long for the piece, say)
+                job.state, job.error = "failed", error_reason(error)
+            except Exception as error:  # noqa: BLE001 - a job's failure must not stop the worker
+                LOG.exception("job %s failed", job.id)
+                job.state, job.error = "failed", f"{type(error).__name__}: {error_reason(error)}"
+
+    def _run(self, job: Job) -> None:
+        stage5 = self.stage5
+        if job.model not in self.models:
+            self.models[job.model] = stage5.load_model_and_codec(job.args)
+        preloaded = self.models[job.model]
+        job.started = time.perf_counter()  # frames/s counts generation, not the model's first load
+        job.warning = None if preloaded.codec.pretrained else UNTRAINED_WARNING
+        report = stage5.write_pieces(job.args, preloaded, on_frames=job.on_frames,
+                                     cancel=job.cancel_requested.is_set)
+        job.pieces = [piece_id(job.args.artist, name) for name in report.done]
+        if report.failed:
+            job.state, job.error = "failed", "; ".join(failure["reason"] for failure in report.failed)
+        else:
+            job.state, job.progress = "done", 1.0
+
+
+# ==== the HTTP app ============================================================================
+def create_app(studio: Studio):
+    """The FastAPI app: `GET /` (the page), `/api/...` (JSON, documented at `/docs`)."""
+    from fastapi import FastAPI, File, Request, UploadFile
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+    app = FastAPI(title="MusicTransformer studio", version="1",
+                  description="Generate pieces with stage 5 and listen to them. Uploads over "
+                              f"{studio.max_upload_bytes} bytes get 413.")
+    app.state.studio = studio
+
+    @app.exception_handler(StudioError)
+    async def refused(_request: Request, error: StudioError):
+        return JSONResponse({"detail": error.reason}, status_code=error.status)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/api/models", summary="Trained models and the artists each can generate")
+    def models():
+        return studio.model_list()
+
+    @app.post("/api/prompts", summary=f"Upload an audio prompt (at most {studio.max_upload_bytes} bytes: 413)",
+              responses={400: {"description": "the upload is not audio"},
+                         413: {"description": f"the upload is over {studio.max_upload_bytes} bytes"}})
+    def upload_prompt(file: UploadFile = File(...)):
+        blocks = iter(lambda: file.file.read(1 << 20), b"")  # counted while read: it stops at the limit
+        return {"prompt_id": studio.store_prompt(blocks)}
+
+    @app.post("/api/generate", status_code=202, summary="Queue a generation -> {job}",
+              responses={404: {"description": "unknown model, artist or prompt"},
+                         422: {"description": "a setting out of stage 5's range (the reason says which)"}})
+    def generate(request: GenerateRequest):
+        return {"job": studio.submit(request.model_dump()).id}
+
+    @app.get("/api/jobs/{job_id}", summary="A job's state, progress (0..1), frames/s, error and pieces")
+    def job(job_id: str):
+        return studio.job(job_id).as_dict()
+
+    @app.delete("/api/jobs/{job_id}", summary="Cancel a queued or running job")
+    def cancel(job_id: str):
+        return studio.cancel(job_id).as_dict()
+
+    @app.get("/api/pieces", summary="Every finished piece, newest first")
+    def pieces():
+        listed = [piece_summary(identifier, stem) for identifier, stem in studio.catalog.pieces().items()]
+        return sorted(listed, key=lambda piece: piece["created"], reverse=True)
+
+    @app.get("/api/pieces/{piece_id}", summary="A piece's sidecar JSON")
+    def piece(piece_id: str):
+        return json.loads(studio.catalog.piece(piece_id).with_suffix(".json").read_text())
+
+    @app.get("/api/pieces/{piece_id}/audio", summary="A piece's WAV (48 kHz stereo)")
+    def audio(piece_id: str):
+        stem = studio.catalog.piece(piece_id)
+        return FileResponse(stem.with_suffix(".wav"), media_type="audio/wav", filename=f"{stem.name}.wav")
+
+    @app.get("/api/pieces/{piece_id}/spectrogram", summary="A piece's spectrogram (PNG)")
+    def spectrogram(piece_id: str):
+        return FileResponse(studio.catalog.piece(piece_id).with_suffix(".png"), media_type="image/png")
+
+    return app
