@@ -204,3 +204,150 @@ def test_a_joint_model_records_its_artists_and_scores_each(stage4, tmp_path):
     with pytest.raises(StageError, match="same --artist list"):
         stage4.main(["--artist", "High", "--artist", "Low", "--name", "Both", "--root", tmp_path, *TINY,
                      "--epochs", "5", "--resume"])
+
+
+# ---- generation: CFG arithmetic and the guided engine ----------------------------------------------------------
+def test_guidance_combines_the_two_halves_of_one_batch():
+    from pipeline.generation import GuidedSteps
+
+    class Fixed:
+        name = "fixed"
+
+        def prefill(self, tokens):
+            self.rows = tokens.shape[0]
+            return torch.stack([torch.full((2, 5), 2.0), torch.full((2, 5), 0.5)])  # [2B=2, Q, V]
+
+    guided = GuidedSteps(Fixed(), 3.0)
+    logits = guided.prefill(torch.zeros(1, 1, 2, dtype=torch.long))
+    assert guided.inner.rows == 2  # conditioned and unconditioned rows in one call
+    assert torch.allclose(logits, torch.full((1, 2, 5), 0.5 + 3.0 * (2.0 - 0.5)))
+    assert torch.allclose(GuidedSteps(Fixed(), 1.0).prefill(torch.zeros(1, 1, 2, dtype=torch.long)),
+                          torch.full((1, 2, 5), 2.0))  # coefficient 1: the conditioned logits
+
+
+@pytest.mark.parametrize("engine", ["lean", "transformers"])
+def test_the_guided_engine_equals_two_separate_passes(stage4, engine):
+    from pipeline.generation import GenerationSettings, SamplingSettings, TokenGenerator, label_weights
+
+    torch.manual_seed(0)
+    model = stage4.MusicTransformer(tiny_args(stage4, n_artists=2)).eval()
+    with torch.no_grad():
+        model.artist_table.weight.normal_(std=1.0)  # labels that matter
+    weights = label_weights(1, 2)
+    settings = GenerationSettings(context_frames=30, stride_frames=10, num_samples=2, engine=engine,
+                                  artist_weights=weights, cfg_coef=2.5)
+    generator = TokenGenerator(model, settings, SamplingSettings(), None, None, "cpu")
+    steps = generator.make_steps(2)
+    if engine == "lean":
+        assert steps.inner.decoder.batch == 4  # one decoder of 2B rows: one batched step
+    tokens = torch.randint(0, 1024, (2, 6, 4))
+    row = torch.randint(0, 1024, (2, 1, 4))
+    with torch.inference_mode():
+        guided = [steps.prefill(tokens), steps.step(row, 6)]
+        logits = {}
+        for label in (1, 2):  # the artist, then "no artist"
+            rows = torch.tensor(label_weights(label, 2)).expand(2, -1)
+            own = model(torch.cat([tokens, row], dim=1), artist=rows)[0]  # [B, 7, Q, V]
+            logits[label] = [own[:, 5], own[:, 6]]
+    for index in range(2):
+        expected = logits[2][index] + 2.5 * (logits[1][index] - logits[2][index])
+        assert torch.allclose(guided[index], expected, atol=1e-4)
+
+
+def test_an_unconditioned_model_ignores_labels_and_guidance(stage4):
+    from pipeline.generation import GenerationSettings, SamplingSettings, generate_frames
+
+    torch.manual_seed(0)
+    model = stage4.MusicTransformer(tiny_args(stage4)).eval()
+    plain = GenerationSettings(context_frames=30, stride_frames=10, num_samples=2)
+    asked = GenerationSettings(context_frames=30, stride_frames=10, num_samples=2, artist_weights=(1.0, 0.0),
+                               cfg_coef=3.0)
+    first, _ = generate_frames(model, None, 40, plain, SamplingSettings(), None, 5, "cpu")
+    second, _ = generate_frames(model, None, 40, asked, SamplingSettings(), None, 5, "cpu")
+    assert torch.equal(first, second)
+
+
+def test_blend_weights_are_checked_and_normalised():
+    from pipeline.generation import blend_weights
+
+    assert blend_weights({"A": 3.0, "B": 1.0}, ["A", "B"]) == pytest.approx((0.75, 0.25, 0.0))
+    assert blend_weights({"B": 2.0}, ["A", "B"]) == pytest.approx((0.0, 1.0, 0.0))
+    with pytest.raises(ValueError, match="'C' is not one of the model's artists: A, B"):
+        blend_weights({"C": 1.0}, ["A", "B"])
+    with pytest.raises(ValueError, match=">= 0"):
+        blend_weights({"A": -1.0, "B": 2.0}, ["A", "B"])
+    with pytest.raises(ValueError, match="sum to 0"):
+        blend_weights({"A": 0.0, "B": 0.0}, ["A", "B"])
+
+
+# ---- stage 5 with a joint model trained by stage 4 ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def joint_root(transformer_module, tmp_path_factory):
+    """Two demo artists (codes 0..255 and 768..1023) trained into one model, model_results/Both/."""
+    root = tmp_path_factory.mktemp("joint")
+    write_band_dataset(root, "Low", 0, 256)
+    write_band_dataset(root, "High", 768, 1024)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        status = transformer_module.main(["--artist", "Low", "--artist", "High", "--name", "Both", "--root", root,
+                                          *TINY, "--epochs", "30", "--lr", "1e-2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 0
+    return root
+
+
+@pytest.fixture
+def stage5_run(stage5, random_codec, monkeypatch):
+    monkeypatch.setattr(stage5, "load_codec", lambda spec, device="cpu": random_codec)
+
+    def run(root, *args):
+        argv = ["--root", str(root), "--log-level", "WARNING", "--seconds", "0.5", "--seed", "1", "--threads", "1",
+                *map(str, args)]
+        return run_main(stage5.main, argv)
+
+    return run
+
+
+def generated(root, label, name="sample"):
+    folder = root / "music_transformer" / label
+    from pipeline.contract import load_token_file
+
+    tokens = load_token_file(folder / f"{name}.th")
+    return tokens.codes[0, :, :70].long(), json.loads((folder / f"{name}.json").read_text())  # [Q, T] real frames
+
+
+def test_a_joint_model_plays_each_artist_a_blend_and_guided(joint_root, stage5_run):
+    last = joint_root / "model_results" / "Both" / "last.pt"  # best.pt is epoch 1: random tokens overfit
+    for artist in ("Low", "High"):
+        assert stage5_run(joint_root, "--model", "Both", "--artist", artist, "--checkpoint", last) == 0
+    codes_low, sidecar = generated(joint_root, "Low")
+    codes_high, _ = generated(joint_root, "High")
+    assert sidecar["artist"] == "Low" and sidecar["conditioning"]["model"] == "Both"
+    assert sidecar["conditioning"]["artists"] == ["Low", "High"] and sidecar["conditioning"]["label"] == "Low"
+    assert sidecar["conditioning"]["cfg_coef"] == 3.0 and sidecar["conditioning"]["weights"] == [1.0, 0.0, 0.0]
+    # the label steers: each artist's pieces lie mostly in its own quarter of the codebook
+    low_share = {"Low": float((codes_low < 256).float().mean()), "High": float((codes_high < 256).float().mean())}
+    high_share = {"Low": float((codes_low >= 768).float().mean()), "High": float((codes_high >= 768).float().mean())}
+    assert low_share["Low"] > 0.8 and high_share["High"] > 0.8
+    assert stage5_run(joint_root, "--model", "Both", "--blend", "Low=3,High=1", "--cfg-coef", "1", "--checkpoint",
+                      last) == 0
+    _, blend = generated(joint_root, "blend_Low-0.75_High-0.25")
+    assert blend["conditioning"]["blend"] == {"Low": 0.75, "High": 0.25}
+    assert blend["conditioning"]["weights"] == [0.75, 0.25, 0.0] and blend["conditioning"]["cfg_coef"] == 1.0
+    assert blend["conditioning"]["label"] is None
+
+
+def test_bad_artist_options_are_named(joint_root, stage5_run, capsys):
+    assert stage5_run(joint_root, "--model", "Both", "--artist", "Nobody") == 2
+    error = capsys.readouterr().err
+    assert "'Nobody' is not one of the artists" in error and "Low, High" in error
+    assert stage5_run(joint_root, "--model", "Both", "--blend", "Low=1,Nobody=1") == 2
+    assert stage5_run(joint_root, "--model", "Both", "--artist", "Low", "--blend", "Low=1") == 2
+    assert stage5_run(joint_root, "--blend", "Low=1") == 2  # a blend needs --model
+    for blend in ("Low=-1,High=2", "Low=0,High=0", "Low"):
+        with pytest.raises(SystemExit) as stopped:
+            stage5_run(joint_root, "--model", "Both", "--blend", blend)
+        assert stopped.value.code == 2
+    assert not (joint_root / "music_transformer" / "Nobody").exists()
