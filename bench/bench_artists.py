@@ -103,12 +103,12 @@ def valid_nll(model, checkpoint: dict, root: Path, artist: str, label: int | Non
     return stage4.bits_per_frame(sums[:q], sums[q:])[0]
 
 
-def cfg_overhead(model, checkpoint: dict, options) -> dict:
+def cfg_overhead(model, pattern: str, context_frames: int, options) -> dict:
     """Seconds per generated frame without and with CFG (the same model, label 0, lean engine)."""
-    context = min(int(checkpoint["train_args"]["context_frames"]), options.cfg_frames)
+    context = min(int(context_frames), options.cfg_frames)
     times = {}
     for coef in (1.0, 3.0, 1.0, 3.0):  # twice each, interleaved: the second of each pair is kept
-        settings = GenerationSettings(pattern=checkpoint["train_args"]["pattern"], context_frames=context,
+        settings = GenerationSettings(pattern=pattern, context_frames=context,
                                       stride_frames=max(1, context // 2), num_samples=options.cfg_batch,
                                       artist_weights=label_weights(0, model.args.n_artists), cfg_coef=coef)
         started = time.perf_counter()
@@ -117,6 +117,22 @@ def cfg_overhead(model, checkpoint: dict, options) -> dict:
             torch.cuda.synchronize()
         times[coef] = (time.perf_counter() - started) / options.cfg_frames
     return {"s_per_frame_unguided": times[1.0], "s_per_frame_cfg": times[3.0], "ratio": times[3.0] / times[1.0]}
+
+
+def time_cfg_only(options) -> int:
+    """CFG's cost per frame on an untrained model of --preset (the time does not depend on the weights)."""
+    torch.set_num_threads(1 if options.device == "cpu" else torch.get_num_threads())
+    torch.manual_seed(0)
+    model_args = stage4.model_args_for(options.preset, 4, int(options.context_frames))
+    model_args.n_artists = 2
+    model = stage4.MusicTransformer(model_args).to(options.device).eval()
+    cfg = cfg_overhead(model, options.pattern, int(options.context_frames), options)
+    print(f"{options.preset}, batch {options.cfg_batch}, {options.cfg_frames} frames on {options.device}: "
+          f"{cfg['s_per_frame_unguided'] * 1e3:.2f} -> {cfg['s_per_frame_cfg'] * 1e3:.2f} ms/frame with CFG "
+          f"({cfg['ratio']:.2f}x; goal <= 1.3x)")
+    if options.json:
+        options.json.write_text(json.dumps(cfg, indent=2) + "\n")
+    return 0
 
 
 def steps_per_epoch(path: Path) -> int:
@@ -144,8 +160,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--cfg-frames", type=int, default=300, help="frames generated for the CFG timing")
     parser.add_argument("--cfg-batch", type=int, default=1, help="pieces generated together for the CFG timing")
+    parser.add_argument("--cfg-only", action="store_true",
+                        help="only the CFG timing, on an untrained --preset model with two labels (no songs)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     options = parser.parse_args(argv)
+    if options.cfg_only:
+        return time_cfg_only(options)
     if options.tiny:
         options.songs_per_artist, options.codec, options.clip_seconds = 2, "random:0", "10"
         options.valid_fraction = "0.5"
@@ -171,7 +191,8 @@ def main(argv=None) -> int:
             "joint_other_label": valid_nll(joint, joint_checkpoint, root, artist, 1 - label, options.device),
             "joint_no_artist": valid_nll(joint, joint_checkpoint, root, artist, 2, options.device)}
     results["valid_nll_bits_per_frame"] = table
-    results["cfg"] = cfg_overhead(joint, joint_checkpoint, options)
+    train_args = joint_checkpoint["train_args"]
+    results["cfg"] = cfg_overhead(joint, train_args["pattern"], train_args["context_frames"], options)
     print(f"steps per epoch: {results['steps_per_epoch']}  (joint ~ the sum of the two: equal compute)")
     print(f"{'artist':<12} {'own model':>10} {'joint, label':>13} {'other label':>12} {'no artist':>10}")
     for artist, row in table.items():

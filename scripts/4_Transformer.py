@@ -1122,6 +1122,9 @@ class Trainer:
                       "n/a" if metrics["valid_nll_bits_per_frame"] is None
                       else f"{metrics['valid_nll_bits_per_frame']:.3f}", abs(gain), "below" if gain >= 0 else "above",
                       metrics["lr"], metrics["frames_per_s"])
+        for artist, bits in metrics.get("valid_nll_by_artist", {}).items():
+            self.log.info("  %s: valid NLL %.3f bits/frame with its label, %.3f with 'no artist'", artist, bits,
+                          metrics["valid_nll_no_artist_by_artist"][artist])
         return metrics
 
     def epoch_metrics(self, totals: torch.Tensor) -> dict:
