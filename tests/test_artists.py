@@ -375,3 +375,53 @@ def test_run_pipeline_joint_trains_one_model_and_generates_per_artist(tmp_path):
     for artist in checkpoint["artists"]:
         sidecar = json.loads((root / "music_transformer" / artist / "sample.json").read_text())
         assert sidecar["conditioning"]["model"] == "Both" and sidecar["conditioning"]["label"] == artist
+
+
+def test_an_old_one_artist_checkpoint_generates_as_before(transformer_module, stage5_run, tmp_path):
+    """A checkpoint written before labels existed (no n_artists, no artists): loads, ignores --cfg-coef."""
+    from dataclasses import asdict
+
+    from pipeline.files import atomic_torch_save
+
+    torch.manual_seed(0)
+    args = transformer_module.model_args_for("tiny", 4, 40)
+    model = transformer_module.MusicTransformer(args)
+    model_args = {k: v for k, v in asdict(args).items() if k != "n_artists"}
+    contract = {"n_codebooks": 4, "bandwidth": 6.0, "codec": "random:0", "pattern": "delay", "frame_rate": 150,
+                "sample_rate": 48000, "context_frames": 40, "median_scale": 0.05}
+    atomic_torch_save({"format": 1, "model": model.state_dict(), "model_args": model_args,
+                       "token_contract": contract, "artist": "Old", "epoch": 1, "step": 3},
+                      tmp_path / "model_results" / "Old" / "best.pt")
+    assert stage5_run(tmp_path, "--artist", "Old", "--name", "plain") == 0
+    assert stage5_run(tmp_path, "--artist", "Old", "--name", "guided", "--cfg-coef", "3") == 0
+    plain, sidecar = generated(tmp_path, "Old", "plain")
+    guided, _ = generated(tmp_path, "Old", "guided")
+    assert torch.equal(plain, guided)  # no labels: guidance is off whatever is asked
+    assert sidecar["conditioning"] == {"model": "Old", "artists": ["Old"], "label": "Old", "blend": None,
+                                       "weights": None, "cfg_coef": 1.0}
+    assert stage5_run(tmp_path, "--model", "Old", "--blend", "Old=1") == 2  # a blend needs labels
+
+
+def test_a_joint_run_stopped_mid_epoch_resumes_exactly(stage4, tmp_path):
+    """Label dropout and balanced windows come from seeds: stop + resume == one straight run."""
+    for root in (tmp_path / "straight", tmp_path / "stopped"):
+        write_band_dataset(root, "Low", 0, 256)
+        write_band_dataset(root, "High", 768, 1024, lengths=(60, 40, 40))
+    common = ["--artist", "Low", "--artist", "High", "--name", "Both", *TINY, "--epochs", "2", "--dropout", "0.1"]
+    assert stage4.main([*common, "--root", tmp_path / "straight"]) == 0
+    assert stage4.main([*common, "--root", tmp_path / "stopped", "--max-steps", "3"]) == 0
+    assert load(results(tmp_path / "stopped", "Both") / "last.pt")["epoch_batches_done"] > 0  # stopped mid-epoch
+    assert stage4.main([*common, "--root", tmp_path / "stopped", "--resume"]) == 0
+    straight = load(results(tmp_path / "straight", "Both") / "last.pt")["model"]
+    resumed = load(results(tmp_path / "stopped", "Both") / "last.pt")["model"]
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_one_artist_with_a_name_goes_to_that_folder_unconditioned(stage4, tmp_path):
+    write_dataset(tmp_path, "A")
+    assert stage4.main(["--artist", "A", "--name", "Solo", "--root", tmp_path, *TINY, "--epochs", "1"]) == 0
+    checkpoint = load(results(tmp_path, "Solo") / "last.pt")
+    assert checkpoint["model_args"]["n_artists"] == 0 and checkpoint["artists"] == ["A"]
+    assert not results(tmp_path, "A").exists()
