@@ -54,7 +54,7 @@ class ModelArgs:
     dropout: float = 0.1
     tie_heads: bool = False  # True: the seed's heads, logits = proj(hidden) @ embedding table
     embed_init: str = "match"  # input channels start at std 0.02 ("match", the position table's), 1 ("unit") or ~0.004 ("gpt2", the seed)
-    n_artists: int = 0  # artist labels (0: unconditioned, no table); >0 adds n_artists + 1 embeddings ("no artist" last)
+    n_artists: int = 0  # artist labels; 0: unconditioned (no table), N > 0: N + 1 embeddings, "no artist" last
 
 
 # The seed's architecture, for checkpoints written before these fields existed.

@@ -3,6 +3,10 @@ window sampling, joint training (stage 4), and generation with a label, a blend 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -356,10 +360,6 @@ def test_bad_artist_options_are_named(joint_root, stage5_run, capsys):
 # ---- run_pipeline.sh --joint ---------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_run_pipeline_joint_trains_one_model_and_generates_per_artist(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = Path(__file__).resolve().parents[1] / "scripts" / "run_pipeline.sh"
     root = tmp_path / "demo"
     result = subprocess.run(
@@ -367,7 +367,7 @@ def test_run_pipeline_joint_trains_one_model_and_generates_per_artist(tmp_path):
          "--clip-seconds", "4", "--seconds", "1", "--codec", "random:0", "--preset", "tiny", "--epochs", "1",
          "--context-frames", "150", "--device", "cpu", "--joint", "Both"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**__import__("os").environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+        env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(p.name for p in (root / "model_results").iterdir()) == ["Both"]  # no per-artist models
     checkpoint = load(root / "model_results" / "Both" / "last.pt")

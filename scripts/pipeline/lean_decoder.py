@@ -158,7 +158,8 @@ class LeanDecoder:
         Attends to the whole cache under a validity mask (slots beyond `position` hold zeros or an
         older window's rows; the mask hides them). The caller advances `length`.
         """
-        x = self.model.embed(tokens, self.artist)[:, 0] + self.position_table.index_select(0, position)  # [B, 1, d] -> [B, d]
+        x = self.model.embed(tokens, self.artist)[:, 0]  # [B, 1, d] -> [B, d]
+        x = x + self.position_table.index_select(0, position)  # + [1, d]
         visible = (self.slots <= position).view(1, 1, 1, -1)  # [C] -> [1, 1, 1, C]
         for block, keys, values in zip(self.blocks, self.keys, self.values):
             q, k, v = self._split_heads(self._conv1d(self._norm(x, block.ln_1), block.attn.c_attn), 1)
