@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline.baselines import BaselineScores, fit_and_score  # noqa: E402
-from pipeline.cli import (EXIT_OK, EXIT_RUN_FAILED, StageError, StageReport, error_reason, fraction,  # noqa: E402
-                          make_parser, non_negative_float, non_negative_int, positive_float, positive_int,
+from pipeline.cli import (EXIT_OK, EXIT_RUN_FAILED, StageError, StageReport, artist_name, error_reason,  # noqa: E402
+                          fraction, make_parser, non_negative_float, non_negative_int, positive_float, positive_int,
                           resolve_device, run_main, setup_logging)
 from pipeline.contract import BOS, CODEBOOK_SIZE, PAD, VOCAB_SIZE, TokenFileError, load_token_file  # noqa: E402
 from pipeline.dist import DistInfo, dist_info, finish_process_group, init_process_group  # noqa: E402
@@ -54,6 +54,7 @@ class ModelArgs:
     dropout: float = 0.1
     tie_heads: bool = False  # True: the seed's heads, logits = proj(hidden) @ embedding table
     embed_init: str = "match"  # input channels start at std 0.02 ("match", the position table's), 1 ("unit") or ~0.004 ("gpt2", the seed)
+    n_artists: int = 0  # artist labels; 0: unconditioned (no table), N > 0: N + 1 embeddings, "no artist" last
 
 
 # The seed's architecture, for checkpoints written before these fields existed.
@@ -88,6 +89,8 @@ class MusicTransformer(nn.Module):
                             attn_pdrop=args.dropout, bos_token_id=None, eos_token_id=None, use_cache=False)
         config._attn_implementation = "sdpa"
         self.backbone = GPT2Model(config)
+        if args.n_artists > 0:  # absent at 0: unconditioned models keep exactly their old weights
+            self.artist_table = nn.Embedding(args.n_artists + 1, args.d_model)
         if args.tie_heads:
             self.head_proj = nn.ModuleList(nn.Linear(args.d_model, args.d_embed) for _ in range(args.n_codebooks))
         else:
@@ -114,11 +117,37 @@ class MusicTransformer(nn.Module):
         for layer in (self.head_proj if self.args.tie_heads else [self.heads]):
             nn.init.normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
+        if self.args.n_artists > 0:
+            nn.init.normal_(self.artist_table.weight, std=0.02)  # like GPT-2's position table
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens `[B, T, Q]` -> model inputs `[B, T, d_model]`."""
+    @property
+    def no_artist(self) -> int:
+        """The label id of "no artist" (the unconditional embedding): the last row of the table."""
+        return int(self.args.n_artists)
+
+    def embed(self, tokens: torch.Tensor, artist: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens `[B, T, Q]` -> model inputs `[B, T, d_model]`, plus the artist embedding at every position.
+
+        `artist`: long `[B]` label ids, or float `[B, n_artists + 1]` weights (a blend: the weighted sum
+        of the label embeddings); None = "no artist". Ignored by an unconditioned model (n_artists 0).
+        """
         per_codebook = [table(tokens[..., q]) for q, table in enumerate(self.embeddings)]  # Q x [B, T, d_embed]
-        return self.input_proj(torch.cat(per_codebook, dim=-1))  # [B, T, Q*d_embed] -> [B, T, d_model]
+        inputs = self.input_proj(torch.cat(per_codebook, dim=-1))  # [B, T, Q*d_embed] -> [B, T, d_model]
+        if self.args.n_artists == 0:
+            return inputs
+        return inputs + self.artist_vector(artist, tokens.shape[0]).unsqueeze(1).to(inputs.dtype)  # + [B, 1, d]
+
+    def artist_vector(self, artist: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Labels `[B]`, weights `[B, n_artists+1]` or None ("no artist") -> embeddings `[B, d_model]`."""
+        table = self.artist_table.weight  # [n_artists + 1, d_model]
+        if artist is None:
+            return table[self.no_artist].expand(batch, -1)  # [d] -> [B, d]
+        if artist.is_floating_point():
+            if artist.shape[-1] != table.shape[0]:
+                raise ValueError(f"artist weights have {artist.shape[-1]} columns, the model has "
+                                 f"{table.shape[0]} labels (n_artists + 1)")
+            return artist.to(table.dtype) @ table  # [B, n+1] @ [n+1, d] -> [B, d]
+        return self.artist_table(artist)  # [B] -> [B, d]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden `[B, T, d_model]` -> logits `[B, T, Q, V]`."""
@@ -130,14 +159,16 @@ class MusicTransformer(nn.Module):
         return torch.stack(per_codebook, dim=2)  # Q x [B, T, V] -> [B, T, Q, V]
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, cache=None,
-                use_cache: bool = False, position_ids: torch.Tensor | None = None):
+                use_cache: bool = False, position_ids: torch.Tensor | None = None,
+                artist: torch.Tensor | None = None):
         """tokens `[B, T, Q]` -> (logits `[B, T, Q, V]`, cache or None).
 
         `attention_mask` `[B, past+T]` (1 = attend) defaults to `padding_mask(tokens)` without a cache.
+        `artist` as in `embed` (None: "no artist").
         """
         if attention_mask is None and cache is None:
             attention_mask = padding_mask(tokens)
-        out = self.backbone(inputs_embeds=self.embed(tokens), attention_mask=attention_mask, cache=cache,
+        out = self.backbone(inputs_embeds=self.embed(tokens, artist), attention_mask=attention_mask, cache=cache,
                             use_cache=use_cache, position_ids=position_ids)
         return self.logits(out.last_hidden_state), (out.cache if use_cache else None)
 
@@ -251,7 +282,7 @@ TRAIN_DEFAULTS = dict(
     embed_init="match", pattern="delay", context_frames=1500, epochs=20, batch_size=8, grad_accum=1, lr=None,
     min_lr_frac=0.1, warmup_frac=0.05, weight_decay=0.1, max_grad_norm=1.0, label_smoothing=0.0,
     frame_dropout=0.0, seed=0, keep_last=3, max_steps=0, device="auto", compile=False,
-    grad_checkpointing=False,
+    grad_checkpointing=False, artist_alpha=0.5, cond_dropout=0.3,
 )
 # Peak learning rate of each preset when --lr is not given (docs/stage4.md, "The recipe").
 PRESET_LR = {"tiny": 3e-3, "small": 1e-3, "base": 6e-4}
@@ -270,10 +301,17 @@ class TokenStore:
     lengths: np.ndarray  # int64 [n_clips]
     splits: list
     names: list
+    labels: np.ndarray | None = None  # int64 [n_clips]: each clip's artist label (None: one artist, label 0)
 
     @property
     def n_codebooks(self) -> int:
         return int(self.codes.shape[1])
+
+    def clip_labels(self, clips: np.ndarray) -> np.ndarray:
+        """Artist labels `[N]` of clips `[N]` (0 for every clip of a one-artist store)."""
+        if self.labels is None:
+            return np.zeros(len(clips), dtype=np.int64)
+        return self.labels[clips]
 
     def clips(self, split: str) -> np.ndarray:
         return np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
@@ -311,10 +349,33 @@ def read_training_manifest(root: Path, artist: str, allow_outside_root: bool = F
     return entries
 
 
-def load_dataset(entries: list[dict], log: logging.Logger = LOG) -> Dataset:
-    """Read every token file once (int16) into a TokenStore; unusable files are named and skipped."""
-    chunks, lengths, splits, names, skipped, files = [], [], [], [], [], []
-    for entry in entries:
+def read_artist_manifests(root: Path, artists: list[str], allow_outside_root: bool = False
+                          ) -> tuple[list[dict], list[int], list[Path]]:
+    """Every artist's manifest, checked, pooled -> (entries, the artist label of each, manifest paths).
+
+    One model reads one token format: every manifest must hold the first one's Q and bandwidth."""
+    entries, labels, paths, first = [], [], [], None
+    for label, artist in enumerate(artists):
+        own = read_training_manifest(root, artist, allow_outside_root)
+        token_format = (own[0].get("codebooks"), own[0].get("bandwidth"))  # uniform within the manifest
+        if first is None:
+            first = (artist, token_format)
+        elif token_format != first[1]:
+            raise StageError(f"{manifest_path(root, artist)}: artist {artist!r} has {token_format[0]} codebooks at "
+                             f"{token_format[1]} kbps, artist {first[0]!r} has {first[1][0]} at {first[1][1]} kbps; "
+                             "one model reads one token format: re-tokenize with one --bandwidth")
+        entries.extend(own)
+        labels.extend([label] * len(own))
+        paths.append(manifest_path(root, artist))
+    return entries, labels, paths
+
+
+def load_dataset(entries: list[dict], log: logging.Logger = LOG, entry_labels: list[int] | None = None) -> Dataset:
+    """Read every token file once (int16) into a TokenStore; unusable files are named and skipped.
+
+    `entry_labels`: the artist label of each entry (a joint model's pooled manifests)."""
+    chunks, lengths, splits, names, skipped, files, labels = [], [], [], [], [], [], []
+    for number, entry in enumerate(entries):
         try:
             token_file = load_token_file(entry["path"])
             check_entry_matches(entry, token_file)
@@ -328,6 +389,7 @@ def load_dataset(entries: list[dict], log: logging.Logger = LOG) -> Dataset:
         splits.append(entry.get("split", "train"))
         names.append(entry["audio"])
         files.append(token_file)
+        labels.append(0 if entry_labels is None else entry_labels[number])
     if not chunks:
         raise StageError("no usable token file in the manifest (every one was skipped, see above)")
     codebook_counts = {chunk.shape[1] for chunk in chunks}
@@ -337,7 +399,8 @@ def load_dataset(entries: list[dict], log: logging.Logger = LOG) -> Dataset:
     codes = np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.int16)  # [total_frames, Q]
     lengths = np.array(lengths, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    store = TokenStore(codes=codes, offsets=offsets, lengths=lengths, splits=splits, names=names)
+    store = TokenStore(codes=codes, offsets=offsets, lengths=lengths, splits=splits, names=names,
+                       labels=None if entry_labels is None else np.array(labels, dtype=np.int64))
     return Dataset(store=store, token_contract=token_contract_of(files, entries), skipped=skipped)
 
 
@@ -386,11 +449,56 @@ def windows_per_clip(length: int, context: int) -> int:
 def epoch_windows(store: TokenStore, clips: np.ndarray, context: int, seed: int, epoch: int) -> np.ndarray:
     """This epoch's training windows `[N, 2]` (clip, start), shuffled; the same on every rank."""
     rng = np.random.default_rng([seed, epoch])
+    windows = covering_windows(store, clips, context, rng)  # [N, 2]
+    return windows[rng.permutation(len(windows))]
+
+
+def covering_windows(store: TokenStore, clips: np.ndarray, context: int, rng: np.random.Generator) -> np.ndarray:
+    """Windows `[N, 2]` (clip, start) covering every frame of `clips` once (in clip order)."""
     windows = []
     for clip in clips:
         starts = train_window_starts(int(store.lengths[clip]), context, rng)  # [n]
         windows.append(np.stack([np.full_like(starts, clip), starts], axis=1))  # [n] -> [n, 2]
-    windows = np.concatenate(windows, axis=0)  # n_clips x [n, 2] -> [N, 2]
+    return np.concatenate(windows, axis=0)  # n_clips x [n, 2] -> [N, 2]
+
+
+def artist_shares(frames_per_artist: np.ndarray, alpha: float) -> np.ndarray:
+    """Probability of drawing each artist, proportional to its training frames ** alpha.
+
+    alpha 1: as the data come (a large artist dominates); 0: every artist alike; 0.5 (the default)
+    between the two, like multilingual language models' sampling of languages."""
+    weights = np.asarray(frames_per_artist, dtype=np.float64) ** alpha  # [A]
+    return weights / weights.sum()
+
+
+def split_count(total: int, shares: np.ndarray) -> np.ndarray:
+    """`total` split into integer counts `[A]` that follow `shares` `[A]` and sum to `total` (largest remainder)."""
+    exact = shares * total  # [A]
+    counts = np.floor(exact).astype(np.int64)
+    leftover = int(total - counts.sum())
+    counts[np.argsort(-(exact - counts), kind="stable")[:leftover]] += 1
+    return counts
+
+
+def draw_windows(windows: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` rows of `windows` `[n, 2]`: whole passes over them, then a random subset without repeats."""
+    passes, rest = divmod(count, len(windows))
+    chosen = windows[rng.choice(len(windows), size=rest, replace=False)]  # [rest, 2]
+    return np.concatenate([windows] * passes + [chosen], axis=0)  # -> [count, 2]
+
+
+def balanced_epoch_windows(store: TokenStore, clips: np.ndarray, context: int, seed: int, epoch: int,
+                           alpha: float) -> np.ndarray:
+    """A joint model's epoch: as many windows as `epoch_windows` gives, but artist a's share of them is
+    proportional to (its training frames) ** alpha, so a small artist is not drowned by a large one.
+    Within an artist, its windows are drawn in whole passes, then a random subset. Shuffled `[N, 2]`."""
+    rng = np.random.default_rng([seed, epoch])
+    labels = store.clip_labels(clips)  # [n_clips]
+    artists = np.unique(labels)
+    per_artist = [covering_windows(store, clips[labels == a], context, rng) for a in artists]  # A x [n_a, 2]
+    frames = [int(store.lengths[clips[labels == a]].sum()) for a in artists]
+    counts = split_count(sum(len(w) for w in per_artist), artist_shares(np.array(frames), alpha))  # [A]
+    windows = np.concatenate([draw_windows(w, int(c), rng) for w, c in zip(per_artist, counts)], axis=0)  # [N, 2]
     return windows[rng.permutation(len(windows))]
 
 
@@ -467,7 +575,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        is_embedding = name.startswith("embeddings.") or ".wpe." in name or ".wte." in name
+        is_embedding = name.startswith(("embeddings.", "artist_table.")) or ".wpe." in name or ".wte." in name
         (no_decay if parameter.dim() < 2 or is_embedding else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -731,9 +839,13 @@ class Trainer:
     """One model, its optimizer and schedule, the data, and the loop that ties them together."""
 
     def __init__(self, args: dict, model_args: ModelArgs, data: Dataset, folder: Path, artist: str,
-                 info: DistInfo, device: str, log: logging.Logger = LOG):
+                 info: DistInfo, device: str, log: logging.Logger = LOG, artists: list[str] | None = None,
+                 manifests: list | None = None):
         self.args, self.model_args, self.data, self.folder = args, model_args, data, folder
         self.artist, self.info, self.device, self.log = artist, info, device, log
+        self.artists = list(artists) if artists else [artist]  # label ids: positions in this list
+        self.manifests = [str(path) for path in manifests or []]
+        self.conditioned = model_args.n_artists > 0
         self.store = data.store
         self.train_clips, self.valid_clips = self.store.clips("train"), self.store.clips("valid")
         self.precision = Precision.for_device(device)
@@ -851,7 +963,11 @@ class Trainer:
         return 0 < self.args["max_steps"] <= self.progress.step
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        windows = epoch_windows(self.store, self.train_clips, self.args["context_frames"], self.args["seed"], epoch)
+        if self.conditioned:
+            windows = balanced_epoch_windows(self.store, self.train_clips, self.args["context_frames"],
+                                             self.args["seed"], epoch, self.args["artist_alpha"])
+        else:
+            windows = epoch_windows(self.store, self.train_clips, self.args["context_frames"], self.args["seed"], epoch)
         mine = rank_share(windows, self.info, pad=True)
         size = self.args["batch_size"]
         return [mine[i:i + size] for i in range(0, len(mine), size)]
@@ -904,10 +1020,11 @@ class Trainer:
         inputs, targets = make_batch(self.store, windows, self.args["context_frames"], self.args["pattern"],
                                      self.args["frame_dropout"], np.random.default_rng(seed))
         inputs, targets = self._to_device(inputs), self._to_device(targets)
+        artist = self.training_labels(windows, seed) if self.conditioned else None
         sync = contextlib.nullcontext() if is_last or not self.info.is_distributed else self.synced_model.no_sync()
         with sync:
             with self.precision.autocast():
-                logits, _ = self.synced_model(inputs)  # [B, S, Q] -> [B, S, Q, V]
+                logits, _ = self.synced_model(inputs, artist=artist)  # [B, S, Q] -> [B, S, Q, V]
             loss, nll_sums, counts = sequence_losses(logits, targets, self.args["label_smoothing"])
             self.scaler.scale(loss / group_size).backward()
         loss = loss.detach()
@@ -917,6 +1034,14 @@ class Trainer:
         totals[3:3 + q] += nll_sums.double()
         totals[3 + q:3 + 2 * q] += counts.double()
         return loss
+
+    def training_labels(self, windows: np.ndarray, seed: int) -> torch.Tensor:
+        """Each window's artist label `[B]`, replaced by "no artist" with probability --cond-dropout
+        (drawn from the micro-batch's seed, so a resumed run drops the same labels)."""
+        labels = self.store.clip_labels(windows[:, 0]).copy()  # [B]
+        dropped = np.random.default_rng([seed, 1]).random(len(labels)) < self.args["cond_dropout"]  # [B]
+        labels[dropped] = self.model_args.n_artists
+        return self._to_device(torch.from_numpy(labels))
 
     def _to_device(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.device.startswith("cuda"):
@@ -996,12 +1121,16 @@ class Trainer:
                       "n/a" if metrics["valid_nll_bits_per_frame"] is None
                       else f"{metrics['valid_nll_bits_per_frame']:.3f}", abs(gain), "below" if gain >= 0 else "above",
                       metrics["lr"], metrics["frames_per_s"])
+        for artist, bits in metrics.get("valid_nll_by_artist", {}).items():
+            self.log.info("  %s: valid NLL %.3f bits/frame with its label, %.3f with 'no artist'", artist, bits,
+                          metrics["valid_nll_no_artist_by_artist"][artist])
         return metrics
 
     def epoch_metrics(self, totals: torch.Tensor) -> dict:
         q = self.store.n_codebooks
         train_bits, train_per_codebook = bits_per_frame(totals[3:3 + q], totals[3 + q:3 + 2 * q])
         valid = self.validate()
+        by_artist = self.validate_by_artist() if self.conditioned else {}
         return {"train_loss": float(totals[0] / totals[1].clamp(min=1)),
                 "train_nll_bits_per_frame": train_bits, "train_nll_bits_per_codebook": train_per_codebook,
                 "valid_nll_bits_per_frame": valid[0] if valid else None,
@@ -1009,7 +1138,7 @@ class Trainer:
                 "lr": self.scheduler.get_last_lr()[0], "frames": int(totals[2]),
                 "frames_per_s": float(totals[2] / max(float(totals[-1]), 1e-9)),
                 "epoch_time_s": float(totals[-1]), "pattern": self.args["pattern"],
-                **self.gains(valid[0] if valid else train_bits)}
+                **by_artist, **self.gains(valid[0] if valid else train_bits)}
 
     def gains(self, model_bits: float) -> dict:
         """How far below the baselines the model is (bits/frame; positive = better than the baseline)."""
@@ -1018,26 +1147,59 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self):
-        """NLL of the valid split in bits per frame (and per codebook); None without a valid split."""
+        """NLL of the valid split in bits per frame (and per codebook); None without a valid split.
+        A joint model is scored with each clip's own artist label."""
         if len(self.valid_clips) == 0:
             return None
+        q = self.store.n_codebooks
+        self.valid_own_sums = self.valid_sums("own" if self.conditioned else None)  # [A, 2Q], reused per artist
+        sums = self.valid_own_sums.sum(dim=0)  # [A, 2Q] -> [2Q]
+        return bits_per_frame(sums[:q], sums[q:])
+
+    @torch.no_grad()
+    def valid_sums(self, label_mode: str | int | None) -> torch.Tensor:
+        """NLL sums and counts of the valid split per artist `[A, 2Q]` (A = 1 for an unconditioned model).
+
+        `label_mode`: "own" (each clip's artist), an int (that label for every clip: "no artist" is
+        n_artists) or None (no label given: an unconditioned model)."""
         q, size = self.store.n_codebooks, self.args["batch_size"]
         windows = rank_share(valid_windows(self.store, self.valid_clips, self.args["context_frames"]),
                              self.info, pad=False)
-        sums = torch.zeros(2 * q, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(max(1, self.model_args.n_artists), 2 * q, dtype=torch.float64, device=self.device)
         self.local_model.eval()
         for start in range(0, len(windows), size):
-            inputs, targets = make_batch(self.store, windows[start:start + size], self.args["context_frames"],
-                                         self.args["pattern"])
+            batch = windows[start:start + size]
+            inputs, targets = make_batch(self.store, batch, self.args["context_frames"], self.args["pattern"])
+            owners = self.store.clip_labels(batch[:, 0])  # [B]
+            artist = None if label_mode is None else self._to_device(torch.from_numpy(
+                owners if label_mode == "own" else np.full_like(owners, label_mode)))
             with self.precision.autocast():
-                logits, _ = self.local_model(self._to_device(inputs))  # [B, S, Q] -> [B, S, Q, V]
-            _, nll_sums, counts = sequence_losses(logits, self._to_device(targets))
-            sums[:q] += nll_sums.double()
-            sums[q:] += counts.double()
+                logits, _ = self.local_model(self._to_device(inputs), artist=artist)  # [B, S, Q] -> [B, S, Q, V]
+            for owner in np.unique(owners):
+                rows = torch.from_numpy(np.flatnonzero(owners == owner)).to(self.device)  # [b]
+                _, nll_sums, counts = sequence_losses(logits[rows], self._to_device(targets)[rows])
+                sums[owner, :q] += nll_sums.double()
+                sums[owner, q:] += counts.double()
         self.synced_model.train()
         if self.info.is_distributed:
             torch.distributed.all_reduce(sums)
-        return bits_per_frame(sums[:q], sums[q:])
+        return sums
+
+    def validate_by_artist(self) -> dict:
+        """A joint model's valid NLL per artist with its own label and with "no artist" (what the label is worth)."""
+        if len(self.valid_clips) == 0:
+            return {}
+        q = self.store.n_codebooks
+        own, unlabelled = self.valid_own_sums, self.valid_sums(self.model_args.n_artists)  # [A, 2Q] each
+        record = {"valid_nll_by_artist": {}, "valid_nll_no_artist_by_artist": {},
+                  "valid_nll_no_artist_bits_per_frame": bits_per_frame(unlabelled.sum(0)[:q], unlabelled.sum(0)[q:])[0]}
+        for label, name in enumerate(self.artists):
+            if float(own[label, q:].sum()) == 0:
+                continue  # an artist without valid clips
+            record["valid_nll_by_artist"][name] = bits_per_frame(own[label, :q], own[label, q:])[0]
+            record["valid_nll_no_artist_by_artist"][name] = bits_per_frame(unlabelled[label, :q],
+                                                                            unlabelled[label, q:])[0]
+        return record
 
     # -- writing (rank 0 only) ---------------------------------------------------------------------
     def checkpoint(self, metrics: dict | None) -> dict:
@@ -1049,6 +1211,8 @@ class Trainer:
             "token_contract": {**self.data.token_contract, "pattern": self.args["pattern"],
                                "context_frames": self.args["context_frames"]},
             "artist": self.artist,
+            "artists": list(self.artists),  # label ids: positions in this list (a joint model's)
+            "manifests": list(self.manifests),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -1133,9 +1297,15 @@ def prune_epochs(folder: Path, keep_last: int) -> list[Path]:
 def build_parser():
     parser = make_parser(
         "Stage 4: train the multi-codebook GPT-2 on metadata_clean_<artist>.jsonl; writes "
-        "model_results/<artist>/ (epoch checkpoints, last.pt, best.pt, metrics.jsonl, loss.png).",
+        "model_results/<artist>/ (epoch checkpoints, last.pt, best.pt, metrics.jsonl, loss.png). "
+        "With --artist given several times, one model learns every artist, conditioned on an artist label, "
+        "and goes to model_results/<name>/.",
         epilog="Several GPUs or machines: torchrun --nproc_per_node=N scripts/4_Transformer.py --artist NAME. "
-               "On --resume, training options not given again come from the checkpoint.")
+               "On --resume, training options not given again come from the checkpoint.",
+        multiple_artists=True)
+    parser.add_argument("--name", type=artist_name,
+                        help="model folder name under model_results/ (required with several --artist; same "
+                             "character rules as an artist)")
     parser.allow_abbrev = False  # explicit options are found by their exact spelling (resume overrides)
     d = TRAIN_DEFAULTS
     model = parser.add_argument_group("model")
@@ -1182,6 +1352,13 @@ def build_parser():
     train.add_argument("--max-steps", type=non_negative_int, default=d["max_steps"],
                        help="stop this run after this many optimizer steps in all (0: no limit); the LR "
                             "schedule still spans --epochs, so --resume continues it")
+    joint = parser.add_argument_group("several artists (one conditioned model)")
+    joint.add_argument("--artist-alpha", type=non_negative_float, default=d["artist_alpha"],
+                       help="draw each artist's training windows with probability proportional to its frames ** "
+                            "alpha: 1 = as the data come, 0 = every artist alike (docs/stage4.md)")
+    joint.add_argument("--cond-dropout", type=fraction, default=d["cond_dropout"],
+                       help="probability that a training window's artist label is replaced by 'no artist' "
+                            "(what classifier-free guidance needs at generation)")
     run = parser.add_argument_group("run")
     run.add_argument("--resume", nargs="?", const="last", default=None, metavar="PATH",
                      help="continue from model_results/<artist>/last.pt, or from PATH")
@@ -1226,12 +1403,16 @@ def resolve_train_args(namespace, explicit: set[str], checkpoint: dict | None) -
     return {key: given[key] if key in explicit or key in runtime else saved[key] for key in TRAIN_DEFAULTS}
 
 
-def build_model_args(args: dict, n_codebooks: int, checkpoint: dict | None) -> ModelArgs:
+def build_model_args(args: dict, n_codebooks: int, checkpoint: dict | None, n_artists: int = 0) -> ModelArgs:
+    """The model's constructor arguments: the checkpoint's on resume, else the preset's with the flags'."""
     if checkpoint is not None:
         model_args = model_args_from(checkpoint["model_args"], checkpoint.get("loaded_from", "the checkpoint"))
         if model_args.n_codebooks != n_codebooks:
             raise StageError(f"the checkpoint's model reads {model_args.n_codebooks} codebooks, the manifest's "
                              f"tokens have {n_codebooks}")
+        if model_args.n_artists != n_artists:
+            raise StageError(f"the checkpoint's model knows {model_args.n_artists} artist labels, this run gives "
+                             f"{n_artists} (0: one artist, no labels); resume with the artists it was trained on")
         needed = args["context_frames"] + extra_steps(args["pattern"], n_codebooks)  # sequence steps per window
         if needed > model_args.n_positions:
             raise StageError(f"--context-frames {args['context_frames']} needs {needed} positions with the "
@@ -1243,6 +1424,7 @@ def build_model_args(args: dict, n_codebooks: int, checkpoint: dict | None) -> M
     overrides = {key: args[key] for key in ("d_embed", "d_model", "n_layer", "n_head", "dropout", "tie_heads",
                                             "embed_init")}
     model_args = model_args_for(args["preset"], n_codebooks, args["context_frames"], overrides)
+    model_args.n_artists = n_artists
     if model_args.d_model % model_args.n_head:
         raise StageError(f"--d-model {model_args.d_model} is not divisible by --n-head {model_args.n_head}")
     return model_args
@@ -1316,9 +1498,43 @@ def main(argv=None) -> int:
     return status
 
 
+def model_name(artists: list[str], name: str | None) -> str:
+    """The model's folder name under model_results/: --name, else the one artist's (--name is required with several)."""
+    repeated = sorted({artist for artist in artists if artists.count(artist) > 1})
+    if repeated:
+        raise StageError(f"--artist {repeated[0]!r} is given more than once")
+    if len(artists) > 1 and name is None:
+        raise StageError(f"--name is required with several artists ({', '.join(artists)}): the joint model is "
+                         "written to model_results/<name>/")
+    return name or artists[0]
+
+
+def check_artist_labels(checkpoint: dict | None, artists: list[str]) -> None:
+    """A resumed joint model keeps its artists in their order (the order is the label ids)."""
+    if checkpoint is None or int(checkpoint["model_args"].get("n_artists", 0)) == 0:
+        return
+    saved = list(checkpoint.get("artists", []))
+    if saved != list(artists):
+        raise StageError(f"{checkpoint.get('loaded_from', 'the checkpoint')} was trained on the artists "
+                         f"{', '.join(saved)} (in this order, the label ids); resume with the same --artist list")
+
+
+def load_training_data(namespace, artists: list[str], log) -> tuple[Dataset, list[Path]]:
+    """The pooled dataset of `artists` (labels = their positions) and the manifests it came from."""
+    entries, labels, manifests = read_artist_manifests(namespace.root, artists, namespace.allow_outside_root)
+    data = load_dataset(entries, log, entry_labels=labels if len(artists) > 1 else None)
+    train_labels = set(data.store.clip_labels(data.store.clips("train")).tolist())
+    for label, artist in enumerate(artists):
+        if label not in train_labels:
+            raise StageError(f"{manifest_path(namespace.root, artist)}: no usable clip has split 'train'")
+    return data, manifests
+
+
 def train_from_command_line(namespace, explicit: set[str], info: DistInfo, device: str, log) -> int:
-    report = StageReport(stage="4_Transformer", artist=namespace.artist)
-    folder = results_dir(namespace.root, namespace.artist)
+    artists = list(namespace.artist)
+    name = model_name(artists, namespace.name)
+    report = StageReport(stage="4_Transformer", artist=name)
+    folder = results_dir(namespace.root, name)
     checkpoint, mode = find_resume_checkpoint(namespace, folder)
     if mode == "done":
         log.info("%s is already trained to epoch %d: nothing to do (--resume --epochs N continues, "
@@ -1331,16 +1547,15 @@ def train_from_command_line(namespace, explicit: set[str], info: DistInfo, devic
     args = resolve_train_args(namespace, explicit, checkpoint)
     if args["lr"] is None:  # a fresh run without --lr (a checkpoint always holds its LR)
         args["lr"] = PRESET_LR[args["preset"]]
-    entries = read_training_manifest(namespace.root, namespace.artist, namespace.allow_outside_root)
-    data = load_dataset(entries, log)
+    check_artist_labels(checkpoint, artists)
+    data, manifests = load_training_data(namespace, artists, log)
     report.failed.extend({"path": audio, "reason": reason} for audio, reason in data.skipped)  # logged already
-    if len(data.store.clips("train")) == 0:
-        raise StageError(f"{manifest_path(namespace.root, namespace.artist)}: no usable clip has split 'train'")
     if len(data.store.clips("valid")) == 0:
         log.warning("no 'valid' clips in the manifest: best.pt follows the training NLL instead")
-    model_args = build_model_args(args, data.store.n_codebooks, checkpoint)
+    model_args = build_model_args(args, data.store.n_codebooks, checkpoint,
+                                  n_artists=len(artists) if len(artists) > 1 else 0)
     args.update(tie_heads=model_args.tie_heads, embed_init=model_args.embed_init)  # an old checkpoint's: the seed's
-    trainer = Trainer(args, model_args, data, folder, namespace.artist, info, device, log)
+    trainer = Trainer(args, model_args, data, folder, name, info, device, log, artists=artists, manifests=manifests)
     if checkpoint is not None:
         trainer.restore(checkpoint, args["lr"] if "lr" in explicit else None, explicit)
         progress = trainer.progress
@@ -1348,7 +1563,7 @@ def train_from_command_line(namespace, explicit: set[str], info: DistInfo, devic
                  progress.epoch_batches_done, progress.step)
     status = trainer.run()
     best = trainer.progress.best_nll
-    log.info("%s: %d epochs, %d steps, best %s NLL %s bits/frame; outputs in %s", namespace.artist,
+    log.info("%s: %d epochs, %d steps, best %s NLL %s bits/frame; outputs in %s", name,
              trainer.progress.epoch, trainer.progress.step, trainer.progress.best_split,
              "n/a" if best is None else f"{best:.3f}", folder)
     return status if status != EXIT_OK else report.exit_code()

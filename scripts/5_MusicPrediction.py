@@ -7,6 +7,11 @@ training codec), generate tokens with the lean KV-cache engine (sliding the cont
 MusicGen-style when the piece outgrows it) while a worker thread decodes each finished group of
 codec chunks, normalise, and write `<name>.{wav,th,json,png}` per piece into
 `music_transformer/<artist>/`.
+
+A joint model (stage 4 with several `--artist`, in `model_results/<name>/`) is picked with `--model
+NAME`; `--artist A` selects its label, `--blend "A=0.7,B=0.3"` mixes labels, and `--cfg-coef F`
+applies classifier-free guidance (default 3.0 for such a model). Blends go to
+`music_transformer/<blend label>/`.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline.audio import DEFAULT_TARGET_LUFS, AudioDecodeError, load_conditioned, normalise_wave  # noqa: E402
-from pipeline.cli import (StageError, StageReport, bounded_number, make_parser, non_negative_float,  # noqa: E402
+from pipeline.cli import (StageError, StageReport, artist_name, bounded_number, make_parser,  # noqa: E402
+                          non_negative_float,
                           non_negative_int, positive_float, positive_int, resolve_device, run_main,
                           setup_logging)
 from pipeline.codec import UNTRAINED_WARNING, CodecUnavailable, load_codec  # noqa: E402
@@ -33,7 +39,8 @@ from pipeline.contract import SAMPLE_RATE, TokenFile, TokenFileError, load_token
 from pipeline.files import (PathEscapesRoot, atomic_path, atomic_write_json, remove_stale_temporaries,  # noqa: E402
                             resolve_inside)
 from pipeline.generation import (ENGINES, CollapseDetector, CollapseSettings, GenerationSettings,  # noqa: E402
-                                 OverlappedDecoder, SamplingSettings, ThreadPlan, chunk_scales, cpu_threads,
+                                 OverlappedDecoder, SamplingSettings, ThreadPlan, blend_weights, chunk_scales,
+                                 cpu_threads, label_weights,
                                  decode_chunked, frames_for_samples, frames_to_chunk_codes, generate_frames,
                                  samples_for_frames, thread_plan)
 # the generation core's names stage 5 used to define itself, still reachable as `stage5.<name>`
@@ -62,6 +69,12 @@ class LoadedModel:
     contract: dict
     epoch: int | None
     step: int | None
+    artists: list = field(default_factory=list)  # the checkpoint's artists (label ids: positions)
+
+    @property
+    def n_artists(self) -> int:
+        """Artist labels the model knows (0: unconditioned)."""
+        return int(self.model_args.get("n_artists", 0))
 
     @property
     def n_codebooks(self) -> int:
@@ -108,7 +121,8 @@ def load_checkpoint(path: Path, device: str) -> LoadedModel:
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
     return LoadedModel(model=model, path=path, model_args=model_args, contract=contract,
-                       epoch=checkpoint.get("epoch"), step=checkpoint.get("step"))
+                       epoch=checkpoint.get("epoch"), step=checkpoint.get("step"),
+                       artists=list(checkpoint.get("artists") or [checkpoint.get("artist")]))
 
 
 def build_model(stage4, model_args: dict, path: Path) -> torch.nn.Module:
@@ -230,8 +244,12 @@ def is_complete(folder: Path, name: str) -> bool:
 # ==== command line ============================================================================
 def build_parser():
     parser = make_parser("Generate music with a trained MusicTransformer and decode it to 48 kHz stereo WAV.",
-                         epilog="Outputs: <root>/music_transformer/<artist>/<name>.{wav,th,json,png}.")
+                         epilog="Outputs: <root>/music_transformer/<artist or blend label>/<name>.{wav,th,json,png}.",
+                         artist_required=False)
     source = parser.add_argument_group("checkpoint")
+    source.add_argument("--model", type=artist_name,
+                        help="model folder model_results/<model>/ (default: the --artist folder); a joint model "
+                             "of several artists is named here")
     which = source.add_mutually_exclusive_group()
     which.add_argument("--checkpoint", type=Path, help="checkpoint file (default: best.pt, then last.pt)")
     which.add_argument("--epoch", type=non_negative_int, help="use music_transformer_ep<N>.pt")
@@ -267,6 +285,13 @@ def build_parser():
     sampling.add_argument("--repetition-penalty", type=factor_at_least_one, default=1.0,
                           help=">= 1: a token seen in the recent window loses log(penalty) of logit (1 = off)")
     sampling.add_argument("--repetition-window", type=positive_int, default=150, help="frames the penalty looks back")
+    artists = parser.add_argument_group("artist conditioning (joint models)")
+    artists.add_argument("--blend", type=parse_blend, metavar='"A=0.7,B=0.3"',
+                         help="mix the artist embeddings of a joint model (weights >= 0, normalised to sum 1); "
+                              "instead of --artist")
+    artists.add_argument("--cfg-coef", type=non_negative_float,
+                         help="classifier-free guidance: logits = uncond + F * (cond - uncond), both halves in one "
+                              "batched step (default 3.0 for a joint model; 1 = off; ignored by a one-artist model)")
     sampling.add_argument("--seed", type=non_negative_int, help="random seed (default: drawn and recorded in the JSON)")
     sampling.add_argument("--num-samples", type=positive_int, default=1, help="pieces generated in one batch")
     collapse = parser.add_argument_group("collapse detector")
@@ -286,6 +311,92 @@ def build_parser():
                         help="loudness of the WAV (peak capped at -1 dBFS)")
     output.add_argument("--name", default="sample", help="output name; <name>_<i> when --num-samples > 1")
     return parser
+
+
+DEFAULT_CFG_COEF = 3.0  # audiocraft's default guidance for a conditioned model
+
+
+def parse_blend(text: str) -> dict:
+    """argparse type: "A=0.7,B=0.3" -> {"A": 0.7, "B": 0.3}; refuses negative weights and a zero sum."""
+    import argparse
+
+    blend = {}
+    for part in text.split(","):
+        name, sep, weight = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"blend part {part!r} is not ARTIST=WEIGHT")
+        name = artist_name(name.strip())
+        if name in blend:
+            raise argparse.ArgumentTypeError(f"artist {name!r} appears twice in the blend")
+        try:
+            blend[name] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"blend weight {weight!r} of {name!r} is not a number") from None
+        if not math.isfinite(blend[name]) or blend[name] < 0:
+            raise argparse.ArgumentTypeError(f"blend weight of {name!r} is {weight.strip()}: weights must be >= 0")
+    if sum(blend.values()) <= 0:
+        raise argparse.ArgumentTypeError(f"blend weights {text!r} sum to 0: at least one must be positive")
+    return blend
+
+
+def blend_label(blend: dict) -> str:
+    """A folder name for a blend: blend_A-0.70_B-0.30 (normalised weights, in the order given)."""
+    total = sum(blend.values())
+    return "blend_" + "_".join(f"{name}-{weight / total:.2f}" for name, weight in blend.items())
+
+
+def output_label(args) -> str:
+    """The folder under music_transformer/: the artist, or the blend's label."""
+    return blend_label(args.blend) if args.blend else args.artist
+
+
+def check_artist_options(args) -> None:
+    """--artist or --blend (not both); --blend needs --model (a joint model)."""
+    if args.blend and args.artist:
+        raise StageError("give --artist or --blend, not both")
+    if not args.blend and not args.artist:
+        raise StageError("--artist is required (or --model NAME with --blend)")
+    if args.blend and not args.model:
+        raise StageError("--blend needs --model NAME: the joint model whose artists it mixes")
+
+
+@dataclass
+class Conditioning:
+    """What a joint model is asked to play: the label weights and the guidance."""
+
+    weights: tuple | None  # n_artists + 1 weights, None for an unconditioned model
+    cfg_coef: float  # 1.0 = off
+    label: str | None  # the artist, or None for a blend
+    blend: dict | None  # {artist: normalised weight}
+
+    def describe(self, model: str, artists: list) -> dict:
+        return {"model": model, "artists": artists, "label": self.label, "blend": self.blend,
+                "weights": None if self.weights is None else [round(w, 6) for w in self.weights],
+                "cfg_coef": self.cfg_coef}
+
+
+def resolve_conditioning(args, loaded: LoadedModel) -> Conditioning:
+    """The label / blend weights and the CFG coefficient for `loaded`; unknown artists are named."""
+    if loaded.n_artists == 0:
+        if args.blend:
+            raise StageError(f"{loaded.path} is a one-artist model (no artist labels): --blend needs a joint model")
+        if args.cfg_coef not in (None, 1.0):
+            LOG.warning("--cfg-coef %g ignored: %s has no artist labels to guide with", args.cfg_coef, loaded.path)
+        return Conditioning(weights=None, cfg_coef=1.0, label=args.artist, blend=None)
+    cfg = DEFAULT_CFG_COEF if args.cfg_coef is None else args.cfg_coef
+    if args.blend:
+        try:
+            weights = blend_weights(args.blend, loaded.artists)
+        except ValueError as error:
+            raise StageError(f"--blend: {error} ({loaded.path})") from None
+        total = sum(args.blend.values())
+        return Conditioning(weights=weights, cfg_coef=cfg, label=None,
+                            blend={name: weight / total for name, weight in args.blend.items()})
+    if args.artist not in loaded.artists:
+        raise StageError(f"--artist {args.artist!r} is not one of the artists of {loaded.path}: "
+                         f"{', '.join(loaded.artists)}")
+    return Conditioning(weights=label_weights(loaded.artists.index(args.artist), loaded.n_artists), cfg_coef=cfg,
+                        label=args.artist, blend=None)
 
 
 def resolve_window(args, loaded: LoadedModel) -> tuple[int, int]:
@@ -323,6 +434,7 @@ class Run:
     scales: torch.Tensor  # float32 [n_chunks], the per-chunk decoding scales
     scale_sources: list
     threads: ThreadPlan
+    conditioning: Conditioning | None = None
     timings: dict = field(default_factory=dict)
 
 
@@ -344,9 +456,10 @@ def write_pieces(args, preloaded: Preloaded | None = None, on_frames=None, cance
     (`GenerationCancelled`) before anything is written.
     """
     started = time.time()
-    out_folder = args.root / "music_transformer" / args.artist
+    check_artist_options(args)
+    out_folder = args.root / "music_transformer" / output_label(args)
     names = piece_names(args.name, args.num_samples)
-    report = StageReport(stage=STAGE, artist=args.artist, started=started)
+    report = StageReport(stage=STAGE, artist=output_label(args), started=started)
     todo = [name for name in names if args.overwrite or not is_complete(out_folder, name)]
     if not todo:
         LOG.info("all %d piece(s) already exist in %s: nothing to do (pass --overwrite or another --name)",
@@ -392,7 +505,7 @@ def load_model_and_codec(args) -> Preloaded:
     """The checkpoint `args` names (`--checkpoint`, `--epoch`, else the artist's best/last) and its codec."""
     started = time.perf_counter()
     device = resolve_device(args.device)
-    loaded = load_checkpoint(find_checkpoint(args.root, args.artist, args.checkpoint, args.epoch), device)
+    loaded = load_checkpoint(find_checkpoint(args.root, args.model or args.artist, args.checkpoint, args.epoch), device)
     if args.dtype == "bfloat16":
         loaded.model.to(torch.bfloat16)  # the engine reads the model's own weights in their dtype
     LOG.info("model from %s (epoch %s, step %s, %s pattern, Q = %d)", loaded.path, loaded.epoch, loaded.step,
@@ -415,6 +528,7 @@ def prepare(args, preloaded: Preloaded | None = None) -> Run:
     else:
         load_seconds = 0.0  # already in memory
     loaded, codec, device = preloaded.loaded, preloaded.codec, preloaded.device
+    conditioning = resolve_conditioning(args, loaded)  # per request: a preloaded model serves every artist
     prompt_started = time.perf_counter()
     prompt = build_prompt(args, codec, loaded)
     context, stride = resolve_window(args, loaded)
@@ -423,7 +537,7 @@ def prepare(args, preloaded: Preloaded | None = None) -> Run:
     if prompt.n_frames >= total_frames:
         raise StageError(f"the prompt already holds {prompt.n_frames} frames, --seconds {args.seconds:g} asks for "
                          f"{total_frames}: nothing to generate (raise --seconds or lower --prompt-seconds)")
-    median, median_source = median_scale_for(loaded.contract, args.root, args.artist)
+    median, median_source = median_scale_for(loaded.contract, args.root, args.artist or next(iter(args.blend)))
     scales, scale_sources = chunk_scales(prompt.scales, codec.n_chunks(audio_samples), median, median_source)
     if "default 1.0" in scale_sources:
         LOG.warning("no scale for generated chunks (%s): using 1.0, the level may be off", median_source)
@@ -431,7 +545,7 @@ def prepare(args, preloaded: Preloaded | None = None) -> Run:
     threads = thread_plan(device, args.threads)
     run = Run(args=args, loaded=loaded, codec=codec, prompt=prompt, seed=seed, device=device, context=context,
               stride=stride, total_frames=total_frames, audio_samples=audio_samples, scales=scales,
-              scale_sources=scale_sources, threads=threads)
+              scale_sources=scale_sources, threads=threads, conditioning=conditioning)
     run.timings.update(load_s=load_seconds, prompt_s=time.perf_counter() - prompt_started)
     return run
 
@@ -488,7 +602,8 @@ def generate(run: Run, decoder: OverlappedDecoder | None, on_frames=None,
                                 repetition_penalty=args.repetition_penalty, repetition_window=args.repetition_window)
     settings = GenerationSettings(pattern=run.loaded.contract["pattern"], context_frames=run.context,
                                   stride_frames=run.stride, use_cache=not args.no_cache, num_samples=args.num_samples,
-                                  engine=args.engine, cuda_graph=not args.no_cuda_graph)
+                                  engine=args.engine, cuda_graph=not args.no_cuda_graph,
+                                  artist_weights=run.conditioning.weights, cfg_coef=run.conditioning.cfg_coef)
     to_generate = run.total_frames - run.prompt.n_frames
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -573,7 +688,8 @@ def describe(run: Run, index: int, name: str, detector: CollapseDetector, gain_d
     wall_seconds = run.timings["generate_s"] + run.timings["decode_wait_s"]  # the whole batch, audio ready
     generated = run.total_frames - run.prompt.n_frames
     return {
-        "name": name, "artist": run.args.artist, "sample_index": index, "stage": STAGE,
+        "name": name, "artist": output_label(run.args), "sample_index": index, "stage": STAGE,
+        "conditioning": run.conditioning.describe(run.args.model or run.args.artist, run.loaded.artists),
         "parameters": {key: (str(value) if isinstance(value, Path) else value)
                        for key, value in vars(run.args).items()},
         "checkpoint": {"path": str(run.loaded.path), "epoch": run.loaded.epoch, "step": run.loaded.step,

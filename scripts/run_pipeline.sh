@@ -48,6 +48,9 @@ Options (defaults in brackets; demo defaults in braces):
   --seconds S           seconds of music to generate per artist [30] {10}
   --device DEV          auto, cpu or cuda [auto]
   --nproc N             processes for stages 2 and 4 under torchrun (GPUs on this machine) [1]
+  --joint NAME          one model for all the artists: stages 1-3 per artist, then ONE stage-4 run
+                        conditioned on the artist (model_results/NAME/), then stage 5 once per artist
+                        with --model NAME (README, "One model for several artists")
   --resume              stage 4 continues an artist's unfinished or shorter run (model_results/<artist>/
                         last.pt) up to --epochs instead of stopping; an artist without one starts fresh
   --overwrite           redo every stage that runs (from --stage on): e.g. --stage 4 --overwrite
@@ -66,7 +69,7 @@ log() { printf '%s run_pipeline %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" >&2; }
 die() { log "ERROR: $*"; exit 2; }
 
 ROOT="" BATCH="" STAGE=1 STOP_STAGE=5 DEMO=0 RESUME=0 OVERWRITE=0 PRESET="" EPOCHS="" CONTEXT="" PATTERN="delay" BANDWIDTH=6
-CODEC="" CLIP_SECONDS="" SECONDS_OUT="" DEVICE=auto NPROC=1 DEMO_TRACKS=3 DEMO_TRACK_SECONDS=20
+CODEC="" CLIP_SECONDS="" SECONDS_OUT="" DEVICE=auto NPROC=1 DEMO_TRACKS=3 DEMO_TRACK_SECONDS=20 JOINT=""
 declare -a ARTISTS=() EXTRA1=() EXTRA2=() EXTRA3=() EXTRA4=() EXTRA5=()
 
 while [[ $# -gt 0 ]]; do
@@ -89,6 +92,7 @@ while [[ $# -gt 0 ]]; do
     --seconds) SECONDS_OUT="$2"; shift 2 ;;
     --device) DEVICE="$2"; shift 2 ;;
     --nproc) NPROC="$2"; shift 2 ;;
+    --joint) [[ $# -ge 2 ]] || die "--joint needs a model name"; JOINT="$2"; shift 2 ;;
     --resume) RESUME=1; shift ;;
     --overwrite) OVERWRITE=1; shift ;;
     --stage[1-5]-arg) [[ $# -ge 2 ]] || die "$1 needs a value"; eval "EXTRA${1:7:1}+=(\"\$2\")"; shift 2 ;;
@@ -169,6 +173,7 @@ resume_flag() {  # --resume for stage 4 when asked for and the artist has a run 
 
 run_stage() {  # run_stage N ARTIST -> the stage's exit status (0 ok, 1 partial, 2+ failed)
   local n="$1" artist="$2" common=(--artist "$artist" --root "$ROOT")
+  [[ -n "$JOINT" && "$n" == 5 ]] && common+=(--model "$JOINT")
   local -n extra="EXTRA$n"
   [[ "$OVERWRITE" == 1 ]] && common+=(--overwrite)
   case "$n" in
@@ -184,14 +189,26 @@ run_stage() {  # run_stage N ARTIST -> the stage's exit status (0 ok, 1 partial,
   esac
 }
 
+run_joint_training() {  # stage 4 once over every artist given -> its exit status
+  local artist_flags=() name
+  for name in "$@"; do artist_flags+=(--artist "$name"); done
+  [[ "$OVERWRITE" == 1 ]] && artist_flags+=(--overwrite)
+  $(launcher) "$SCRIPTS/4_Transformer.py" "${artist_flags[@]}" --name "$JOINT" --root "$ROOT" \
+    $(resume_flag "$JOINT") --preset "$PRESET" --epochs "$EPOCHS" --context-frames "$CONTEXT" --batch-size "$BATCH" \
+    --pattern "$PATTERN" --device "$DEVICE" "${EXTRA4[@]}"
+}
+
 STAGE_NAMES=("" "preprocessing" "tokenization" "data preparation" "training" "generation")
 RESULTS="$(mktemp)"
 trap 'rm -f "$RESULTS"' EXIT
 any_failed=0
+LAST_PER_ARTIST="$STOP_STAGE"  # with --joint, stages 4 (once for all) and 5 run after the per-artist loop
+[[ -n "$JOINT" && "$STOP_STAGE" -gt 3 ]] && LAST_PER_ARTIST=3
+declare -a READY=()  # artists whose per-artist stages succeeded (the joint model's artists)
 for artist in "${ARTISTS[@]}"; do
   started=$(date +%s) status="ok"
-  log "=== $artist: stages $STAGE..$STOP_STAGE"
-  for ((n = STAGE; n <= STOP_STAGE; n++)); do
+  log "=== $artist: stages $STAGE..$LAST_PER_ARTIST"
+  for ((n = STAGE; n <= LAST_PER_ARTIST; n++)); do
     log "--- $artist: stage $n (${STAGE_NAMES[$n]})"
     rc=0
     run_stage "$n" "$artist" || rc=$?
@@ -205,8 +222,37 @@ for artist in "${ARTISTS[@]}"; do
       break
     fi
   done
+  [[ "$status" != failed* ]] && READY+=("$artist")
   printf '%s\t%s\t%s\n' "$artist" "$status" "$(( $(date +%s) - started ))" >>"$RESULTS"
 done
+
+if [[ -n "$JOINT" && "$STOP_STAGE" -ge 4 ]]; then
+  joint_ok=1
+  if [[ "$STAGE" -le 4 ]]; then
+    started=$(date +%s) rc=0
+    log "=== $JOINT: stage 4 (one model for ${READY[*]})"
+    if [[ ${#READY[@]} -eq 0 ]]; then
+      rc=2
+      log "$JOINT: no artist got through stages 1-3: nothing to train"
+    else
+      run_joint_training "${READY[@]}" || rc=$?
+    fi
+    [[ "$rc" -eq 0 ]] || { joint_ok=0; any_failed=1; log "$JOINT: stage 4 failed (exit $rc)"; }
+    printf '%s\t%s\t%s\n' "$JOINT" "$([[ $joint_ok == 1 ]] && echo ok || echo "failed at stage 4")" \
+      "$(( $(date +%s) - started ))" >>"$RESULTS"
+  fi
+  if [[ "$STOP_STAGE" -ge 5 && "$joint_ok" == 1 ]]; then
+    for artist in "${READY[@]}"; do
+      started=$(date +%s) rc=0
+      log "--- $artist: stage 5 (generation) with the joint model $JOINT"
+      run_stage 5 "$artist" || rc=$?
+      [[ "$rc" -eq 0 ]] && status="ok" || status="failed at stage 5"
+      [[ "$rc" -eq 1 ]] && status="partial"
+      [[ "$rc" -gt 1 ]] && any_failed=1
+      printf '%s\t%s\t%s\n' "$artist" "$status" "$(( $(date +%s) - started ))" >>"$RESULTS"
+    done
+  fi
+fi
 
 echo
 PYTHONPATH="$SCRIPTS" "$PYTHON" -m pipeline.summary --root "$ROOT" --results "$RESULTS" --list-outputs

@@ -531,6 +531,7 @@ RESUME_CASES = {
     "warmup_frac": ("0.5", 0.5), "weight_decay": ("0.05", 0.05), "max_grad_norm": ("0.5", 0.5),
     "label_smoothing": ("0.2", 0.2), "frame_dropout": ("0.1", 0.1), "seed": ("3", 3), "keep_last": ("1", 1),
     "max_steps": ("2", 2), "device": ("cpu", "cpu"), "grad_checkpointing": (None, True), "compile": (None, True),
+    "artist_alpha": ("0.3", 0.3), "cond_dropout": ("0.1", 0.1),
 }
 
 

@@ -70,12 +70,24 @@ non_negative_float = bounded_number(float, 0.0)
 fraction = bounded_number(float, 0.0, 1.0)
 
 
-def make_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
-    """A parser with the flags every stage has (docs/contract.md, 'Command-line surface'), defaults shown in --help."""
+def make_parser(description: str, epilog: str | None = None, multiple_artists: bool = False,
+                artist_required: bool = True) -> argparse.ArgumentParser:
+    """A parser with the flags every stage has (docs/contract.md, 'Command-line surface'), defaults shown in --help.
+
+    `multiple_artists`: `--artist` may be given several times (a list; stage 4's joint models).
+    `artist_required` False: the stage checks it itself (stage 5: `--blend` stands in for it)."""
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--artist", required=True, type=artist_name,
-                        help="artist folder name (letters, digits, space, '.', '_', '-')")
+    if not artist_required:
+        parser.add_argument("--artist", type=artist_name,
+                            help="artist folder name (letters, digits, space, '.', '_', '-')")
+    elif multiple_artists:
+        parser.add_argument("--artist", required=True, type=artist_name, action="append",
+                            help="artist folder name (letters, digits, space, '.', '_', '-'); give it several "
+                                 "times to train one model on several artists (then --name is required)")
+    else:
+        parser.add_argument("--artist", required=True, type=artist_name,
+                            help="artist folder name (letters, digits, space, '.', '_', '-')")
     parser.add_argument("--root", type=Path, default=Path("."),
                         help="project root holding raw_audio/, data_processed/, encoded_tokens/, ...")
     parser.add_argument("--overwrite", action="store_true", help="redo items whose output already exists")

@@ -219,6 +219,10 @@ class GenerationSettings:
     num_samples: int = 1  # pieces generated together in one batch
     engine: str = "lean"  # the cached path: "lean" (LeanDecoder) or "transformers" (GPT-2's own cache)
     cuda_graph: bool = True  # on CUDA, replay each lean step from a captured graph
+    # a conditioned model's (n_artists > 0) artist: weights per label, n_artists + 1 of them ("no artist"
+    # last; a label is one-hot, a blend sums to 1); None = "no artist". Unconditioned models ignore both.
+    artist_weights: tuple | None = None
+    cfg_coef: float = 1.0  # classifier-free guidance: uncond + cfg_coef * (cond - uncond); 1 = off
 
 
 class GenerationCancelled(RuntimeError):
@@ -230,8 +234,8 @@ class LeanSteps:
 
     name = "lean"
 
-    def __init__(self, model, batch: int, capacity: int, cuda_graph: bool):
-        self.decoder = LeanDecoder(model, batch, capacity)
+    def __init__(self, model, batch: int, capacity: int, cuda_graph: bool, artist: torch.Tensor | None = None):
+        self.decoder = LeanDecoder(model, batch, capacity, artist)
         self.graphed = None
         if cuda_graph and self.decoder.position_table.is_cuda:
             self.graphed = capture_step(self.decoder, int(model.args.n_codebooks))
@@ -260,15 +264,15 @@ class TransformersCacheSteps:
 
     name = "transformers"
 
-    def __init__(self, model):
-        self.model, self.cache = model, None
+    def __init__(self, model, artist: torch.Tensor | None = None):
+        self.model, self.cache, self.artist = model, None, artist
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
-        logits, self.cache = forward_at(self.model, tokens, 0, None, use_cache=True)
+        logits, self.cache = forward_at(self.model, tokens, 0, None, use_cache=True, artist=self.artist)
         return logits[:, -1]
 
     def step(self, row: torch.Tensor, position: int) -> torch.Tensor:
-        logits, self.cache = forward_at(self.model, row, position, self.cache, use_cache=True)
+        logits, self.cache = forward_at(self.model, row, position, self.cache, use_cache=True, artist=self.artist)
         return logits[:, -1]
 
 
@@ -277,24 +281,81 @@ class RecomputeSteps:
 
     name = "recompute"
 
-    def __init__(self, model):
-        self.model, self.inputs = model, None
+    def __init__(self, model, artist: torch.Tensor | None = None):
+        self.model, self.inputs, self.artist = model, None, artist
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         self.inputs = tokens
-        return forward_at(self.model, tokens, 0, None, use_cache=False)[0][:, -1]
+        return forward_at(self.model, tokens, 0, None, use_cache=False, artist=self.artist)[0][:, -1]
 
     def step(self, row: torch.Tensor, position: int) -> torch.Tensor:
         self.inputs = torch.cat([self.inputs, row], dim=1)  # [B, P, Q] -> [B, P+1, Q]
-        return forward_at(self.model, self.inputs, 0, None, use_cache=False)[0][:, -1]
+        return forward_at(self.model, self.inputs, 0, None, use_cache=False, artist=self.artist)[0][:, -1]
 
 
-def forward_at(model, tokens: torch.Tensor, first_position: int, cache, use_cache: bool):
-    """The training model on `tokens` `[B, T, Q]` at positions `first_position..` -> (logits `[B, T, Q, V]`, cache)."""
+class GuidedSteps:
+    """Classifier-free guidance over an engine built for 2B rows: rows 0..B-1 carry the artist, rows
+    B..2B-1 "no artist". Each prefill and step runs both halves as ONE batched call (not two passes),
+    then returns `uncond + coef * (cond - uncond)` `[B, Q, V]` (audiocraft's formula)."""
+
+    def __init__(self, inner, coef: float):
+        self.inner, self.coef = inner, float(coef)
+        self.name = inner.name
+
+    def combine(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits `[2B, Q, V]` (conditioned rows first) -> guided logits `[B, Q, V]` in float32."""
+        conditioned, unconditioned = logits.float().chunk(2, dim=0)  # [2B, Q, V] -> 2 x [B, Q, V]
+        return unconditioned + self.coef * (conditioned - unconditioned)
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.combine(self.inner.prefill(torch.cat([tokens, tokens], dim=0)))  # [B, T, Q] -> [2B, T, Q]
+
+    def step(self, row: torch.Tensor, position: int) -> torch.Tensor:
+        return self.combine(self.inner.step(torch.cat([row, row], dim=0), position))  # [B, 1, Q] -> [2B, 1, Q]
+
+
+def forward_at(model, tokens: torch.Tensor, first_position: int, cache, use_cache: bool,
+               artist: torch.Tensor | None = None):
+    """The training model on `tokens` `[B, T, Q]` at positions `first_position..` -> (logits `[B, T, Q, V]`, cache).
+
+    `artist` (labels `[B]` or weights `[B, n_artists + 1]`) is passed on only when given."""
     batch, length, _ = tokens.shape
     positions = torch.arange(first_position, first_position + length, device=tokens.device)
+    conditioning = {} if artist is None else {"artist": artist}
     return model(tokens, cache=cache, use_cache=use_cache,
-                 position_ids=positions.unsqueeze(0).expand(batch, -1))  # [T] -> [B, T]
+                 position_ids=positions.unsqueeze(0).expand(batch, -1), **conditioning)  # [T] -> [B, T]
+
+
+def n_artists_of(model) -> int:
+    """The artist labels a model knows (0: an unconditioned model, or one written before labels existed)."""
+    return int(getattr(model.args, "n_artists", 0))
+
+
+def no_artist_weights(n_artists: int) -> tuple:
+    """The weight vector of the "no artist" label: one-hot on the last of n_artists + 1 labels."""
+    return tuple([0.0] * n_artists + [1.0])
+
+
+def label_weights(label: int, n_artists: int) -> tuple:
+    """The weight vector of one artist label (its position in the checkpoint's `artists`)."""
+    weights = [0.0] * (n_artists + 1)
+    weights[label] = 1.0
+    return tuple(weights)
+
+
+def blend_weights(blend: dict, artists: list[str]) -> tuple:
+    """{artist: weight >= 0} -> the normalised weight vector over `artists` + "no artist" (0 for it).
+
+    Raises ValueError for an artist the model does not know, a negative weight or weights that sum to 0."""
+    unknown = [name for name in blend if name not in artists]
+    if unknown:
+        raise ValueError(f"artist {unknown[0]!r} is not one of the model's artists: {', '.join(artists)}")
+    if any(not math.isfinite(weight) or weight < 0 for weight in blend.values()):
+        raise ValueError(f"blend weights must be finite and >= 0, got {blend}")
+    total = sum(blend.values())
+    if total <= 0:
+        raise ValueError(f"blend weights sum to {total:g}: at least one must be positive")
+    return tuple([blend.get(name, 0.0) / total for name in artists] + [0.0])
 
 
 class WindowPlan:
@@ -350,13 +411,33 @@ class TokenGenerator:
         self.steps = None
 
     def make_steps(self, batch: int):
-        """The cached engine the settings ask for, or the recompute path."""
+        """The cached engine the settings ask for, or the recompute path; guided (CFG) when asked."""
+        artist = self.artist_rows(batch)  # [B, n_artists + 1] or None
+        guided = artist is not None and self.generation.cfg_coef != 1.0
+        if guided:  # one engine of 2B rows: the conditioned half, then the "no artist" half
+            no_artist = torch.tensor(no_artist_weights(n_artists_of(self.model)), device=self.device)
+            artist = torch.cat([artist, no_artist.expand(batch, -1)], dim=0)  # -> [2B, n_artists + 1]
+        steps = self._engine(batch * 2 if guided else batch, artist)
+        return GuidedSteps(steps, self.generation.cfg_coef) if guided else steps
+
+    def artist_rows(self, batch: int) -> torch.Tensor | None:
+        """The artist weights of every row `[B, n_artists + 1]`, or None for an unconditioned model."""
+        n_artists = n_artists_of(self.model)
+        if n_artists == 0:
+            return None
+        weights = self.generation.artist_weights or no_artist_weights(n_artists)
+        if len(weights) != n_artists + 1:
+            raise ValueError(f"artist_weights has {len(weights)} entries, the model has {n_artists + 1} labels "
+                             "(its artists and 'no artist')")
+        return torch.tensor(weights, dtype=torch.float32, device=self.device).expand(batch, -1)  # [n+1] -> [B, n+1]
+
+    def _engine(self, rows: int, artist: torch.Tensor | None):
         if not self.generation.use_cache:
-            return RecomputeSteps(self.model)
+            return RecomputeSteps(self.model, artist)
         if self.generation.engine == "transformers":
-            return TransformersCacheSteps(self.model)
+            return TransformersCacheSteps(self.model, artist)
         capacity = min(self.generation.context_frames + self.extra_rows + 1, int(self.model.args.n_positions))
-        return LeanSteps(self.model, batch, capacity, self.generation.cuda_graph)
+        return LeanSteps(self.model, rows, capacity, self.generation.cuda_graph, artist)
 
     @torch.inference_mode()
     def generate(self, prompt: torch.Tensor | None, total_frames: int, progress=None, cancel=None) -> torch.Tensor:

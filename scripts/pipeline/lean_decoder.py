@@ -10,7 +10,8 @@ same blocks as a handful of tensor operations per layer on a preallocated KV cac
     logits = model.logits(ln_f(x))                               # the model's own output end
 
 The two ends are the model's `embed` and `logits` methods, so a change to either (untied heads,
-conditioning) needs nothing here. The parameters are read from the model, never copied: no
+conditioning) needs nothing here beyond passing `artist` (the rows' artist labels or blend weights,
+fixed for the decoder's life) to `embed`. The parameters are read from the model, never copied: no
 conversion step and no second checkpoint format. GPT-2's `Conv1D` stores its weight as
 `[in, out]`, hence `addmm(bias, x, weight)`.
 
@@ -57,13 +58,14 @@ class LeanDecoder:
     pair per layer, allocated once and written in place.
     """
 
-    def __init__(self, model, batch: int, capacity: int):
+    def __init__(self, model, batch: int, capacity: int, artist: torch.Tensor | None = None):
         backbone = model.backbone
         config = backbone.config
         check_backbone(config)
         if capacity > config.n_positions:
             raise ValueError(f"a cache of {capacity} positions exceeds the model's {config.n_positions}")
         self.model = model
+        self.artist = artist  # None, labels long [B] or weights float [B, n_artists + 1] (see `model.embed`)
         self.blocks = list(backbone.h)
         self.position_table = backbone.wpe.weight  # [n_positions, d]
         self.final_norm = backbone.ln_f
@@ -109,7 +111,7 @@ class LeanDecoder:
 
     def _embed(self, tokens: torch.Tensor, positions) -> torch.Tensor:
         """tokens `[B, T, Q]` -> rows `[B*T, d]` with the position embeddings added."""
-        x = self.model.embed(tokens) + self.position_table[positions]  # [B, T, d] + [T, d]
+        x = self.model.embed(tokens, self.artist) + self.position_table[positions]  # [B, T, d] + [T, d]
         return x.reshape(-1, self.d_model)  # [B, T, d] -> [B*T, d]
 
     # ---- prefill: a whole prompt at once, causal ----------------------------------------------
@@ -156,7 +158,8 @@ class LeanDecoder:
         Attends to the whole cache under a validity mask (slots beyond `position` hold zeros or an
         older window's rows; the mask hides them). The caller advances `length`.
         """
-        x = self.model.embed(tokens)[:, 0] + self.position_table.index_select(0, position)  # [B, 1, d] -> [B, d]
+        x = self.model.embed(tokens, self.artist)[:, 0]  # [B, 1, d] -> [B, d]
+        x = x + self.position_table.index_select(0, position)  # + [1, d]
         visible = (self.slots <= position).view(1, 1, 1, -1)  # [C] -> [1, 1, 1, C]
         for block, keys, values in zip(self.blocks, self.keys, self.values):
             q, k, v = self._split_heads(self._conv1d(self._norm(x, block.ln_1), block.attn.c_attn), 1)

@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Issue 12's goals: is one model of two artists better than each artist's own model, does the label
+carry information, and what does classifier-free guidance cost per frame?
+
+    python bench/bench_artists.py                                # Debian's muldjord + sectoid songs, the goals
+    python bench/bench_artists.py --tiny                         # seconds: checks that the script works
+    python bench/bench_artists.py --device cuda --epochs 40 --json out.json
+
+Steps: the song.ogg of every song folder of each artist (default: the Debian packages
+fretsonfire-songs-muldjord and fretsonfire-songs-sectoid) go through stages 1-3 per artist; stage 4
+trains one model per artist and one joint model (`--artist A --artist B --name joint`) with the same
+--epochs. A joint epoch holds as many windows as the two single-artist epochs together, so equal
+epochs is equal total training compute (the step counts are printed). Each artist's valid split is
+then scored (bits per frame) by its own model and by the joint model with the true label, the other
+artist's label and "no artist". Last, the joint model generates --cfg-frames frames with CFG off
+and on (one batched step of 2B rows) and the per-frame time ratio is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+from pipeline.generation import GenerationSettings, SamplingSettings, generate_frames, label_weights  # noqa: E402
+from pipeline.stages import load_stage  # noqa: E402
+
+stage4 = load_stage("4_Transformer")
+SONGS = Path("/usr/share/games/fretsonfire/data/songs")
+DEFAULT_ARTISTS = ("muldjord", "sectoid")
+
+
+def run(script: str, *args) -> None:
+    """One stage as a subprocess; its error output is shown when it fails."""
+    result = subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{script} {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr[-3000:]}")
+
+
+def link_songs(root: Path, artist: str, songs: Path, limit: int) -> int:
+    """raw_audio/<artist>/<song>.ogg -> each song folder's song.ogg (symlinks); returns the count."""
+    folder = root / "raw_audio" / artist
+    folder.mkdir(parents=True, exist_ok=True)
+    found = sorted((songs / artist).glob("*/song.ogg"))[:limit or None]
+    for song in found:
+        link = folder / f"{song.parent.name}.ogg"
+        if not link.exists():
+            link.symlink_to(song)
+    if not found:
+        raise SystemExit(f"no */song.ogg under {songs / artist} (apt install fretsonfire-songs-{artist})")
+    return len(found)
+
+
+def prepare_artist(root: Path, artist: str, options) -> None:
+    common = ["--artist", artist, "--root", root, "--log-level", "WARNING"]
+    run("1_audio_preprocessing.py", *common, "--clip-seconds", options.clip_seconds)
+    run("2_Tokenization.py", *common, "--codec", options.codec, "--bandwidth", options.bandwidth,
+        "--device", options.device)
+    run("3_data_preparation.py", *common, "--valid-fraction", options.valid_fraction, "--overwrite")
+
+
+def train(root: Path, artists: list[str], name: str | None, options) -> Path:
+    """Stage 4 on `artists` -> its last.pt (the same recipe for every model)."""
+    flags = [item for artist in artists for item in ("--artist", artist)] + (["--name", name] if name else [])
+    run("4_Transformer.py", *flags, "--root", root, "--preset", options.preset, "--epochs", options.epochs,
+        "--context-frames", options.context_frames, "--batch-size", options.batch_size, "--device", options.device,
+        "--pattern", options.pattern, "--seed", options.seed, "--log-level", "WARNING", "--overwrite")
+    return root / "model_results" / (name or artists[0]) / "last.pt"
+
+
+def load_model(path: Path, device: str):
+    checkpoint = stage4.load_checkpoint(path)
+    model = stage4.MusicTransformer(stage4.model_args_from(checkpoint["model_args"], path))
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), checkpoint
+
+
+@torch.no_grad()
+def valid_nll(model, checkpoint: dict, root: Path, artist: str, label: int | None, device: str) -> float:
+    """Bits per frame of `artist`'s valid split under `model` with artist `label` (None: no label given)."""
+    data = stage4.load_dataset(stage4.read_training_manifest(root, artist))
+    context, pattern = checkpoint["train_args"]["context_frames"], checkpoint["train_args"]["pattern"]
+    if len(data.store.clips("valid")) == 0:
+        return float("nan")  # stage 3 put every track in train: use more songs
+    windows = stage4.valid_windows(data.store, data.store.clips("valid"), context)  # [N, 2]
+    sums = torch.zeros(2 * data.store.n_codebooks, dtype=torch.float64)
+    q = data.store.n_codebooks
+    for start in range(0, len(windows), 8):
+        inputs, targets = stage4.make_batch(data.store, windows[start:start + 8], context, pattern)
+        artist_rows = None if label is None else torch.full((inputs.shape[0],), label, device=device)  # [B]
+        logits, _ = model(inputs.long().to(device), artist=artist_rows)  # [B, S, Q] -> [B, S, Q, V]
+        _, nll_sums, counts = stage4.sequence_losses(logits, targets.long().to(device))
+        sums[:q] += nll_sums.double().cpu()
+        sums[q:] += counts.double().cpu()
+    return stage4.bits_per_frame(sums[:q], sums[q:])[0]
+
+
+def cfg_overhead(model, pattern: str, context_frames: int, options) -> dict:
+    """Seconds per generated frame without and with CFG (the same model, label 0, lean engine)."""
+    context = min(int(context_frames), options.cfg_frames)
+    times = {}
+    for coef in (1.0, 3.0, 1.0, 3.0):  # twice each, interleaved: the second of each pair is kept
+        settings = GenerationSettings(pattern=pattern, context_frames=context,
+                                      stride_frames=max(1, context // 2), num_samples=options.cfg_batch,
+                                      artist_weights=label_weights(0, model.args.n_artists), cfg_coef=coef)
+        started = time.perf_counter()
+        generate_frames(model, None, options.cfg_frames, settings, SamplingSettings(), None, 0, options.device)
+        if options.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times[coef] = (time.perf_counter() - started) / options.cfg_frames
+    return {"s_per_frame_unguided": times[1.0], "s_per_frame_cfg": times[3.0], "ratio": times[3.0] / times[1.0]}
+
+
+def time_cfg_only(options) -> int:
+    """CFG's cost per frame on an untrained model of --preset (the time does not depend on the weights)."""
+    torch.set_num_threads(1 if options.device == "cpu" else torch.get_num_threads())
+    torch.manual_seed(0)
+    model_args = stage4.model_args_for(options.preset, 4, int(options.context_frames))
+    model_args.n_artists = 2
+    model = stage4.MusicTransformer(model_args).to(options.device).eval()
+    cfg = cfg_overhead(model, options.pattern, int(options.context_frames), options)
+    print(f"{options.preset}, batch {options.cfg_batch}, {options.cfg_frames} frames on {options.device}: "
+          f"{cfg['s_per_frame_unguided'] * 1e3:.2f} -> {cfg['s_per_frame_cfg'] * 1e3:.2f} ms/frame with CFG "
+          f"({cfg['ratio']:.2f}x; goal <= 1.3x)")
+    if options.json:
+        options.json.write_text(json.dumps(cfg, indent=2) + "\n")
+    return 0
+
+
+def steps_per_epoch(path: Path) -> int:
+    metrics = torch.load(path, map_location="cpu", weights_only=True)
+    return int(metrics["step"]) // max(1, int(metrics["epoch"]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artists", nargs=2, default=list(DEFAULT_ARTISTS), help="two artist folders under --songs")
+    parser.add_argument("--songs", type=Path, default=SONGS, help="folder of <artist>/<song>/song.ogg")
+    parser.add_argument("--root", type=Path, help="project root to work in (default: a temporary folder)")
+    parser.add_argument("--tiny", action="store_true", help="a few seconds of each artist, tiny model: a smoke run")
+    parser.add_argument("--songs-per-artist", type=int, default=0, help="use only this many songs (0: all)")
+    parser.add_argument("--codec", default="facebook/encodec_48khz", help="stage 2's codec (random:0 for a smoke run)")
+    parser.add_argument("--bandwidth", default="6", help="stage 2's bandwidth")
+    parser.add_argument("--clip-seconds", default="30", help="stage 1's clip length")
+    parser.add_argument("--valid-fraction", default="0.25", help="stage 3's share of tracks in the valid split")
+    parser.add_argument("--preset", default="small", help="stage 4's model size")
+    parser.add_argument("--epochs", default="30", help="epochs of every model (equal epochs = equal compute)")
+    parser.add_argument("--context-frames", default="750", help="stage 4's window")
+    parser.add_argument("--batch-size", default="8", help="stage 4's batch size")
+    parser.add_argument("--pattern", default="delay", help="codebook pattern")
+    parser.add_argument("--seed", default="0", help="stage 4's seed")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--cfg-frames", type=int, default=300, help="frames generated for the CFG timing")
+    parser.add_argument("--cfg-batch", type=int, default=1, help="pieces generated together for the CFG timing")
+    parser.add_argument("--cfg-only", action="store_true",
+                        help="only the CFG timing, on an untrained --preset model with two labels (no songs)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    options = parser.parse_args(argv)
+    if options.cfg_only:
+        return time_cfg_only(options)
+    if options.tiny:
+        options.songs_per_artist, options.codec, options.clip_seconds = 2, "random:0", "10"
+        options.valid_fraction = "0.5"
+        options.preset, options.epochs, options.context_frames, options.batch_size = "tiny", "1", "150", "4"
+        options.cfg_frames = 60
+    torch.set_num_threads(1 if options.device == "cpu" else torch.get_num_threads())
+    root = options.root or Path(tempfile.mkdtemp(prefix="bench_artists_"))
+    a, b = options.artists
+    results = {"settings": {k: str(v) for k, v in vars(options).items()}, "root": str(root)}
+    for artist in (a, b):
+        results.setdefault("songs", {})[artist] = link_songs(root, artist, options.songs, options.songs_per_artist)
+        prepare_artist(root, artist, options)
+    paths = {a: train(root, [a], None, options), b: train(root, [b], None, options),
+             "joint": train(root, [a, b], "joint", options)}
+    results["steps_per_epoch"] = {key: steps_per_epoch(path) for key, path in paths.items()}
+    joint, joint_checkpoint = load_model(paths["joint"], options.device)
+    table = {}
+    for label, artist in enumerate((a, b)):
+        own, own_checkpoint = load_model(paths[artist], options.device)
+        table[artist] = {
+            "own_model": valid_nll(own, own_checkpoint, root, artist, None, options.device),
+            "joint_true_label": valid_nll(joint, joint_checkpoint, root, artist, label, options.device),
+            "joint_other_label": valid_nll(joint, joint_checkpoint, root, artist, 1 - label, options.device),
+            "joint_no_artist": valid_nll(joint, joint_checkpoint, root, artist, 2, options.device)}
+    results["valid_nll_bits_per_frame"] = table
+    train_args = joint_checkpoint["train_args"]
+    results["cfg"] = cfg_overhead(joint, train_args["pattern"], train_args["context_frames"], options)
+    print(f"steps per epoch: {results['steps_per_epoch']}  (joint ~ the sum of the two: equal compute)")
+    print(f"{'artist':<12} {'own model':>10} {'joint, label':>13} {'other label':>12} {'no artist':>10}")
+    for artist, row in table.items():
+        print(f"{artist:<12} {row['own_model']:>10.3f} {row['joint_true_label']:>13.3f} "
+              f"{row['joint_other_label']:>12.3f} {row['joint_no_artist']:>10.3f}")
+    goals = {artist: {"joint_beats_own": row["joint_true_label"] < row["own_model"],
+                      "label_informative": row["joint_true_label"] < min(row["joint_other_label"],
+                                                                         row["joint_no_artist"])}
+             for artist, row in table.items()}
+    results["goals"] = {**goals, "cfg_within_1.3x": results["cfg"]["ratio"] <= 1.3}
+    cfg = results["cfg"]
+    print(f"CFG: {cfg['s_per_frame_unguided'] * 1e3:.2f} -> {cfg['s_per_frame_cfg'] * 1e3:.2f} ms/frame "
+          f"({cfg['ratio']:.2f}x; goal <= 1.3x)")
+    print(f"goals: {json.dumps(results['goals'])}")
+    if options.json:
+        options.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
