@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -425,3 +426,34 @@ def test_one_artist_with_a_name_goes_to_that_folder_unconditioned(stage4, tmp_pa
     checkpoint = load(results(tmp_path, "Solo") / "last.pt")
     assert checkpoint["model_args"]["n_artists"] == 0 and checkpoint["artists"] == ["A"]
     assert not results(tmp_path, "A").exists()
+
+
+def test_the_studio_serves_each_artist_of_a_joint_model(joint_root, stage5, random_codec, monkeypatch):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from pipeline.studio import Studio, create_app
+
+    monkeypatch.setattr(stage5, "load_codec", lambda spec, device="cpu": random_codec)
+    studio = Studio(joint_root)
+    try:
+        with TestClient(create_app(studio)) as client:
+            models = {model["name"]: model for model in client.get("/api/models").json()}
+            assert models["Both"]["artists"] == ["Low", "High"]  # label order = the checkpoint's
+            assert client.post("/api/generate", json={"model": "Both", "artist": "Mid"}).status_code == 404
+            response = client.post("/api/generate", json={"model": "Both", "artist": "High", "seconds": 0.5,
+                                                          "seed": 1})
+            assert response.status_code == 202, response.text
+            job = response.json()["job"]
+            for _ in range(2400):
+                status = client.get(f"/api/jobs/{job}").json()
+                if status["state"] in ("done", "failed", "cancelled"):
+                    break
+                time.sleep(0.05)
+            assert status["state"] == "done", status
+    finally:
+        studio.close()
+    sidecars = list((joint_root / "music_transformer" / "High").glob("studio-*.json"))
+    assert len(sidecars) == 1
+    conditioning = json.loads(sidecars[0].read_text())["conditioning"]
+    assert conditioning["model"] == "Both" and "High" in json.dumps(conditioning)

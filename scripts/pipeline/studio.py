@@ -62,7 +62,7 @@ class Catalog:
 
     def __init__(self, root: Path, stage5):
         self.root, self.stage5 = root, stage5
-        self._codec_specs: dict = {}  # (path, mtime) -> the checkpoint's codec spec
+        self._facts: dict = {}  # (path, mtime) -> the checkpoint's codec spec and artist labels
 
     def models(self) -> dict[str, Path]:
         """Model name -> checkpoint (best.pt, else last.pt) for every folder of `model_results/`."""
@@ -76,24 +76,34 @@ class Catalog:
                 found[model.name] = checkpoint
         return found
 
-    @staticmethod
-    def artists_of(model: str) -> list[str]:
-        """A stage-4 model is trained on one artist, its folder's name (issue 12 widens this)."""
-        return [model]
+    def artists_of(self, model: str) -> list[str]:
+        """The artist labels a model knows: a joint model's list (stage 4 with several --artist), else
+        the one artist it was trained on, its folder's name."""
+        checkpoint = self.models().get(model)
+        labels = self.checkpoint_facts(checkpoint)["artists"] if checkpoint is not None else []
+        return list(labels) if len(labels) > 1 else [model]
+
+    def is_joint(self, model: str) -> bool:
+        return self.artists_of(model) != [model]
 
     def codec_spec(self, checkpoint: Path) -> str | None:
-        """The checkpoint's codec spec, read once per file version (memory-mapped: weights stay on disk)."""
+        return self.checkpoint_facts(checkpoint)["codec"]
+
+    def checkpoint_facts(self, checkpoint: Path) -> dict:
+        """The checkpoint's codec spec and artist labels, read once per file version (memory-mapped:
+        the weights stay on disk)."""
         key = (checkpoint, checkpoint.stat().st_mtime_ns)
-        if key not in self._codec_specs:
+        if key not in self._facts:
             import torch
 
             try:
                 saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-                self._codec_specs[key] = str(saved["token_contract"]["codec"])
+                self._facts[key] = {"codec": str(saved["token_contract"]["codec"]),
+                                    "artists": [str(a) for a in saved.get("artists") or []]}
             except Exception as error:  # noqa: BLE001 - a listing must not fail on one odd file
-                LOG.warning("%s: cannot read its codec (%s)", checkpoint, error_reason(error))
-                self._codec_specs[key] = None
-        return self._codec_specs[key]
+                LOG.warning("%s: cannot read it (%s)", checkpoint, error_reason(error))
+                self._facts[key] = {"codec": None, "artists": []}
+        return self._facts[key]
 
     def pieces(self) -> dict[str, Path]:
         """Piece id (`<artist>:<name>`) -> its stem, for every finished piece (its sidecar JSON written last)."""
@@ -131,10 +141,11 @@ def piece_summary(identifier: str, stem: Path) -> dict:
 
 # ==== stage 5's options =======================================================================
 def stage5_args(stage5, settings: dict, root: Path, artist: str, checkpoint: Path, name: str,
-                prompt: Path | None):
-    """The request's settings as stage 5's parsed options: its parser's defaults and limits (422 otherwise)."""
+                prompt: Path | None, joint_model: str | None = None):
+    """The request's settings as stage 5's parsed options: its parser's defaults and limits (422 otherwise).
+    `joint_model`: the name of a model trained on several artists (`--model`; `artist` is then its label)."""
     argv = ["--root", str(root), "--artist", artist, "--checkpoint", str(checkpoint), "--name", name,
-            "--log-level", "WARNING"]
+            "--log-level", "WARNING", *(["--model", joint_model] if joint_model else [])]
     for key in STAGE5_FIELDS:
         if settings.get(key) is not None:
             argv += [f"--{key.replace('_', '-')}", str(settings[key])]
@@ -275,7 +286,8 @@ class Studio:
                 raise StudioError(404, f"no prompt {settings['prompt_id']!r} (upload one to /api/prompts)")
         identifier = uuid.uuid4().hex[:12]
         name = f"studio-{time.strftime('%Y%m%d-%H%M%S')}-{identifier}"
-        args = stage5_args(self.stage5, settings, self.root, artist, checkpoint, name, prompt)
+        joint = model if self.catalog.is_joint(model) else None
+        args = stage5_args(self.stage5, settings, self.root, artist, checkpoint, name, prompt, joint)
         job = Job(id=identifier, model=model, args=args)
         self.jobs[identifier] = job
         self.queue.put(job)
