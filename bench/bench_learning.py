@@ -66,7 +66,7 @@ SWEEP = {
 
 
 def quiet(function, *args, **kwargs):
-    """Run stage 4 without its progress bars (warnings still reach the log file of the run)."""
+    """Run stage 4 with its stderr (progress bars, log) swallowed: the figures come from its metrics.jsonl."""
     with contextlib.redirect_stderr(io.StringIO()):
         return function(*args, **kwargs)
 
