@@ -17,19 +17,8 @@ from pipeline.cli import StageError, run_main
 from pipeline.contract import save_token_file
 from pipeline.dist import DistInfo
 from test_stage4 import BANDWIDTH, TINY, load, results, write_dataset, write_tokens
+from test_stage4 import one_thread, stage4  # noqa: F401 - fixtures: one torch thread (autouse), the module
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def stage4(transformer_module):
-    return transformer_module
 
 
 def tiny_args(stage4, n_artists=0, q=4):

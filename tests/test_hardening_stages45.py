@@ -21,7 +21,7 @@ import torch
 
 from conftest import SCRIPTS
 from pipeline.cli import StageError, run_main
-from pipeline.files import atomic_torch_save
+from pipeline.files import atomic_torch_save, is_temporary
 from test_stage4 import TINY, assert_same_weights, load, results, write_dataset
 from test_stage5_cli import ARTIST, make_root, outputs
 
@@ -210,9 +210,14 @@ def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 1
 
 def assert_no_partial_files(folder) -> None:
     """No temporary is left, and every file under a final name is complete (loads with weights_only)."""
-    assert not [path.name for path in folder.rglob("*.tmp-*")]
-    for path in folder.glob("*.pt"):
+    assert not [path.name for path in folder.rglob("*") if is_temporary(path)]
+    for path in final_checkpoints(folder):
         load(path)
+
+
+def final_checkpoints(folder) -> list:
+    """The checkpoints under a final name: `.pt` files of the folder that are no temporary."""
+    return sorted(path for path in folder.iterdir() if path.suffix == ".pt" and not is_temporary(path))
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM], ids=["SIGTERM"])  # SIGINT: test_stage4.py
@@ -242,7 +247,7 @@ def test_stage4_leftover_of_an_interrupted_checkpoint_write_is_ignored(stage4, t
     leftover = folder / ".last.tmp-k1ll3d" / "last.pt"  # atomic_path's temporary folder and file
     leftover.parent.mkdir()
     leftover.write_bytes(whole[:len(whole) // 3])
-    assert leftover not in list(folder.glob("*.pt"))  # a listing of the folder never sees the cut file
+    assert is_temporary(leftover) and leftover not in final_checkpoints(folder)  # never listed as a checkpoint
     assert run4(stage4, tmp_path, *TRAIN, "--resume") == 0
     assert not leftover.parent.exists()
     assert_no_partial_files(folder)
@@ -258,7 +263,7 @@ def test_stage4_sigkill_at_a_random_moment_then_resume(stage4, tmp_path, straigh
     time.sleep(delay)
     process.kill()
     process.wait(timeout=60)
-    for path in folder.glob("*.pt"):  # every file under a final name is whole, whenever the kill came
+    for path in final_checkpoints(folder):  # every file under a final name is whole, whenever the kill came
         load(path)
     assert run4(stage4, tmp_path, *TRAIN, "--resume") == 0, f"killed {delay:.3f} s after the first checkpoint"
     assert_no_partial_files(folder)

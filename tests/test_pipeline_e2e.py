@@ -15,6 +15,7 @@ import soundfile as sf
 import torch
 
 from conftest import SCRIPTS, sine_tone
+from pipeline.files import is_temporary
 
 RUN_PIPELINE = SCRIPTS / "run_pipeline.sh"
 SMALL_RUN = ["--codec", "random:0", "--preset", "tiny", "--epochs", "2", "--context-frames", "150",
@@ -33,11 +34,16 @@ def file_digests(root: Path) -> dict[str, str]:
     digests = {}
     for folder in ("data_processed", "encoded_tokens", "music_transformer"):
         for path in sorted((root / folder).rglob("*")):
-            if path.is_file() and path.suffix in {".wav", ".th"}:
+            if path.is_file() and path.suffix in {".wav", ".th"} and not is_temporary(path):
                 digests[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    for path in sorted(root.glob("metadata_clean_*.jsonl")) + sorted((root / "model_results").rglob("*.pt")):
+    for path in sorted(root.glob("metadata_clean_*.jsonl")) + finished_files(root / "model_results", ".pt"):
         digests[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return digests
+
+
+def finished_files(folder: Path, suffix: str) -> list[Path]:
+    """Files under a final name with `suffix`, at any depth (never a temporary of an atomic write)."""
+    return sorted(path for path in folder.rglob("*") if path.suffix == suffix and not is_temporary(path))
 
 
 def check_contract(root: Path, artist: str, clip_seconds: float, generated_seconds: float) -> dict:
@@ -48,7 +54,7 @@ def check_contract(root: Path, artist: str, clip_seconds: float, generated_secon
         info = sf.info(clip)
         assert (info.samplerate, info.channels) == (48_000, 2)
         assert info.frames == round(clip_seconds * 48_000)
-    tokens = sorted((root / "encoded_tokens" / artist).rglob("*.th"))
+    tokens = finished_files(root / "encoded_tokens" / artist, ".th")
     assert len(tokens) == len(clips)
     for path in tokens:
         token = torch.load(path, weights_only=True)

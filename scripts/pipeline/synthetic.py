@@ -209,13 +209,14 @@ def train_on_stream(root: Path, spec: StreamSpec, stage4_options: list[str], ste
     argv = ["--artist", artist, "--root", str(root), "--context-frames", str(context), "--batch-size",
             str(batch_size), "--pattern", pattern, "--epochs", str(epochs),
             "--keep-last", "1", "--log-level", "WARNING", *stage4_options]
+    stage4 = load_stage("4_Transformer")
     started = time.perf_counter()
-    status = load_stage("4_Transformer").main(argv)
+    status = stage4.main(argv)
     seconds = time.perf_counter() - started
     if status != 0:
         raise RuntimeError(f"stage 4 exited {status} on the {spec.process} stream")
-    records = [json.loads(line) for line in (root / "model_results" / artist / "metrics.jsonl").read_text().splitlines()]
-    baselines, last = records[0], records[-1]
+    records = stage4.read_metrics(root / "model_results" / artist / "metrics.jsonl")
+    baselines, last = stage4.baseline_record(records), stage4.epoch_records(records)[-1]
     return LearnabilityResult(process=spec.process, pattern=pattern, model_bits=last["valid_nll_bits_per_frame"],
                               oracle_bits=corpus.oracle_bits_per_frame, unigram_bits=baselines["unigram_bits_per_frame"],
                               bigram_bits=baselines["bigram_bits_per_frame"], train_bits=last["train_nll_bits_per_frame"],
