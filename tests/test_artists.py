@@ -417,7 +417,17 @@ def test_one_artist_with_a_name_goes_to_that_folder_unconditioned(stage4, tmp_pa
     assert not results(tmp_path, "A").exists()
 
 
-def test_the_studio_serves_each_artist_of_a_joint_model(joint_root, stage5, random_codec, monkeypatch):
+def wait_for_job(client, job: str) -> dict:
+    for _ in range(2400):
+        status = client.get(f"/api/jobs/{job}").json()
+        if status["state"] in ("done", "failed", "cancelled"):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"job {job} still {status}")
+
+
+def test_the_studio_plays_each_artist_a_blend_and_guidance_of_a_joint_model(joint_root, stage5, random_codec,
+                                                                              monkeypatch):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
@@ -428,21 +438,32 @@ def test_the_studio_serves_each_artist_of_a_joint_model(joint_root, stage5, rand
     try:
         with TestClient(create_app(studio)) as client:
             models = {model["name"]: model for model in client.get("/api/models").json()}
-            assert models["Both"]["artists"] == ["Low", "High"]  # label order = the checkpoint's
-            assert client.post("/api/generate", json={"model": "Both", "artist": "Mid"}).status_code == 404
-            response = client.post("/api/generate", json={"model": "Both", "artist": "High", "seconds": 0.5,
-                                                          "seed": 1})
-            assert response.status_code == 202, response.text
-            job = response.json()["job"]
-            for _ in range(2400):
-                status = client.get(f"/api/jobs/{job}").json()
-                if status["state"] in ("done", "failed", "cancelled"):
-                    break
-                time.sleep(0.05)
-            assert status["state"] == "done", status
+            assert models["Both"]["artists"] == ["Low", "High"] and models["Both"]["joint"]  # the checkpoint's order
+            refused = {"unknown artist": ({"artist": "Mid"}, 404, "knows no artist 'Mid'"),
+                       "unknown blend artist": ({"blend": {"Low": 1, "Mid": 1}}, 404, "knows no artist 'Mid'"),
+                       "artist and blend": ({"artist": "Low", "blend": {"Low": 1}}, 422, "not both"),
+                       "negative weight": ({"blend": {"Low": -1, "High": 2}}, 422, "weights must be >= 0"),
+                       "weights sum to 0": ({"blend": {"Low": 0, "High": 0}}, 422, "sum to 0"),
+                       "negative guidance": ({"artist": "Low", "cfg_coef": -1}, 422, "cfg_coef")}
+            for case, (settings, status, reason) in refused.items():
+                response = client.post("/api/generate", json={"model": "Both", **settings})
+                assert response.status_code == status and reason in response.json()["detail"], (case, response.text)
+            jobs = {}
+            for label, settings in (("High", {"artist": "High"}),
+                                    ("blend_Low-0.25_High-0.75", {"blend": {"Low": 1, "High": 3}, "cfg_coef": 2})):
+                response = client.post("/api/generate", json={"model": "Both", "seconds": 0.5, "seed": 1, **settings})
+                assert response.status_code == 202, response.text
+                jobs[label] = response.json()["job"]
+            for label, job in jobs.items():
+                status = wait_for_job(client, job)
+                assert status["state"] == "done" and status["artist"] == label, status
+                assert len(status["pieces"]) == 1 and status["pieces"][0].startswith(f"{label}:")
+                sidecar = client.get(f"/api/pieces/{status['pieces'][0]}").json()
+                jobs[label] = sidecar["conditioning"]
     finally:
         studio.close()
-    sidecars = list((joint_root / "music_transformer" / "High").glob("studio-*.json"))
-    assert len(sidecars) == 1
-    conditioning = json.loads(sidecars[0].read_text())["conditioning"]
-    assert conditioning["model"] == "Both" and "High" in json.dumps(conditioning)
+    assert jobs["High"]["model"] == "Both" and jobs["High"]["label"] == "High" and jobs["High"]["cfg_coef"] == 3.0
+    blend = jobs["blend_Low-0.25_High-0.75"]
+    assert blend["label"] is None and blend["blend"] == {"Low": 0.25, "High": 0.75}
+    assert blend["weights"] == [0.25, 0.75, 0.0] and blend["cfg_coef"] == 2.0
+    assert not (joint_root / "music_transformer" / "Mid").exists()

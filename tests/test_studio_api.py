@@ -66,8 +66,14 @@ def final_files(studio) -> list[str]:
 
 def test_models_list_the_checkpoint_and_its_untrained_codec(client):
     models = client.get("/api/models").json()
-    assert models == [{"name": ARTIST, "artists": [ARTIST], "checkpoint": "best.pt", "loaded": False,
-                       "codec": "random:0", "codec_untrained": True}]
+    assert models == [{"name": ARTIST, "artists": [ARTIST], "joint": False, "checkpoint": "best.pt",
+                       "loaded": False, "codec": "random:0", "codec_untrained": True}]
+
+
+def test_a_blend_needs_a_model_of_several_artists(client, studio):
+    response = client.post("/api/generate", json={"model": ARTIST, "blend": {ARTIST: 1.0}})
+    assert response.status_code == 422 and "a blend needs a model trained on several" in response.json()["detail"]
+    assert final_files(studio) == []
 
 
 def test_generate_polls_to_done_and_serves_the_pieces_stage5_wrote(client, studio):

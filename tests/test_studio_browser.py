@@ -3,6 +3,7 @@
 Selenium drives Debian's `chromium` through its `chromedriver` (both installed by .ci/run); nothing is
 downloaded at run time. Skipped where they are missing, unless STUDIO_BROWSER_REQUIRED=1 (CI sets it).
 """
+import dataclasses
 import io
 import json
 import os
@@ -18,6 +19,8 @@ import soundfile as sf
 
 from conftest import SCRIPTS, STAGE5_ARTIST as ARTIST
 from test_stage5_cli import make_root
+
+JOINT = "mix"  # a hand-built model of two artists, listed after ARTIST
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -43,10 +46,28 @@ def free_loopback_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path, transformer_module):
-    """scripts/studio.py serving a root with one tiny model -> its base URL."""
+def add_joint_model(root, transformer_module) -> None:
+    """model_results/mix/best.pt: an untrained tiny model with the labels Low and High."""
+    import torch
+
+    checkpoint = torch.load(root / "model_results" / ARTIST / "best.pt", weights_only=True)
+    args = transformer_module.model_args_from(checkpoint["model_args"], ARTIST)
+    args.n_artists = 2
+    torch.manual_seed(1)
+    model = transformer_module.MusicTransformer(args)
+    checkpoint.update(model=model.state_dict(), model_args=dataclasses.asdict(args), artist=JOINT,
+                      artists=["Low", "High"])
+    from pipeline.files import atomic_torch_save
+
+    atomic_torch_save(checkpoint, root / "model_results" / JOINT / "best.pt")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, transformer_module):
+    """scripts/studio.py serving a root with a tiny one-artist model and a tiny joint one -> its base URL."""
+    tmp_path = tmp_path_factory.mktemp("studio")
     root = make_root(tmp_path / "root", transformer_module, "delay")
+    add_joint_model(root, transformer_module)
     port = free_loopback_port()
     log = open(tmp_path / "studio.log", "w")
     process = subprocess.Popen([sys.executable, str(SCRIPTS / "studio.py"), "--root", str(root), "--port", str(port),
@@ -76,7 +97,7 @@ def wait_until_serving(base: str, process, log_path, timeout: float = 60) -> Non
     raise AssertionError(f"studio.py did not answer in {timeout} s:\n{log_path.read_text()}")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser():
     browser_or_skip()
     from selenium import webdriver
@@ -109,6 +130,7 @@ def test_generate_in_the_page_then_play_the_wav(server, browser, tmp_path):
     wait = WebDriverWait(browser, 120)
     wait.until(lambda driver: driver.find_element(By.ID, "artist").get_attribute("value") == ARTIST)
     assert browser.find_element(By.ID, "banner").is_displayed()  # the random codec is untrained
+    assert not browser.find_element(By.ID, "cfg_coef").is_displayed()  # a one-artist model: no guidance
     set_field(browser, "seconds", 0.5)
     set_field(browser, "seed", 7)
     browser.find_element(By.ID, "generate").click()
@@ -124,7 +146,44 @@ def test_generate_in_the_page_then_play_the_wav(server, browser, tmp_path):
     assert rate == 48_000 and wave.shape == (24_000, 2)
     wait.until(lambda driver: driver.find_element(By.CSS_SELECTOR, "#results img").get_property("naturalWidth") > 0)
     assert browser.find_element(By.ID, "status").text.startswith("done 100%")
-    wait.until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, "#history li")) == 1)
+    wait.until(lambda driver: any(ARTIST in item.text for item in driver.find_elements(By.CSS_SELECTOR, "#history li")))
     assert browser.find_element(By.ID, "error").text == ""
     screenshot = tmp_path / "studio.png"
     assert browser.save_screenshot(str(screenshot)) and screenshot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_blend_two_artists_with_guidance_in_the_page(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser.get(server)
+    wait = WebDriverWait(browser, 120)
+    wait.until(lambda driver: driver.find_element(By.ID, "artist").get_attribute("value") == ARTIST)
+    assert not browser.find_element(By.ID, "blend").is_displayed()
+    Select(browser.find_element(By.ID, "model")).select_by_value(JOINT)
+    artists = Select(browser.find_element(By.ID, "artist"))
+    assert [option.text for option in artists.options] == ["Low", "High", "(blend of artists)"]
+    assert browser.find_element(By.ID, "cfg_coef").is_displayed() and not browser.find_element(By.ID, "blend").is_displayed()
+    artists.select_by_value("(blend of artists)")
+    assert browser.find_element(By.ID, "blend").is_displayed()
+    set_field(browser, "blend_0", 1)
+    set_field(browser, "blend_1", 3)
+    set_field(browser, "cfg_coef", 2)
+    set_field(browser, "seconds", 0.5)
+    set_field(browser, "seed", 7)
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda driver: driver.find_elements(By.CSS_SELECTOR, "#results audio")
+               or driver.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == ""
+    with urllib.request.urlopen(f"{server}/api/pieces", timeout=10) as response:
+        pieces = [piece for piece in json.loads(response.read()) if piece["id"].startswith("blend_Low-0.25_High-0.75:")]
+    assert len(pieces) == 1
+    with urllib.request.urlopen(f"{server}/api/pieces/{pieces[0]['id']}", timeout=10) as response:
+        conditioning = json.loads(response.read())["conditioning"]
+    assert conditioning["model"] == JOINT and conditioning["blend"] == {"Low": 0.25, "High": 0.75}
+    assert conditioning["cfg_coef"] == 2.0
+    set_field(browser, "blend_0", 0)
+    set_field(browser, "blend_1", 0)
+    browser.find_element(By.ID, "generate").click()  # weights that sum to 0: stage 5's reason, shown
+    wait.until(lambda driver: driver.find_element(By.ID, "error").text)
+    assert "sum to 0" in browser.find_element(By.ID, "error").text

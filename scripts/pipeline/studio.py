@@ -38,7 +38,7 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # an audio prompt: a few minutes of WAV; la
 MAX_SECONDS = 600.0  # the longest piece a request may ask for (the command line has no such limit)
 # stage 5's options a request may set (field name = option name with '-' as '_'); issue 12's can join
 STAGE5_FIELDS = ("seconds", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "num_samples",
-                 "prompt_seconds")
+                 "prompt_seconds", "cfg_coef")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:-]{0,200}$")
 
 
@@ -140,11 +140,13 @@ def piece_summary(identifier: str, stem: Path) -> dict:
 
 
 # ==== stage 5's options =======================================================================
-def stage5_args(stage5, settings: dict, root: Path, artist: str, checkpoint: Path, name: str,
-                prompt: Path | None, joint_model: str | None = None):
+def stage5_args(stage5, settings: dict, root: Path, artist: str | None, checkpoint: Path, name: str,
+                prompt: Path | None, joint_model: str | None = None, blend: dict | None = None):
     """The request's settings as stage 5's parsed options: its parser's defaults and limits (422 otherwise).
-    `joint_model`: the name of a model trained on several artists (`--model`; `artist` is then its label)."""
-    argv = ["--root", str(root), "--artist", artist, "--checkpoint", str(checkpoint), "--name", name,
+    `joint_model`: the name of a model trained on several artists (`--model`; `artist` is then its label);
+    `blend`: {artist: weight} of a joint model, instead of `artist` (`--blend`)."""
+    labels = ["--artist", artist] if blend is None else ["--blend", blend_text(blend)]
+    argv = ["--root", str(root), *labels, "--checkpoint", str(checkpoint), "--name", name,
             "--log-level", "WARNING", *(["--model", joint_model] if joint_model else [])]
     for key in STAGE5_FIELDS:
         if settings.get(key) is not None:
@@ -160,12 +162,19 @@ def stage5_args(stage5, settings: dict, root: Path, artist: str, checkpoint: Pat
     return parser.parse_args(argv)
 
 
+def blend_text(blend: dict) -> str:
+    """{artist: weight} -> stage 5's --blend text "A=0.7,B=0.3" (its parser checks the weights)."""
+    return ",".join(f"{artist}={weight!r}" for artist, weight in blend.items())
+
+
 class GenerateRequest(BaseModel):
     """Stage 5's options by name; an omitted one takes stage 5's default."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: str | None = None
     artist: str | None = None
+    blend: dict[str, float] | None = None  # a joint model's artists mixed: {artist: weight >= 0}
+    cfg_coef: float | None = None  # classifier-free guidance of a joint model (1 = off)
     seconds: float | None = None
     temperature: float | None = None
     top_k: int | None = None
@@ -183,6 +192,7 @@ class Job:
     id: str
     model: str
     args: argparse.Namespace
+    label: str  # the artist, or the blend's label: the pieces' folder under music_transformer/
     state: str = "queued"
     progress: float = 0.0
     frames_per_second: float | None = None
@@ -196,7 +206,7 @@ class Job:
     def as_dict(self) -> dict:
         return {"job": self.id, "state": self.state, "progress": round(self.progress, 4),
                 "frames_per_second": self.frames_per_second, "error": self.error, "pieces": list(self.pieces),
-                "model": self.model, "artist": self.args.artist, "warning": self.warning}
+                "model": self.model, "artist": self.label, "warning": self.warning}
 
     def on_frames(self, done: int, total: int) -> None:
         self.progress = done / max(total, 1)
@@ -234,7 +244,8 @@ class Studio:
         listed = []
         for name, checkpoint in self.catalog.models().items():
             spec = self.catalog.codec_spec(checkpoint)
-            listed.append({"name": name, "artists": self.catalog.artists_of(name), "checkpoint": checkpoint.name,
+            listed.append({"name": name, "artists": self.catalog.artists_of(name), "joint": self.catalog.is_joint(name),
+                           "checkpoint": checkpoint.name,
                            "loaded": name in self.models, "codec": spec,
                            "codec_untrained": None if spec is None else parse_random_spec(spec) is not None})
         return listed
@@ -276,8 +287,9 @@ class Studio:
         checkpoint = self.catalog.models().get(model)
         if checkpoint is None:
             raise StudioError(404, f"no model {model!r} under model_results/")
-        artist = artist if artist is not None else self.catalog.artists_of(model)[0]
-        if artist not in self.catalog.artists_of(model):
+        blend = self.checked_blend(model, artist, settings.get("blend"))
+        artist = artist if artist is not None or blend else self.catalog.artists_of(model)[0]
+        if artist is not None and artist not in self.catalog.artists_of(model):
             raise StudioError(404, f"model {model!r} knows no artist {artist!r}")
         prompt = None
         if settings.get("prompt_id") is not None:
@@ -287,11 +299,24 @@ class Studio:
         identifier = uuid.uuid4().hex[:12]
         name = f"studio-{time.strftime('%Y%m%d-%H%M%S')}-{identifier}"
         joint = model if self.catalog.is_joint(model) else None
-        args = stage5_args(self.stage5, settings, self.root, artist, checkpoint, name, prompt, joint)
-        job = Job(id=identifier, model=model, args=args)
+        args = stage5_args(self.stage5, settings, self.root, artist, checkpoint, name, prompt, joint, blend)
+        job = Job(id=identifier, model=model, args=args, label=self.stage5.output_label(args))
         self.jobs[identifier] = job
         self.queue.put(job)
         return job
+
+    def checked_blend(self, model: str, artist: str | None, blend: dict | None) -> dict | None:
+        """A request's blend, checked against the model (stage 5's parser then checks the weights)."""
+        if not blend:
+            return None
+        if artist is not None:
+            raise StudioError(422, "give an artist or a blend, not both")
+        if not self.catalog.is_joint(model):
+            raise StudioError(422, f"model {model!r} knows one artist: a blend needs a model trained on several")
+        unknown = [name for name in blend if name not in self.catalog.artists_of(model)]
+        if unknown:
+            raise StudioError(404, f"model {model!r} knows no artist {unknown[0]!r}")
+        return blend
 
     def job(self, identifier: str) -> Job:
         refuse_unsafe_id(identifier, "job id")
@@ -332,7 +357,7 @@ class Studio:
         job.warning = None if preloaded.codec.pretrained else UNTRAINED_WARNING
         report = stage5.write_pieces(job.args, preloaded, on_frames=job.on_frames,
                                      cancel=job.cancel_requested.is_set)
-        job.pieces = [piece_id(job.args.artist, name) for name in report.done]
+        job.pieces = [piece_id(job.label, name) for name in report.done]
         if report.failed:
             job.state, job.error = "failed", "; ".join(failure["reason"] for failure in report.failed)
         else:
