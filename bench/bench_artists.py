@@ -5,6 +5,7 @@ carry information, and what does classifier-free guidance cost per frame?
     python bench/bench_artists.py                                # Debian's muldjord + sectoid songs, the goals
     python bench/bench_artists.py --tiny                         # seconds: checks that the script works
     python bench/bench_artists.py --device cuda --epochs 40 --json out.json
+    python bench/bench_artists.py --demo                         # the README demo's two synthesized artists
 
 Steps: the song.ogg of every song folder of each artist (default: the Debian packages
 fretsonfire-songs-muldjord and fretsonfire-songs-sectoid) go through stages 1-3 per artist; stage 4
@@ -12,7 +13,11 @@ trains one model per artist and one joint model (`--artist A --artist B --name j
 --epochs. A joint epoch holds as many windows as the two single-artist epochs together, so equal
 epochs is equal total training compute (the step counts are printed). Each artist's valid split is
 then scored (bits per frame) by its own model and by the joint model with the true label, the other
-artist's label and "no artist". Last, the joint model generates --cfg-frames frames with CFG off
+artist's label and "no artist"; the label's margins are also printed in bits per window, next to two
+yardsticks: how far apart the artists' tokens are (each artist's valid split under a unigram fitted on
+its own train split against one fitted on the other artist's), and log2(2) = 1 bit, the most a perfect
+model's label can be worth over "no artist" per window (a perfect "no artist" model is the mixture of
+the two artists, which costs at most log2(1 / 0.5) bits more than knowing the artist). Last, the joint model generates --cfg-frames frames with CFG off
 and on (one batched step of 2B rows) and the per-frame time ratio is printed.
 """
 from __future__ import annotations
@@ -25,10 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
+from pipeline.baselines import fit_and_score  # noqa: E402
+from pipeline.demo import STYLES, make_demo_corpus  # noqa: E402
 from pipeline.generation import GenerationSettings, SamplingSettings, generate_frames, label_weights  # noqa: E402
 from pipeline.stages import load_stage  # noqa: E402
 
@@ -82,14 +90,19 @@ def load_model(path: Path, device: str):
     return model.to(device).eval(), checkpoint
 
 
+def valid_windows(root: Path, artist: str, context: int):
+    """(the artist's token store, its valid windows `[N, 2]` of `context` frames)."""
+    data = stage4.load_dataset(stage4.read_training_manifest(root, artist))
+    return data, stage4.valid_windows(data.store, data.store.clips("valid"), context)
+
+
 @torch.no_grad()
 def valid_nll(model, checkpoint: dict, root: Path, artist: str, label: int | None, device: str) -> float:
     """Bits per frame of `artist`'s valid split under `model` with artist `label` (None: no label given)."""
-    data = stage4.load_dataset(stage4.read_training_manifest(root, artist))
     context, pattern = checkpoint["train_args"]["context_frames"], checkpoint["train_args"]["pattern"]
-    if len(data.store.clips("valid")) == 0:
+    data, windows = valid_windows(root, artist, context)  # windows [N, 2]
+    if len(windows) == 0:
         return float("nan")  # stage 3 put every track in train: use more songs
-    windows = stage4.valid_windows(data.store, data.store.clips("valid"), context)  # [N, 2]
     sums = torch.zeros(2 * data.store.n_codebooks, dtype=torch.float64)
     q = data.store.n_codebooks
     for start in range(0, len(windows), 8):
@@ -100,6 +113,29 @@ def valid_nll(model, checkpoint: dict, root: Path, artist: str, label: int | Non
         sums[:q] += nll_sums.double().cpu()
         sums[q:] += counts.double().cpu()
     return stage4.bits_per_frame(sums[:q], sums[q:])[0]
+
+
+def unigram_yardsticks(root: Path, artist: str, other: str) -> dict:
+    """`artist`'s valid split (bits/frame) under unigrams fitted on the train split of: the artist itself
+    ("own"), the other artist ("other") and both ("pooled"): what an artist label is worth to a model
+    without context, and whether the artist's own songs describe its held-out songs better than the pool."""
+    def clips(name: str, split: str) -> list:
+        store = stage4.load_dataset(stage4.read_training_manifest(root, name)).store
+        return [store.clip_codes(clip) for clip in store.clips(split)]  # [T, Q] each
+    held_out, own, theirs = clips(artist, "valid"), clips(artist, "train"), clips(other, "train")
+    if not held_out:
+        return {"own": float("nan"), "other": float("nan"), "pooled": float("nan")}
+    return {name: fit_and_score(train, held_out).unigram_bits_per_frame
+            for name, train in (("own", own), ("other", theirs), ("pooled", own + theirs))}
+
+
+def mean_window_frames(root: Path, artist: str, context: int) -> float:
+    """Frames per valid window (the last window of a clip is shorter): bits/frame x this = bits/window."""
+    data, windows = valid_windows(root, artist, context)
+    if len(windows) == 0:
+        return float("nan")
+    lengths = np.minimum(data.store.lengths[windows[:, 0]] - windows[:, 1], context)  # [N]
+    return float(lengths.mean())
 
 
 def cfg_overhead(model, pattern: str, context_frames: int, options) -> dict:
@@ -139,14 +175,17 @@ def steps_per_epoch(path: Path) -> int:
     return int(metrics["step"]) // max(1, int(metrics["epoch"]))
 
 
-def main(argv=None) -> int:
+def parse_options(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artists", nargs=2, default=list(DEFAULT_ARTISTS), help="two artist folders under --songs")
     parser.add_argument("--songs", type=Path, default=SONGS, help="folder of <artist>/<song>/song.ogg")
     parser.add_argument("--root", type=Path, help="project root to work in (default: a temporary folder)")
     parser.add_argument("--tiny", action="store_true", help="a few seconds of each artist, tiny model: a smoke run")
+    parser.add_argument("--demo", action="store_true",
+                        help="the README demo's synthesized artists with its recipe (random codec, small, 25 "
+                             "epochs of 4 x 300 frames) instead of --songs")
     parser.add_argument("--songs-per-artist", type=int, default=0, help="use only this many songs (0: all)")
-    parser.add_argument("--codec", default="facebook/encodec_48khz", help="stage 2's codec (random:0 for a smoke run)")
+    parser.add_argument("--codec", help="stage 2's codec (default facebook/encodec_48khz; random:0 with --tiny, --demo)")
     parser.add_argument("--bandwidth", default="6", help="stage 2's bandwidth")
     parser.add_argument("--clip-seconds", default="30", help="stage 1's clip length")
     parser.add_argument("--valid-fraction", default="0.25", help="stage 3's share of tracks in the valid split")
@@ -163,51 +202,87 @@ def main(argv=None) -> int:
                         help="only the CFG timing, on an untrained --preset model with two labels (no songs)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     options = parser.parse_args(argv)
-    if options.cfg_only:
-        return time_cfg_only(options)
     if options.tiny:
-        options.songs_per_artist, options.codec, options.clip_seconds = 2, "random:0", "10"
+        options.songs_per_artist, options.codec, options.clip_seconds = 2, options.codec or "random:0", "10"
         options.valid_fraction = "0.5"
         options.preset, options.epochs, options.context_frames, options.batch_size = "tiny", "1", "150", "4"
         options.cfg_frames = 60
+    if options.demo:  # run_pipeline.sh's demo recipe (3 tracks of 20 s per artist: one valid track each)
+        options.artists = [style.artist for style in STYLES]
+        options.codec, options.clip_seconds, options.valid_fraction = options.codec or "random:0", "10", "0.34"
+        options.preset, options.epochs, options.context_frames, options.batch_size = "small", "25", "300", "4"
+    options.codec = options.codec or "facebook/encodec_48khz"
+    return options
+
+
+def score_table(root: Path, paths: dict, artists: list[str], device: str) -> dict:
+    """Each artist's valid bits/frame under its own model and under the joint model with each label."""
+    joint, joint_checkpoint = load_model(paths["joint"], device)
+    table = {}
+    for label, artist in enumerate(artists):
+        own, own_checkpoint = load_model(paths[artist], device)
+        table[artist] = {
+            "own_model": valid_nll(own, own_checkpoint, root, artist, None, device),
+            "joint_true_label": valid_nll(joint, joint_checkpoint, root, artist, label, device),
+            "joint_other_label": valid_nll(joint, joint_checkpoint, root, artist, 1 - label, device),
+            "joint_no_artist": valid_nll(joint, joint_checkpoint, root, artist, 2, device),
+            "window_frames": mean_window_frames(root, artist, joint_checkpoint["train_args"]["context_frames"]),
+            "unigram": unigram_yardsticks(root, artist, artists[1 - label])}
+    return table
+
+
+def print_table(table: dict) -> None:
+    print(f"{'artist':<17} {'own model':>10} {'joint, label':>13} {'other label':>12} {'no artist':>10}  (bits/frame)")
+    for artist, row in table.items():
+        print(f"{artist:<17} {row['own_model']:>10.3f} {row['joint_true_label']:>13.3f} "
+              f"{row['joint_other_label']:>12.3f} {row['joint_no_artist']:>10.3f}")
+    print("the label's margins (positive: the true label is better), and the same margins for unigrams fitted on "
+          "the artist's own, the other artist's and both artists' train split:")
+    for artist, row in table.items():
+        other = row["joint_other_label"] - row["joint_true_label"]
+        none = row["joint_no_artist"] - row["joint_true_label"]
+        frames, unigram = row["window_frames"], row["unigram"]
+        print(f"  {artist:<17} vs other label {other:+.3f} bits/frame ({other * frames:+.1f} bits/window), "
+              f"vs no artist {none:+.3f} ({none * frames:+.1f} bits/window; a perfect model: 0 to +1)")
+        print(f"  {'':<17} unigram: other - own {unigram['other'] - unigram['own']:+.3f} bits/frame, "
+              f"pooled - own {unigram['pooled'] - unigram['own']:+.3f}")
+
+
+def main(argv=None) -> int:
+    options = parse_options(argv)
+    if options.cfg_only:
+        return time_cfg_only(options)
     torch.set_num_threads(1 if options.device == "cpu" else torch.get_num_threads())
     root = options.root or Path(tempfile.mkdtemp(prefix="bench_artists_"))
     a, b = options.artists
     results = {"settings": {k: str(v) for k, v in vars(options).items()}, "root": str(root)}
+    if options.demo:
+        results["songs"] = {artist: 3 for artist in (a, b)}
+        make_demo_corpus(root / "raw_audio")
     for artist in (a, b):
-        results.setdefault("songs", {})[artist] = link_songs(root, artist, options.songs, options.songs_per_artist)
+        if not options.demo:
+            results.setdefault("songs", {})[artist] = link_songs(root, artist, options.songs, options.songs_per_artist)
         prepare_artist(root, artist, options)
     paths = {a: train(root, [a], None, options), b: train(root, [b], None, options),
              "joint": train(root, [a, b], "joint", options)}
     results["steps_per_epoch"] = {key: steps_per_epoch(path) for key, path in paths.items()}
+    table = results["valid_nll_bits_per_frame"] = score_table(root, paths, [a, b], options.device)
     joint, joint_checkpoint = load_model(paths["joint"], options.device)
-    table = {}
-    for label, artist in enumerate((a, b)):
-        own, own_checkpoint = load_model(paths[artist], options.device)
-        table[artist] = {
-            "own_model": valid_nll(own, own_checkpoint, root, artist, None, options.device),
-            "joint_true_label": valid_nll(joint, joint_checkpoint, root, artist, label, options.device),
-            "joint_other_label": valid_nll(joint, joint_checkpoint, root, artist, 1 - label, options.device),
-            "joint_no_artist": valid_nll(joint, joint_checkpoint, root, artist, 2, options.device)}
-    results["valid_nll_bits_per_frame"] = table
     train_args = joint_checkpoint["train_args"]
     results["cfg"] = cfg_overhead(joint, train_args["pattern"], train_args["context_frames"], options)
     print(f"steps per epoch: {results['steps_per_epoch']}  (joint ~ the sum of the two: equal compute)")
-    print(f"{'artist':<12} {'own model':>10} {'joint, label':>13} {'other label':>12} {'no artist':>10}")
-    for artist, row in table.items():
-        print(f"{artist:<12} {row['own_model']:>10.3f} {row['joint_true_label']:>13.3f} "
-              f"{row['joint_other_label']:>12.3f} {row['joint_no_artist']:>10.3f}")
+    print_table(table)
     goals = {artist: {"joint_beats_own": row["joint_true_label"] < row["own_model"],
-                      "label_informative": row["joint_true_label"] < min(row["joint_other_label"],
-                                                                         row["joint_no_artist"])}
+                      "label_beats_other": row["joint_true_label"] < row["joint_other_label"],
+                      "label_beats_no_artist": row["joint_true_label"] < row["joint_no_artist"]}
              for artist, row in table.items()}
     results["goals"] = {**goals, "cfg_within_1.3x": results["cfg"]["ratio"] <= 1.3}
     cfg = results["cfg"]
-    print(f"CFG: {cfg['s_per_frame_unguided'] * 1e3:.2f} -> {cfg['s_per_frame_cfg'] * 1e3:.2f} ms/frame "
-          f"({cfg['ratio']:.2f}x; goal <= 1.3x)")
     print(f"goals: {json.dumps(results['goals'])}")
     if options.json:
         options.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"CFG: {cfg['s_per_frame_unguided'] * 1e3:.2f} -> {cfg['s_per_frame_cfg'] * 1e3:.2f} ms/frame "
+          f"({cfg['ratio']:.2f}x; goal <= 1.3x)")
     return 0
 
 
