@@ -3,7 +3,7 @@
 carry information, and what does classifier-free guidance cost per frame?
 
     python bench/bench_artists.py                                # Debian's muldjord + sectoid songs, the goals
-    python bench/bench_artists.py --tiny                         # seconds: checks that the script works
+    python bench/bench_artists.py --tiny                         # minutes: checks that the script works
     python bench/bench_artists.py --device cuda --epochs 40 --json out.json
     python bench/bench_artists.py --demo                         # the README demo's two synthesized artists
 
@@ -14,10 +14,12 @@ trains one model per artist and one joint model (`--artist A --artist B --name j
 epochs is equal total training compute (the step counts are printed). Each artist's valid split is
 then scored (bits per frame) by its own model and by the joint model with the true label, the other
 artist's label and "no artist"; the label's margins are also printed in bits per window, next to two
-yardsticks: how far apart the artists' tokens are (each artist's valid split under a unigram fitted on
-its own train split against one fitted on the other artist's), and log2(2) = 1 bit, the most a perfect
-model's label can be worth over "no artist" per window (a perfect "no artist" model is the mixture of
-the two artists, which costs at most log2(1 / 0.5) bits more than knowing the artist). Last, the joint model generates --cfg-frames frames with CFG off
+yardsticks. One: each artist's valid split under unigrams fitted on its own, the other artist's and
+both artists' train split (how far apart the artists' tokens are, and whether an artist's own songs
+describe its held-out song better than the pool does). Two: log2(2) = 1 bit, the most a perfect
+model's label can be worth over "no artist" per window (a perfect "no artist" model is the mixture
+of the two artists, which costs at most log2(1 / 0.5) bits more than knowing the artist).
+Last, the joint model generates --cfg-frames frames with CFG off
 and on (one batched step of 2B rows) and the per-frame time ratio is printed.
 """
 from __future__ import annotations
