@@ -49,6 +49,28 @@ def test_lean_logits_equal_full_forward_at_every_step(transformer_module, static
     assert float(full.std()) > 1.0  # the comparison is about real logits, not a flat zero
 
 
+def test_steps_of_two_rows_use_row_major_copies_that_follow_the_weights(transformer_module):
+    """CPU steps of 2-3 rows (CFG of one piece) multiply by `[out, in]` copies of the Conv1D weights:
+    the logits match the full forward, and a weight changed in place (training) is copied again."""
+    from pipeline import lean_decoder
+
+    model = spread_model(transformer_module)
+    tokens = random_tokens(2, 12)  # [B=2, T, Q]
+    conv = model.backbone.h[0].attn.c_attn
+    for change in range(2):
+        with torch.inference_mode():
+            full, _ = model(tokens)  # [B, T, Q, V]
+            decoder = LeanDecoder(model, batch=2, capacity=12)
+            decoder.prefill(tokens[:, :11])
+            last = decoder.step(tokens[:, 11:12])  # [B, Q, V], 2 rows: the row-major path
+        assert float((last - full[:, 11]).abs().max()) <= 1e-4
+        copy = lean_decoder.row_major_weight(conv)
+        assert copy.shape == conv.weight.shape[::-1] and torch.equal(copy, conv.weight.t())
+        if change == 0:
+            with torch.no_grad():
+                conv.weight.mul_(1.5)  # in place, as an optimizer step: the copy must follow
+
+
 def test_lean_decoder_refuses_what_its_cache_cannot_hold(transformer_module):
     model = spread_model(transformer_module)
     decoder = LeanDecoder(model, batch=1, capacity=4)

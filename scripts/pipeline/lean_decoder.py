@@ -11,9 +11,12 @@ same blocks as a handful of tensor operations per layer on a preallocated KV cac
 
 The two ends are the model's `embed` and `logits` methods, so a change to either (untied heads,
 conditioning) needs nothing here beyond passing `artist` (the rows' artist labels or blend weights,
-fixed for the decoder's life) to `embed`. The parameters are read from the model, never copied: no
-conversion step and no second checkpoint format. GPT-2's `Conv1D` stores its weight as
-`[in, out]`, hence `addmm(bias, x, weight)`.
+fixed for the decoder's life) to `embed`. The parameters are read from the model: no conversion
+step and no second checkpoint format. GPT-2's `Conv1D` stores its weight as `[in, out]`, hence
+`addmm(bias, x, weight)` — except for steps of 2 or 3 rows on a CPU (classifier-free guidance of one
+piece is 2 rows): there the BLAS repacks an `[in, out]` matrix before a product with a few rows,
+which made those steps cost `base` 1.5x a one-row step; a `[out, in]` copy of each weight, made once
+per weight version and kept while the model lives, brings that to 1.05-1.1x (BENCHMARKS.md).
 
 Two ways to step:
 - `step` (the CPU default) attends to the cache slice `[..., :length]`: no mask at all.
@@ -23,12 +26,26 @@ Two ways to step:
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
 
 LOG = logging.getLogger("pipeline.lean_decoder")
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+ROW_MAJOR_ROWS = (2, 3)  # CPU steps of this many rows multiply by `[out, in]` copies (measured: 1 and 4+ do not gain)
+_row_major_copies: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Conv1D -> (weight version, copy)
+
+
+def row_major_weight(conv) -> torch.Tensor:
+    """A Conv1D's weight `[in, out]` as a contiguous `[out, in]` copy, made again only when the weight
+    changes in place (an optimizer step, `load_state_dict`) and dropped with the module."""
+    version = conv.weight._version
+    cached = _row_major_copies.get(conv)
+    if cached is None or cached[0] != version:
+        cached = (version, conv.weight.detach().t().contiguous())  # [in, out] -> [out, in]
+        _row_major_copies[conv] = cached
+    return cached[1]
 
 
 class UnsupportedBackbone(ValueError):
@@ -88,6 +105,8 @@ class LeanDecoder:
     @staticmethod
     def _conv1d(x: torch.Tensor, conv) -> torch.Tensor:
         """GPT-2's Conv1D on rows `[N, in]` -> `[N, out]` (its weight is `[in, out]`)."""
+        if x.device.type == "cpu" and x.shape[0] in ROW_MAJOR_ROWS:
+            return F.linear(x, row_major_weight(conv), conv.bias)  # [N, in] @ [out, in]^T + [out]
         return torch.addmm(conv.bias, x, conv.weight)
 
     def _mlp(self, block, x: torch.Tensor) -> torch.Tensor:
