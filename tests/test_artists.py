@@ -442,6 +442,7 @@ def test_the_studio_plays_each_artist_a_blend_and_guidance_of_a_joint_model(join
             refused = {"unknown artist": ({"artist": "Mid"}, 404, "knows no artist 'Mid'"),
                        "unknown blend artist": ({"blend": {"Low": 1, "Mid": 1}}, 404, "knows no artist 'Mid'"),
                        "artist and blend": ({"artist": "Low", "blend": {"Low": 1}}, 422, "not both"),
+                       "empty blend": ({"blend": {}}, 422, "name at least one"),
                        "negative weight": ({"blend": {"Low": -1, "High": 2}}, 422, "weights must be >= 0"),
                        "weights sum to 0": ({"blend": {"Low": 0, "High": 0}}, 422, "sum to 0"),
                        "negative guidance": ({"artist": "Low", "cfg_coef": -1}, 422, "cfg_coef")}

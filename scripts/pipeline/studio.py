@@ -36,7 +36,8 @@ LOG = logging.getLogger("pipeline.studio")
 PAGE = Path(__file__).with_name("studio_page.html")
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # an audio prompt: a few minutes of WAV; larger uploads get 413
 MAX_SECONDS = 600.0  # the longest piece a request may ask for (the command line has no such limit)
-# stage 5's options a request may set (field name = option name with '-' as '_'); issue 12's can join
+# stage 5's options a request may set (field name = option name with '-' as '_'); `artist`, `blend`
+# and the prompt are checked against the catalog first
 STAGE5_FIELDS = ("seconds", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "num_samples",
                  "prompt_seconds", "cfg_coef")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:-]{0,200}$")
@@ -244,8 +245,8 @@ class Studio:
         listed = []
         for name, checkpoint in self.catalog.models().items():
             spec = self.catalog.codec_spec(checkpoint)
-            listed.append({"name": name, "artists": self.catalog.artists_of(name), "joint": self.catalog.is_joint(name),
-                           "checkpoint": checkpoint.name,
+            listed.append({"name": name, "artists": self.catalog.artists_of(name),
+                           "joint": self.catalog.is_joint(name), "checkpoint": checkpoint.name,
                            "loaded": name in self.models, "codec": spec,
                            "codec_untrained": None if spec is None else parse_random_spec(spec) is not None})
         return listed
@@ -307,8 +308,10 @@ class Studio:
 
     def checked_blend(self, model: str, artist: str | None, blend: dict | None) -> dict | None:
         """A request's blend, checked against the model (stage 5's parser then checks the weights)."""
-        if not blend:
+        if blend is None:
             return None
+        if not blend:
+            raise StudioError(422, "blend: name at least one of the model's artists with a weight")
         if artist is not None:
             raise StudioError(422, "give an artist or a blend, not both")
         if not self.catalog.is_joint(model):
