@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,10 @@ SCRIPTS = REPO / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+# A suite started in the background (`nohup ... &`) inherits an ignored SIGINT; the Ctrl-C tests need
+# Python's own handler, as in a terminal (a process that ignores SIGINT rightly goes on when sent one).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
