@@ -19,8 +19,11 @@ both artists' train split (how far apart the artists' tokens are, and whether an
 describe its held-out song better than the pool does). Two: log2(2) = 1 bit, the most a perfect
 model's label can be worth over "no artist" per window (a perfect "no artist" model is the mixture
 of the two artists, which costs at most log2(1 / 0.5) bits more than knowing the artist).
-Last, the joint model generates --cfg-frames frames with CFG off
-and on (one batched step of 2B rows) and the per-frame time ratio is printed.
+Then the style check, where the label matters most: the joint model generates from nothing with
+each label (guidance off and 3.0), and each piece is scored under bigrams fitted on each artist's
+train split: does it sound like the labelled artist? Last, the joint model generates --cfg-frames
+frames with CFG off and on (one batched step of 2B rows) and the per-frame time ratio is printed.
+--reuse keeps the manifests and models --root already holds.
 """
 from __future__ import annotations
 
@@ -79,6 +82,9 @@ def prepare_artist(root: Path, artist: str, options) -> None:
 def train(root: Path, artists: list[str], name: str | None, options) -> Path:
     """Stage 4 on `artists` -> its last.pt (the same recipe for every model)."""
     flags = [item for artist in artists for item in ("--artist", artist)] + (["--name", name] if name else [])
+    last = root / "model_results" / (name or artists[0]) / "last.pt"
+    if options.reuse and last.is_file():
+        return last
     run("4_Transformer.py", *flags, "--root", root, "--preset", options.preset, "--epochs", options.epochs,
         "--context-frames", options.context_frames, "--batch-size", options.batch_size, "--device", options.device,
         "--pattern", options.pattern, "--seed", options.seed, "--log-level", "WARNING", "--overwrite")
@@ -129,6 +135,42 @@ def unigram_yardsticks(root: Path, artist: str, other: str) -> dict:
         return {"own": float("nan"), "other": float("nan"), "pooled": float("nan")}
     return {name: fit_and_score(train, held_out).unigram_bits_per_frame
             for name, train in (("own", own), ("other", theirs), ("pooled", own + theirs))}
+
+
+def style_check(joint, checkpoint: dict, root: Path, artists: list[str], options) -> dict:
+    """Where the label matters: generating from nothing. For each artist label, with guidance off and
+    at 3.0, --style-pieces pieces of --style-frames frames are scored (bits/frame) under a bigram
+    fitted on each artist's train split; a piece "sounds like" the artist whose bigram scores it
+    lower. Returns, per label and coefficient, the share of pieces closer to the labelled artist and
+    the mean margin (other artist's bigram minus the labelled one's)."""
+    train = {}
+    for artist in artists:
+        store = stage4.load_dataset(stage4.read_training_manifest(root, artist)).store
+        train[artist] = [store.clip_codes(clip) for clip in store.clips("train")]  # [T, Q] each
+    pattern, context = checkpoint["train_args"]["pattern"], int(checkpoint["train_args"]["context_frames"])
+    results = {}
+    for label, artist in enumerate(artists):
+        other = artists[1 - label]
+        for coef in (1.0, 3.0):
+            settings = GenerationSettings(pattern=pattern, context_frames=min(context, options.style_frames),
+                                          stride_frames=max(1, min(context, options.style_frames) // 2),
+                                          num_samples=options.style_pieces, cfg_coef=coef,
+                                          artist_weights=label_weights(label, joint.args.n_artists))
+            frames, _ = generate_frames(joint, None, options.style_frames, settings, SamplingSettings(), None,
+                                        label, options.device)  # [B, T, Q]
+            pieces = [piece.cpu().numpy() for piece in frames]
+            margins = [fit_and_score(train[other], [piece]).bigram_bits_per_frame
+                       - fit_and_score(train[artist], [piece]).bigram_bits_per_frame for piece in pieces]
+            results[f"{artist}, cfg {coef:g}"] = {"share_closer_to_label": float(np.mean([m > 0 for m in margins])),
+                                                  "mean_margin_bits_per_frame": float(np.mean(margins))}
+    return results
+
+
+def print_style(style: dict, pieces: int, frames: int) -> None:
+    print(f"generated from nothing ({pieces} pieces x {frames} frames per label): share of pieces whose tokens a "
+          f"bigram of the labelled artist scores better than the other's, and the mean margin")
+    for key, row in style.items():
+        print(f"  {key:<28} {row['share_closer_to_label']:>5.0%}  {row['mean_margin_bits_per_frame']:+.3f} bits/frame")
 
 
 def mean_window_frames(root: Path, artist: str, context: int) -> float:
@@ -211,13 +253,18 @@ def parse_options(argv):
     parser.add_argument("--cfg-batch", type=int, default=1, help="pieces generated together for the CFG timing")
     parser.add_argument("--cfg-only", action="store_true",
                         help="only the CFG timing, on an untrained --preset model with two labels (no songs)")
+    parser.add_argument("--style-pieces", type=int, default=8, help="pieces per label for the style check")
+    parser.add_argument("--style-frames", type=int, default=300, help="frames of each style-check piece")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep what --root already holds (each artist's manifest, each model's last.pt) "
+                             "instead of preparing and training again")
     parser.add_argument("--json", type=Path, help="also write the results here")
     options = parser.parse_args(argv)
     if options.tiny:
         options.songs_per_artist, options.codec, options.clip_seconds = 2, options.codec or "random:0", "10"
         options.valid_fraction = "0.5"
         options.preset, options.epochs, options.context_frames, options.batch_size = "tiny", "1", "150", "4"
-        options.cfg_frames = 60
+        options.cfg_frames, options.style_pieces, options.style_frames = 60, 2, 60
     if options.demo:  # run_pipeline.sh's demo recipe (3 tracks of 20 s per artist: one valid track each)
         options.artists = [style.artist for style in STYLES]
         options.codec, options.clip_seconds, options.valid_fraction = options.codec or "random:0", "10", "0.34"
@@ -273,7 +320,8 @@ def main(argv=None) -> int:
     for artist in (a, b):
         if not options.demo:
             results.setdefault("songs", {})[artist] = link_songs(root, artist, options.songs, options.songs_per_artist)
-        prepare_artist(root, artist, options)
+        if not (options.reuse and (root / f"metadata_clean_{artist}.jsonl").is_file()):
+            prepare_artist(root, artist, options)
     paths = {a: train(root, [a], None, options), b: train(root, [b], None, options),
              "joint": train(root, [a, b], "joint", options)}
     results["steps_per_epoch"] = {key: steps_per_epoch(path) for key, path in paths.items()}
@@ -281,8 +329,10 @@ def main(argv=None) -> int:
     joint, joint_checkpoint = load_model(paths["joint"], options.device)
     train_args = joint_checkpoint["train_args"]
     results["cfg"] = cfg_overhead(joint, train_args["pattern"], train_args["context_frames"], options)
+    results["style"] = style_check(joint, joint_checkpoint, root, [a, b], options)
     print(f"steps per epoch: {results['steps_per_epoch']}  (joint ~ the sum of the two: equal compute)")
     print_table(table)
+    print_style(results["style"], options.style_pieces, options.style_frames)
     goals = {artist: {"joint_beats_own": row["joint_true_label"] < row["own_model"],
                       "label_beats_other": row["joint_true_label"] < row["joint_other_label"],
                       "label_beats_no_artist": row["joint_true_label"] < row["joint_no_artist"]}
