@@ -238,7 +238,8 @@ def parse_options(argv):
                         help="the README demo's synthesized artists with its recipe (random codec, small, 25 "
                              "epochs of 4 x 300 frames) instead of --songs")
     parser.add_argument("--songs-per-artist", type=int, default=0, help="use only this many songs (0: all)")
-    parser.add_argument("--codec", help="stage 2's codec (default facebook/encodec_48khz; random:0 with --tiny, --demo)")
+    parser.add_argument("--codec",
+                        help="stage 2's codec (default facebook/encodec_48khz; random:0 with --tiny, --demo)")
     parser.add_argument("--bandwidth", default="6", help="stage 2's bandwidth")
     parser.add_argument("--clip-seconds", default="30", help="stage 1's clip length")
     parser.add_argument("--valid-fraction", default="0.25", help="stage 3's share of tracks in the valid split")

@@ -122,6 +122,18 @@ def set_field(driver, element_id: str, value) -> None:
     field.send_keys(str(value))
 
 
+def generate_short_piece(browser, wait) -> None:
+    """Half a second, seed 7, Generate; wait for the piece's player (or an error), which must be none."""
+    from selenium.webdriver.common.by import By
+
+    set_field(browser, "seconds", 0.5)
+    set_field(browser, "seed", 7)
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda driver: driver.find_elements(By.CSS_SELECTOR, "#results audio")
+               or driver.find_element(By.ID, "error").text)
+    assert browser.find_element(By.ID, "error").text == ""
+
+
 def test_generate_in_the_page_then_play_the_wav(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -131,12 +143,7 @@ def test_generate_in_the_page_then_play_the_wav(server, browser, tmp_path):
     wait.until(lambda driver: driver.find_element(By.ID, "artist").get_attribute("value") == ARTIST)
     assert browser.find_element(By.ID, "banner").is_displayed()  # the random codec is untrained
     assert not browser.find_element(By.ID, "cfg_coef").is_displayed()  # a one-artist model: no guidance
-    set_field(browser, "seconds", 0.5)
-    set_field(browser, "seed", 7)
-    browser.find_element(By.ID, "generate").click()
-    wait.until(lambda driver: driver.find_elements(By.CSS_SELECTOR, "#results audio")
-               or driver.find_element(By.ID, "error").text)
-    assert browser.find_element(By.ID, "error").text == ""
+    generate_short_piece(browser, wait)
     audio = browser.find_element(By.CSS_SELECTOR, "#results audio")
     source = audio.get_attribute("src")
     assert source.startswith(server)
@@ -163,18 +170,14 @@ def test_blend_two_artists_with_guidance_in_the_page(server, browser):
     Select(browser.find_element(By.ID, "model")).select_by_value(JOINT)
     artists = Select(browser.find_element(By.ID, "artist"))
     assert [option.text for option in artists.options] == ["Low", "High", "(blend of artists)"]
-    assert browser.find_element(By.ID, "cfg_coef").is_displayed() and not browser.find_element(By.ID, "blend").is_displayed()
+    assert browser.find_element(By.ID, "cfg_coef").is_displayed()
+    assert not browser.find_element(By.ID, "blend").is_displayed()
     artists.select_by_value("(blend of artists)")
     assert browser.find_element(By.ID, "blend").is_displayed()
     set_field(browser, "blend_0", 1)
     set_field(browser, "blend_1", 3)
     set_field(browser, "cfg_coef", 2)
-    set_field(browser, "seconds", 0.5)
-    set_field(browser, "seed", 7)
-    browser.find_element(By.ID, "generate").click()
-    wait.until(lambda driver: driver.find_elements(By.CSS_SELECTOR, "#results audio")
-               or driver.find_element(By.ID, "error").text)
-    assert browser.find_element(By.ID, "error").text == ""
+    generate_short_piece(browser, wait)
     with urllib.request.urlopen(f"{server}/api/pieces", timeout=10) as response:
         pieces = [piece for piece in json.loads(response.read()) if piece["id"].startswith("blend_Low-0.25_High-0.75:")]
     assert len(pieces) == 1
