@@ -15,8 +15,8 @@ fixed for the decoder's life) to `embed`. The parameters are read from the model
 step and no second checkpoint format. GPT-2's `Conv1D` stores its weight as `[in, out]`, hence
 `addmm(bias, x, weight)` — except for steps of 2 or 3 rows on a CPU (classifier-free guidance of one
 piece is 2 rows): there the BLAS repacks an `[in, out]` matrix before a product with a few rows,
-which made those steps cost `base` 1.5x a one-row step; a `[out, in]` copy of each weight, made once
-per weight version and kept while the model lives, brings that to 1.05-1.1x (BENCHMARKS.md).
+which made a guided step of `base` cost 1.4x a one-row step; an `[out, in]` copy of each weight,
+made once per weight version and kept while the model lives, brings that to 1.17x (BENCHMARKS.md).
 
 Two ways to step:
 - `step` (the CPU default) attends to the cache slice `[..., :length]`: no mask at all.
