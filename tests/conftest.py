@@ -21,6 +21,14 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def finished_files(folder: Path, suffix: str) -> list[Path]:
+    """Files under a final name with `suffix`, at any depth below `folder` (never a temporary of an
+    atomic write, whose hidden name a `*.pt` / `*.th` glob would also match)."""
+    from pipeline.files import is_temporary
+
+    return sorted(path for path in folder.rglob("*") if path.suffix == suffix and not is_temporary(path))
+
+
 @pytest.fixture(autouse=True)
 def seeded_random_generators():
     """Every test starts from the same random state: random data in a test is reproducible."""

@@ -23,7 +23,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import SCRIPTS, sine_tone
+from conftest import SCRIPTS, finished_files, sine_tone
 from pipeline.contract import TokenFile, load_token_file, save_token_file
 from pipeline.files import is_temporary
 from pipeline.manifest import manifest_path
@@ -349,10 +349,6 @@ def interrupt_midway(command: list, ready, sig: int, log_path: Path) -> tuple[in
 
 def temporaries(folder: Path) -> list[Path]:
     return [path for path in folder.rglob("*") if is_temporary(path)]
-
-
-def finished_files(folder: Path, suffix: str) -> list[Path]:
-    return sorted(path for path in folder.rglob(f"*{suffix}") if not is_temporary(path))
 
 
 def file_bytes(folder: Path, suffix: str) -> dict[str, bytes]:

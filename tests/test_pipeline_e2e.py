@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import SCRIPTS, sine_tone
+from conftest import SCRIPTS, finished_files, sine_tone
 from pipeline.files import is_temporary
 
 RUN_PIPELINE = SCRIPTS / "run_pipeline.sh"
@@ -39,11 +39,6 @@ def file_digests(root: Path) -> dict[str, str]:
     for path in sorted(root.glob("metadata_clean_*.jsonl")) + finished_files(root / "model_results", ".pt"):
         digests[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return digests
-
-
-def finished_files(folder: Path, suffix: str) -> list[Path]:
-    """Files under a final name with `suffix`, at any depth (never a temporary of an atomic write)."""
-    return sorted(path for path in folder.rglob("*") if path.suffix == suffix and not is_temporary(path))
 
 
 def check_contract(root: Path, artist: str, clip_seconds: float, generated_seconds: float) -> dict:

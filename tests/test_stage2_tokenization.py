@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import SCRIPTS, run_script, sine_tone
+from conftest import SCRIPTS, finished_files, run_script, sine_tone
 from pipeline.contract import CHUNK_FRAMES, load_token_file
 from pipeline.dist import DistInfo
 from pipeline.stages import load_stage
@@ -286,6 +286,6 @@ def test_torchrun_two_ranks_encode_every_clip_exactly_once(tmp_path):
     written = [json.loads((token_dir / f"report.rank{rank}.json").read_text())["written"] for rank in (0, 1)]
     assert len(written[0]) + len(written[1]) == 5
     assert set(written[0]).isdisjoint(written[1])
-    assert len(list(token_dir.rglob("*.th"))) == 5
+    assert len(finished_files(token_dir, ".th")) == 5
     merged = json.loads((token_dir / "report.json").read_text())
     assert merged["done"] == 5 and merged["exit_status"] == 0

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import finished_files
 from pipeline.cli import StageError, run_main
 from pipeline.contract import BOS, PAD, TokenFile, save_token_file
 
@@ -444,7 +445,7 @@ def test_ddp_two_cpu_processes_train_and_write_one_loadable_checkpoint(stage4, t
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     folder = results(tmp_path)
-    assert sorted(p.name for p in folder.glob("*.pt")) == ["best.pt", "last.pt", "music_transformer_ep1.pt"]
+    assert [p.name for p in finished_files(folder, ".pt")] == ["best.pt", "last.pt", "music_transformer_ep1.pt"]
     assert not list(folder.glob(".*tmp-*"))
     checkpoint = load(folder / "music_transformer_ep1.pt")
     assert checkpoint["step"] == 3  # each rank trained its 6 windows in 3 batches of 2, not all 12
@@ -600,7 +601,7 @@ def test_a_hand_damaged_metrics_file_is_skipped_line_by_line(stage4, tmp_path, c
     # line 1 holds the baselines, line 2 epoch 1; lines 3-5 are the damage
     assert "metrics.jsonl:3: skipping a line that is not JSON" in log and "metrics.jsonl:5: skipping" in log
     assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [0, 1, 2]
-    assert sorted(p.name for p in results(tmp_path).glob("*.pt")) == [
+    assert [p.name for p in finished_files(results(tmp_path), ".pt")] == [
         "best.pt", "last.pt", "music_transformer_ep1.pt", "music_transformer_ep2.pt"]
 
 
@@ -614,7 +615,7 @@ def test_resume_without_last_pt_names_the_epoch_checkpoints_to_resume_from(stage
     message = str(refused.value)
     assert "last.pt does not exist" in message
     assert message.index(f"--resume {folder / 'music_transformer_ep2.pt'}") < message.index("ep1.pt")
-    for path in folder.glob("*.pt"):
+    for path in finished_files(folder, ".pt"):
         path.unlink()
     with pytest.raises(StageError, match="holds no epoch checkpoint either"):
         stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "3", "--resume"])
