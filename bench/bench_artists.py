@@ -28,6 +28,7 @@ frames with CFG off and on (one batched step of 2B rows) and the per-frame time 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -98,9 +99,21 @@ def load_model(path: Path, device: str):
     return model.to(device).eval(), checkpoint
 
 
+@functools.lru_cache(maxsize=None)
+def artist_dataset(root: Path, artist: str):
+    """The artist's manifest and token files, read once per run (every score below reuses them)."""
+    return stage4.load_dataset(stage4.read_training_manifest(root, artist))
+
+
+def split_clips(root: Path, artist: str, split: str) -> list:
+    """The artist's `split` clips as code arrays `[T, Q]` (views into its store)."""
+    store = artist_dataset(root, artist).store
+    return [store.clip_codes(clip) for clip in store.clips(split)]
+
+
 def valid_windows(root: Path, artist: str, context: int):
     """(the artist's token store, its valid windows `[N, 2]` of `context` frames)."""
-    data = stage4.load_dataset(stage4.read_training_manifest(root, artist))
+    data = artist_dataset(root, artist)
     return data, stage4.valid_windows(data.store, data.store.clips("valid"), context)
 
 
@@ -127,10 +140,8 @@ def unigram_yardsticks(root: Path, artist: str, other: str) -> dict:
     """`artist`'s valid split (bits/frame) under unigrams fitted on the train split of: the artist itself
     ("own"), the other artist ("other") and both ("pooled"): what an artist label is worth to a model
     without context, and whether the artist's own songs describe its held-out songs better than the pool."""
-    def clips(name: str, split: str) -> list:
-        store = stage4.load_dataset(stage4.read_training_manifest(root, name)).store
-        return [store.clip_codes(clip) for clip in store.clips(split)]  # [T, Q] each
-    held_out, own, theirs = clips(artist, "valid"), clips(artist, "train"), clips(other, "train")
+    held_out = split_clips(root, artist, "valid")
+    own, theirs = split_clips(root, artist, "train"), split_clips(root, other, "train")
     if not held_out:
         return {"own": float("nan"), "other": float("nan"), "pooled": float("nan")}
     return {name: fit_and_score(train, held_out).unigram_bits_per_frame
@@ -143,10 +154,7 @@ def style_check(joint, checkpoint: dict, root: Path, artists: list[str], options
     fitted on each artist's train split; a piece "sounds like" the artist whose bigram scores it
     lower. Returns, per label and coefficient, the share of pieces closer to the labelled artist and
     the mean margin (other artist's bigram minus the labelled one's)."""
-    train = {}
-    for artist in artists:
-        store = stage4.load_dataset(stage4.read_training_manifest(root, artist)).store
-        train[artist] = [store.clip_codes(clip) for clip in store.clips("train")]  # [T, Q] each
+    train = {artist: split_clips(root, artist, "train") for artist in artists}
     pattern, context = checkpoint["train_args"]["pattern"], int(checkpoint["train_args"]["context_frames"])
     results = {}
     for label, artist in enumerate(artists):
