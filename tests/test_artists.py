@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -417,21 +416,13 @@ def test_one_artist_with_a_name_goes_to_that_folder_unconditioned(stage4, tmp_pa
     assert not results(tmp_path, "A").exists()
 
 
-def wait_for_job(client, job: str) -> dict:
-    for _ in range(2400):
-        status = client.get(f"/api/jobs/{job}").json()
-        if status["state"] in ("done", "failed", "cancelled"):
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"job {job} still {status}")
-
-
 def test_the_studio_plays_each_artist_a_blend_and_guidance_of_a_joint_model(joint_root, stage5, random_codec,
                                                                               monkeypatch):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
     from pipeline.studio import Studio, create_app
+    from test_studio_api import wait_for
 
     monkeypatch.setattr(stage5, "load_codec", lambda spec, device="cpu": random_codec)
     studio = Studio(joint_root)
@@ -456,7 +447,7 @@ def test_the_studio_plays_each_artist_a_blend_and_guidance_of_a_joint_model(join
                 assert response.status_code == 202, response.text
                 jobs[label] = response.json()["job"]
             for label, job in jobs.items():
-                status = wait_for_job(client, job)
+                status = wait_for(client, job)
                 assert status["state"] == "done" and status["artist"] == label, status
                 assert len(status["pieces"]) == 1 and status["pieces"][0].startswith(f"{label}:")
                 sidecar = client.get(f"/api/pieces/{status['pieces'][0]}").json()

@@ -64,6 +64,7 @@ def test_steps_of_two_rows_use_row_major_copies_that_follow_the_weights(transfor
             decoder.prefill(tokens[:, :11])
             last = decoder.step(tokens[:, 11:12])  # [B, Q, V], 2 rows: the row-major path
         assert float((last - full[:, 11]).abs().max()) <= 1e-4
+        assert lean_decoder._row_major_copies[conv][0] == conv.weight._version  # made by the step, current
         copy = lean_decoder.row_major_weight(conv)
         assert copy.shape == conv.weight.shape[::-1] and torch.equal(copy, conv.weight.t())
         if change == 0:
