@@ -44,6 +44,7 @@ sys.path.insert(0, str(SCRIPTS))
 from pipeline.baselines import fit_and_score  # noqa: E402
 from pipeline.demo import STYLES, make_demo_corpus  # noqa: E402
 from pipeline.generation import GenerationSettings, SamplingSettings, generate_frames, label_weights  # noqa: E402
+from pipeline.runs import read_checkpoint  # noqa: E402
 from pipeline.stages import load_stage  # noqa: E402
 
 stage4 = load_stage("4_Transformer")
@@ -93,7 +94,7 @@ def train(root: Path, artists: list[str], name: str | None, options) -> Path:
 
 
 def load_model(path: Path, device: str):
-    checkpoint = stage4.load_checkpoint(path)
+    checkpoint = read_checkpoint(path)
     model = stage4.MusicTransformer(stage4.model_args_from(checkpoint["model_args"], path))
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval(), checkpoint

@@ -24,6 +24,7 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 from pipeline.contract import PAD, TokenFile, save_token_file  # noqa: E402
 from pipeline.dist import DistInfo  # noqa: E402
+from pipeline.patterns import build_sequence  # noqa: E402
 from pipeline.stages import load_stage  # noqa: E402
 
 stage4 = load_stage("4_Transformer")
@@ -92,7 +93,7 @@ def original_step(options, entries, preset: str, device: str):
 
     def step(_index: int):
         frames = torch.stack([sample() for _ in range(batch)]).to(device)  # B x [C, Q] -> [B, C, Q]
-        inputs, targets = stage4.build_sequence(frames, "parallel")
+        inputs, targets = build_sequence(frames, "parallel")
         logits, _ = model(inputs)  # [B, C, Q] -> [B, C, Q, V]
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=PAD)
         optimizer.zero_grad(set_to_none=True)

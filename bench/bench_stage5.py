@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from pipeline import generation  # noqa: E402
 from pipeline.codec import load_codec  # noqa: E402
 from pipeline.contract import SAMPLE_RATE  # noqa: E402
+from pipeline.patterns import extra_steps  # noqa: E402
 from pipeline.stages import load_stage  # noqa: E402
 
 stage4 = load_stage("4_Transformer")
@@ -61,7 +62,7 @@ def recompute_sampled_fps(model, pattern: str, reference: torch.Tensor, context:
     parts of the `reference` piece (midpoint rule; a step's cost depends only on the length reached).
     Each stretch continues the cached run's own tokens, so its greedy output must match them."""
     frames = reference.shape[1]
-    extra_rows = stage4.extra_steps(pattern, reference.shape[2])
+    extra_rows = extra_steps(pattern, reference.shape[2])
     seconds_per_row, identical = [], True
     for segment in range(segments):
         start = (2 * segment + 1) * frames // (2 * segments) - per_segment // 2
@@ -188,7 +189,7 @@ def main() -> None:
           f"{decode_chunk_ms(codec, 2):.0f} ms on 2 threads")
 
     bandwidth = read_bandwidth_gb_s()
-    rows = frames + stage4.extra_steps(pattern, args.codebooks)  # steps of one piece
+    rows = frames + extra_steps(pattern, args.codebooks)  # steps of one piece
 
     def against_bound(model, batch: int, seconds: float) -> str:
         step_ms = 1000 * seconds / rows

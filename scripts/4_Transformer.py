@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Stage 4: train the multi-codebook GPT-2 on an artist's Encodec tokens.
 
-The model (`MusicTransformer`) and the codebook patterns live here; stage 5 imports them.
+The model (`MusicTransformer`, `ModelArgs`, the presets and the checks of saved weights) and the
+command line live here. The engine that trains it is the package's (`pipeline.trainer`), and
+generation loads the model through `pipeline.model_io`.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
@@ -24,16 +25,19 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline.baselines import BaselineScores, fit_and_score  # noqa: E402
-from pipeline.cli import (EXIT_OK, EXIT_RUN_FAILED, StageError, StageReport, artist_name, error_reason,  # noqa: E402
+from pipeline.cli import (EXIT_INTERRUPTED, EXIT_OK, EXIT_RUN_FAILED, StageError, StageReport, artist_name,  # noqa: E402
                           fraction, make_parser, non_negative_float, non_negative_int, positive_float, positive_int,
                           resolve_device, run_main, setup_logging)
-from pipeline.contract import BOS, CODEBOOK_SIZE, PAD, VOCAB_SIZE, TokenFileError, load_token_file  # noqa: E402
+from pipeline.contract import CODEBOOK_SIZE, PAD, VOCAB_SIZE, TokenFileError, load_token_file  # noqa: E402
 from pipeline.dist import DistInfo, dist_info, finish_process_group, init_process_group  # noqa: E402
-from pipeline.files import atomic_path, atomic_torch_save, atomic_write_text, remove_stale_temporaries  # noqa: E402
+from pipeline.files import atomic_path, atomic_torch_save, remove_stale_temporaries  # noqa: E402
 from pipeline.manifest import ManifestError, check_uniform, manifest_path, read_manifest  # noqa: E402
+from pipeline.patterns import PATTERNS, build_sequence, extra_steps  # noqa: E402
 from pipeline.requirements import check_transformers  # noqa: E402
+from pipeline.runs import (append_metrics, baseline_record, clear_outputs,  # noqa: E402
+                           epoch_checkpoint_path, epoch_checkpoints, epoch_records, model_dir, prune_epochs,
+                           read_checkpoint, store_baselines)
 
-PATTERNS = ("parallel", "delay")
 PRESETS = {
     "tiny": dict(d_embed=16, d_model=32, n_layer=2, n_head=2),
     "small": dict(d_embed=32, d_model=256, n_layer=4, n_head=4),
@@ -178,45 +182,6 @@ def padding_mask(tokens: torch.Tensor) -> torch.Tensor:
     return (tokens != PAD).all(dim=-1).long()
 
 
-# ---- codebook patterns ---------------------------------------------------------------------
-def delay_shift(frames: torch.Tensor, fill: int) -> torch.Tensor:
-    """MusicGen's delay: `[B, L, Q]` -> `[B, L+Q-1, Q]`, codebook k moved k steps later; empty cells = fill."""
-    batch, length, n_codebooks = frames.shape
-    grid = frames.new_full((batch, length + n_codebooks - 1, n_codebooks), fill)
-    for q in range(n_codebooks):
-        grid[:, q:q + length, q] = frames[:, :, q]
-    return grid
-
-
-def delay_unshift(grid: torch.Tensor) -> torch.Tensor:
-    """Inverse of `delay_shift`: `[B, S, Q]` -> `[B, S-Q+1, Q]`."""
-    n_codebooks = grid.shape[-1]
-    length = grid.shape[1] - n_codebooks + 1
-    return torch.stack([grid[:, q:q + length, q] for q in range(n_codebooks)], dim=-1)
-
-
-def build_sequence(frames: torch.Tensor, pattern: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real frames `[B, L, Q]` -> (inputs, targets), both `[B, S, Q]`; inputs start with a BOS frame.
-
-    parallel: S = L, inputs = [BOS, f0 .. f(L-2)], targets = [f0 .. f(L-1)].
-    delay:    S = L+Q-1 over the delayed grid; empty cells are BOS in inputs ("nothing yet") and
-              PAD in targets (ignored), so every real token is a target exactly once in both patterns.
-    """
-    batch, _, n_codebooks = frames.shape
-    bos = frames.new_full((batch, 1, n_codebooks), BOS)
-    if pattern == "parallel":
-        return torch.cat([bos, frames[:, :-1]], dim=1), frames
-    if pattern == "delay":
-        grid_in = delay_shift(frames, BOS)  # [B, L+Q-1, Q]
-        return torch.cat([bos, grid_in[:, :-1]], dim=1), delay_shift(frames, PAD)
-    raise ValueError(f"unknown pattern {pattern!r}: choose one of {', '.join(PATTERNS)}")
-
-
-def extra_steps(pattern: str, n_codebooks: int) -> int:
-    """Sequence steps beyond the frame count that a pattern needs."""
-    return n_codebooks - 1 if pattern == "delay" else 0
-
-
 def model_args_for(preset: str, n_codebooks: int, context_frames: int, overrides: dict | None = None) -> ModelArgs:
     """Preset sizes, overridden by explicit flags, with room for `context_frames` plus BOS and delay steps."""
     values = dict(PRESETS[preset])
@@ -258,22 +223,11 @@ def _short_list(items: list, limit: int = 6) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def strip_prefixes(state_dict: dict) -> dict:
-    """Remove DDP's `module.` and torch.compile's `_orig_mod.` prefixes (older checkpoints)."""
-    cleaned = {}
-    for key, value in state_dict.items():
-        while key.startswith(("module.", "_orig_mod.")):
-            key = key.split(".", 1)[1]
-        cleaned[key.replace("._orig_mod.", ".").replace(".module.", ".")] = value
-    return cleaned
-
-
 # =============================================================================================
 # The training engine. Everything below is used by `main()`; importing this module runs nothing.
 # =============================================================================================
 CHECKPOINT_FORMAT = 1
 LN2 = math.log(2.0)
-EXIT_INTERRUPTED = 130
 LOG = logging.getLogger("pipeline.stage4")
 
 # Training options a resumed run takes from its checkpoint unless given again on the command line.
@@ -676,31 +630,6 @@ def restore_rng_states(states: dict) -> None:
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
-def results_dir(root: Path, artist: str) -> Path:
-    return Path(root) / "model_results" / artist
-
-
-def epoch_checkpoint_path(folder: Path, epoch: int) -> Path:
-    return folder / f"music_transformer_ep{epoch}.pt"
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint safely (weights_only) and strip old `module.` / `_orig_mod.` prefixes."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise StageError(f"checkpoint {path} does not exist") from None
-    except Exception as error:  # torch raises many types for corrupt or unsafe pickles
-        reason = error_reason(error)
-        raise StageError(f"{path}: not a readable checkpoint ({reason}); only weights_only-loadable "
-                         "checkpoints are read") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
-        raise StageError(f"{path}: not a stage-4 checkpoint (no 'model' / 'model_args')")
-    checkpoint["model"] = strip_prefixes(checkpoint["model"])
-    checkpoint["loaded_from"] = str(path)  # in memory only: error messages name the file
-    return checkpoint
-
-
 def plain(value):
     """Resolved arguments as JSON-like plain types (Paths become strings)."""
     if isinstance(value, dict):
@@ -713,56 +642,6 @@ def plain(value):
 
 
 # ---- outputs: metrics and the loss plot ---------------------------------------------------------------
-def read_metrics(path: Path, log: logging.Logger = LOG) -> list[dict]:
-    """The records of metrics.jsonl; a line that is not a JSON object with an integer epoch (a hand
-    edit, a cut file) is skipped with a warning, never a reason to stop training."""
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            log.warning("%s:%d: skipping a line that is not JSON (%s)", path, number, error.msg)
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
-            log.warning("%s:%d: skipping a line without an integer 'epoch'", path, number)
-            continue
-        records.append(record)
-    return records
-
-
-BASELINE_RECORD = "baselines"  # the `record` field of metrics.jsonl's baseline line (epoch 0)
-
-
-def append_metrics(path: Path, record: dict) -> list[dict]:
-    """Rewrite metrics.jsonl atomically with `record` replacing any line of the same or a later epoch."""
-    records = [r for r in read_metrics(path) if r.get("epoch", 0) < record["epoch"]] + [record]
-    write_metrics(path, records)
-    return records
-
-
-def write_metrics(path: Path, records: list[dict]) -> None:
-    atomic_write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records), path)
-
-
-def baseline_record(records: list[dict]) -> dict | None:
-    return next((r for r in records if r.get("record") == BASELINE_RECORD), None)
-
-
-def epoch_records(records: list[dict]) -> list[dict]:
-    return [r for r in records if r.get("record") != BASELINE_RECORD and "train_nll_bits_per_frame" in r]
-
-
-def store_baselines(path: Path, baselines: dict) -> None:
-    """Put the baseline line first in metrics.jsonl (once per run; a resumed run keeps the first)."""
-    records = read_metrics(path)
-    if baseline_record(records) is None:
-        write_metrics(path, [{"epoch": 0, "record": BASELINE_RECORD, **baselines}, *records])
-
-
 def plot_losses(records: list[dict], path: Path) -> None:
     """Train and valid NLL (bits per frame) against epoch."""
     import matplotlib
@@ -1277,22 +1156,6 @@ def copy_atomically(source: Path, destination: Path) -> None:
         shutil.copyfile(source, tmp)
 
 
-def epoch_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """(epoch, path) of every `music_transformer_ep<N>.pt` in `folder` (temporaries are never listed)."""
-    found = [(path.stem.rsplit("ep", 1)[1], path) for path in folder.glob("music_transformer_ep*.pt")]
-    return [(int(number), path) for number, path in found if number.isdigit()]
-
-
-def prune_epochs(folder: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` epoch checkpoints (0 keeps every one)."""
-    if keep_last <= 0:
-        return []
-    removed = [path for _, path in sorted(epoch_checkpoints(folder))[:-keep_last]]
-    for path in removed:
-        path.unlink()
-    return removed
-
-
 # ---- command line -------------------------------------------------------------------------------------------
 def build_parser():
     parser = make_parser(
@@ -1430,19 +1293,6 @@ def build_model_args(args: dict, n_codebooks: int, checkpoint: dict | None, n_ar
     return model_args
 
 
-OUTPUT_PATTERNS = ("music_transformer_ep*.pt", "last.pt", "best.pt", "metrics.jsonl", "loss.png")
-
-
-def clear_outputs(folder: Path) -> int:
-    """--overwrite: remove this stage's previous outputs (and only those)."""
-    removed = 0
-    for pattern in OUTPUT_PATTERNS:
-        for path in folder.glob(pattern):
-            path.unlink()
-            removed += 1
-    return removed
-
-
 def find_resume_checkpoint(namespace, folder: Path) -> tuple[dict | None, str]:
     """The checkpoint to continue from, or None for a fresh run; 'done' when nothing is left to do."""
     last = folder / "last.pt"
@@ -1450,10 +1300,10 @@ def find_resume_checkpoint(namespace, folder: Path) -> tuple[dict | None, str]:
         path = last if namespace.resume == "last" else Path(namespace.resume)
         if not path.is_file():
             raise StageError(f"nothing to resume: {path} does not exist{resumable_alternatives(folder)}")
-        return load_checkpoint(path), "resume"
+        return read_checkpoint(path), "resume"
     if namespace.overwrite or not last.is_file():
         return None, "fresh"
-    checkpoint = load_checkpoint(last)
+    checkpoint = read_checkpoint(last)
     whole_epochs = not checkpoint.get("epoch_batches_done")
     if checkpoint["epoch"] >= namespace.epochs and whole_epochs:
         return checkpoint, "done"
@@ -1534,7 +1384,7 @@ def train_from_command_line(namespace, explicit: set[str], info: DistInfo, devic
     artists = list(namespace.artist)
     name = model_name(artists, namespace.name)
     report = StageReport(stage="4_Transformer", artist=name)
-    folder = results_dir(namespace.root, name)
+    folder = model_dir(namespace.root, name)
     checkpoint, mode = find_resume_checkpoint(namespace, folder)
     if mode == "done":
         log.info("%s is already trained to epoch %d: nothing to do (--resume --epochs N continues, "

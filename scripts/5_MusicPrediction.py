@@ -47,7 +47,8 @@ from pipeline.generation import (ENGINES, CollapseDetector, CollapseSettings, Ge
 from pipeline.generation import (TokenGenerator, apply_repetition_penalty, entropy_bits,  # noqa: E402,F401
                                  mask_special, sample_tokens)
 from pipeline.manifest import ManifestError, manifest_path, read_manifest  # noqa: E402
-from pipeline.stages import load_stage  # noqa: E402
+from pipeline.model_io import LoadedModel, load_model  # noqa: E402
+from pipeline.runs import find_checkpoint  # noqa: E402
 
 LOG = logging.getLogger("pipeline.stage5")
 STAGE = "5_MusicPrediction"
@@ -59,87 +60,6 @@ loudness_target = bounded_number(float, None, 0.0)
 
 
 # ==== checkpoint ==============================================================================
-@dataclass
-class LoadedModel:
-    """A rebuilt model with what stage 5 needs from its checkpoint."""
-
-    model: torch.nn.Module
-    path: Path
-    model_args: dict
-    contract: dict
-    epoch: int | None
-    step: int | None
-    artists: list = field(default_factory=list)  # the checkpoint's artists (label ids: positions)
-
-    @property
-    def n_artists(self) -> int:
-        """Artist labels the model knows (0: unconditioned)."""
-        return int(self.model_args.get("n_artists", 0))
-
-    @property
-    def n_codebooks(self) -> int:
-        return int(self.model_args["n_codebooks"])
-
-
-def find_checkpoint(root: Path, artist: str, checkpoint: Path | None, epoch: int | None) -> Path:
-    """`--checkpoint`, else `--epoch N`, else `best.pt`, else `last.pt` in `model_results/<artist>/`."""
-    if checkpoint is not None:
-        if not checkpoint.is_file():
-            raise StageError(f"checkpoint {checkpoint} does not exist")
-        return checkpoint
-    folder = root / "model_results" / artist
-    if epoch is not None:
-        path = folder / f"music_transformer_ep{epoch}.pt"
-        if not path.is_file():
-            raise StageError(f"no checkpoint for epoch {epoch}: {path} does not exist ({_held_checkpoints(folder)})")
-        return path
-    for name in ("best.pt", "last.pt"):
-        if (folder / name).is_file():
-            return folder / name
-    raise StageError(f"no best.pt or last.pt in {folder} ({_held_checkpoints(folder)}): train the artist with "
-                     f"scripts/4_Transformer.py --artist {artist!r}, or pass --checkpoint / --epoch")
-
-
-def _held_checkpoints(folder: Path) -> str:
-    # hidden names are an interrupted save's temporaries (`.<stem>.tmp-XXXX.pt`), not checkpoints
-    found = folder.glob("*.pt") if folder.is_dir() else []
-    names = sorted(path.name for path in found if not path.name.startswith("."))
-    return f"it holds {', '.join(names)}" if names else "it holds no checkpoint"
-
-
-def load_checkpoint(path: Path, device: str) -> LoadedModel:
-    """Rebuild the model from the saved constructor arguments; only the weights go to `device`."""
-    stage4 = load_stage("4_Transformer")
-    # stage 4's reader: weights_only, on the CPU (optimizer states never touch the device), prefixes stripped
-    checkpoint = stage4.load_checkpoint(path)
-    if "token_contract" not in checkpoint:
-        raise StageError(f"{path}: not a stage-4 checkpoint, missing token_contract")
-    model_args, contract = dict(checkpoint["model_args"]), dict(checkpoint["token_contract"])
-    model = build_model(stage4, model_args, path)
-    check_contract(model_args, contract, path)
-    stage4.check_state_dict(model, checkpoint["model"], path)
-    model.load_state_dict(checkpoint["model"])
-    model.to(device).eval()
-    return LoadedModel(model=model, path=path, model_args=model_args, contract=contract,
-                       epoch=checkpoint.get("epoch"), step=checkpoint.get("step"),
-                       artists=list(checkpoint.get("artists") or [checkpoint.get("artist")]))
-
-
-def build_model(stage4, model_args: dict, path: Path) -> torch.nn.Module:
-    return stage4.MusicTransformer(stage4.model_args_from(model_args, path))
-
-
-def check_contract(model_args: dict, contract: dict, path: Path) -> None:
-    missing = [key for key in ("n_codebooks", "bandwidth", "codec", "pattern") if key not in contract]
-    if missing:
-        raise StageError(f"{path}: token_contract lacks {', '.join(missing)}")
-    if int(contract["n_codebooks"]) != int(model_args.get("n_codebooks", -1)):
-        raise StageError(f"{path}: token_contract says Q = {contract['n_codebooks']} codebooks, "
-                         f"model_args says n_codebooks = {model_args.get('n_codebooks')}")
-    if contract["pattern"] not in ("parallel", "delay"):
-        raise StageError(f"{path}: unknown codebook pattern {contract['pattern']!r}")
-
-
 # ==== prompt ==================================================================================
 @dataclass
 class Prompt:
@@ -401,13 +321,10 @@ def resolve_conditioning(args, loaded: LoadedModel) -> Conditioning:
 
 def resolve_window(args, loaded: LoadedModel) -> tuple[int, int]:
     """(context_frames, stride_frames) within the context the model was trained on."""
-    n_codebooks = loaded.n_codebooks
-    extra = n_codebooks - 1 if loaded.contract["pattern"] == "delay" else 0
-    limit = int(loaded.model_args["n_positions"]) - extra  # BOS + (frames + extra - 1) rows fit the positions
-    trained = int(loaded.contract.get("context_frames") or limit)
-    context = args.context_frames or min(trained, limit)
-    if context > min(trained, limit):
-        raise StageError(f"--context-frames {context} exceeds the training context of {min(trained, limit)} "
+    longest = loaded.max_context_frames
+    context = args.context_frames or longest
+    if context > longest:
+        raise StageError(f"--context-frames {context} exceeds the training context of {longest} "
                          f"frames (the checkpoint's token_contract context_frames; the model's "
                          f"{loaded.model_args['n_positions']} positions beyond it were never trained)")
     stride = args.stride_frames or max(1, context // 2)
@@ -505,7 +422,7 @@ def load_model_and_codec(args) -> Preloaded:
     """The checkpoint `args` names (`--checkpoint`, `--epoch`, else the artist's best/last) and its codec."""
     started = time.perf_counter()
     device = resolve_device(args.device)
-    loaded = load_checkpoint(find_checkpoint(args.root, args.model or args.artist, args.checkpoint, args.epoch), device)
+    loaded = load_model(find_checkpoint(args.root, args.model or args.artist, args.checkpoint, args.epoch), device)
     if args.dtype == "bfloat16":
         loaded.model.to(torch.bfloat16)  # the engine reads the model's own weights in their dtype
     LOG.info("model from %s (epoch %s, step %s, %s pattern, Q = %d)", loaded.path, loaded.epoch, loaded.step,

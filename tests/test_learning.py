@@ -164,17 +164,20 @@ def test_a_fixed_batch_is_overfitted_to_near_zero_loss(tmp_path, transformer_mod
     assert last["train_nll_bits_per_frame"] < 1.0, last  # memorised
 
 
-def test_the_loops_summary_shows_the_gain_over_the_bigram(tmp_path):
+def test_the_loops_summary_shows_the_model_that_stage5_uses(tmp_path):
+    """The table shows the best epoch's valid NLL and gain (best.pt, what stage 5 generates from), not the last."""
     from pipeline import summary
 
     folder = tmp_path / "model_results" / "A"
     folder.mkdir(parents=True)
     lines = [{"epoch": 0, "record": "baselines", "unigram_bits_per_frame": 31.0, "bigram_bits_per_frame": 30.0},
              {"epoch": 1, "train_nll_bits_per_frame": 29.0, "valid_nll_bits_per_frame": 28.5,
-              "gain_over_bigram_bits_per_frame": 1.5}]
+              "gain_over_bigram_bits_per_frame": 1.5},
+             {"epoch": 2, "train_nll_bits_per_frame": 27.0, "valid_nll_bits_per_frame": 29.25,
+              "gain_over_bigram_bits_per_frame": 0.75}]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + "{damaged\n")
     row = dict(zip(summary.COLUMNS, summary.rows(tmp_path, [("A", "ok", 3.0)])[0]))
-    assert row["valid NLL (bits/frame)"] == "28.5" and row["gain vs bigram"] == "+1.50"
+    assert row["best valid NLL (bits/frame)"] == "28.50" and row["gain vs bigram"] == "+1.50"
     (folder / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n")  # baselines only: no epoch yet
     row = dict(zip(summary.COLUMNS, summary.rows(tmp_path, [("A", "failed", 3.0)])[0]))
-    assert row["valid NLL (bits/frame)"] == "-" and row["gain vs bigram"] == "-"
+    assert row["best valid NLL (bits/frame)"] == "-" and row["gain vs bigram"] == "-"

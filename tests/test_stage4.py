@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import finished_files
+from pipeline import patterns, runs
 from pipeline.cli import StageError, run_main
 from pipeline.contract import BOS, PAD, TokenFile, save_token_file
 
@@ -135,12 +136,13 @@ def test_embed_init_sets_the_scale_of_the_token_inputs(stage4, embed_init, low, 
 @pytest.mark.parametrize("q", [2, 4])
 def test_delay_shift_round_trips_and_every_token_is_a_target_once(stage4, q):
     frames = torch.randint(0, 1024, (3, 9, q))
-    grid = stage4.delay_shift(frames, BOS)
+    grid = patterns.delay_shift(frames, BOS)
     assert grid.shape == (3, 9 + q - 1, q)
-    assert torch.equal(stage4.delay_unshift(grid), frames)
-    for pattern in stage4.PATTERNS:
-        inputs, targets = stage4.build_sequence(frames, pattern)
-        steps = 9 + stage4.extra_steps(pattern, q)
+    unshifted = torch.stack([grid[:, k:k + 9, k] for k in range(q)], dim=-1)  # codebook k back k steps
+    assert torch.equal(unshifted, frames)
+    for pattern in patterns.PATTERNS:
+        inputs, targets = patterns.build_sequence(frames, pattern)
+        steps = 9 + patterns.extra_steps(pattern, q)
         assert inputs.shape == targets.shape == (3, steps, q)
         assert torch.equal(inputs[:, 0], torch.full((3, q), BOS))
         assert (targets != PAD).sum() == frames.numel()
@@ -150,7 +152,7 @@ def test_delay_shift_round_trips_and_every_token_is_a_target_once(stage4, q):
 def test_strip_prefixes(stage4):
     weights = {"module._orig_mod.embeddings.0.weight": 1, "_orig_mod.backbone.h.0.attn.c_attn.bias": 2,
                "head_proj.1.weight": 3, "backbone.module.ln_f.weight": 4}
-    assert stage4.strip_prefixes(weights) == {"embeddings.0.weight": 1, "backbone.h.0.attn.c_attn.bias": 2,
+    assert runs.strip_prefixes(weights) == {"embeddings.0.weight": 1, "backbone.h.0.attn.c_attn.bias": 2,
                                               "head_proj.1.weight": 3, "backbone.ln_f.weight": 4}
 
 
@@ -158,7 +160,7 @@ def test_strip_prefixes(stage4):
 def test_tiny_model_overfits_one_clip(stage4, pattern):
     torch.manual_seed(0)
     frames = torch.randint(0, 1024, (1, 24, 4))
-    inputs, targets = stage4.build_sequence(frames, pattern)
+    inputs, targets = patterns.build_sequence(frames, pattern)
     model = tiny_model(stage4, context=24)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     history = []
@@ -487,7 +489,7 @@ def test_ddp_mid_epoch_save_then_resume_counts_every_rank_once(stage4, tmp_path)
 
 def test_grad_checkpointing_gives_the_same_gradients(stage4):
     tokens = torch.randint(0, 1024, (2, 16, 4))
-    inputs, targets = stage4.build_sequence(tokens, "parallel")
+    inputs, targets = patterns.build_sequence(tokens, "parallel")
     gradients = []
     for checkpointing in (False, True):
         model = tiny_model(stage4).train()  # dropout 0: the recomputed forward matches

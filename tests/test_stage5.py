@@ -10,6 +10,9 @@ import torch
 from pipeline.cli import StageError
 from pipeline.contract import BOS, CODEBOOK_SIZE, PAD, VOCAB_SIZE
 from pipeline.files import atomic_torch_save
+from pipeline.model_io import load_model
+from pipeline.patterns import build_sequence
+from pipeline.runs import find_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,23 +54,23 @@ def run_engine(stage5, model, pattern, total_frames, prompt=None, use_cache=True
 def test_checkpoint_choice_best_then_last_then_epoch(stage5, tmp_path):
     folder = tmp_path / "model_results" / "demo"
     with pytest.raises(StageError, match="holds no checkpoint"):
-        stage5.find_checkpoint(tmp_path, "demo", None, None)
+        find_checkpoint(tmp_path, "demo", None, None)
     folder.mkdir(parents=True)
     for name in ("last.pt", "music_transformer_ep2.pt"):
         (folder / name).write_bytes(b"x")
-    assert stage5.find_checkpoint(tmp_path, "demo", None, None).name == "last.pt"
+    assert find_checkpoint(tmp_path, "demo", None, None).name == "last.pt"
     (folder / "best.pt").write_bytes(b"x")
-    assert stage5.find_checkpoint(tmp_path, "demo", None, None).name == "best.pt"
-    assert stage5.find_checkpoint(tmp_path, "demo", None, 2).name == "music_transformer_ep2.pt"
+    assert find_checkpoint(tmp_path, "demo", None, None).name == "best.pt"
+    assert find_checkpoint(tmp_path, "demo", None, 2).name == "music_transformer_ep2.pt"
     with pytest.raises(StageError, match="epoch 7.*music_transformer_ep2.pt"):
-        stage5.find_checkpoint(tmp_path, "demo", None, 7)
+        find_checkpoint(tmp_path, "demo", None, 7)
 
 
 def test_prefixed_weights_load_and_match(stage5, transformer_module, tmp_path):
     model = tiny_model(transformer_module)
     prefixed = {f"module._orig_mod.{key}": value for key, value in model.state_dict().items()}
     save_checkpoint(tmp_path / "ck.pt", model, state=prefixed)
-    loaded = stage5.load_checkpoint(tmp_path / "ck.pt", "cpu")
+    loaded = load_model(tmp_path / "ck.pt", "cpu")
     assert loaded.epoch == 1 and loaded.step == 5 and loaded.n_codebooks == 4
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value)
@@ -78,15 +81,15 @@ def test_mismatched_checkpoint_says_what_differs(stage5, transformer_module, tmp
     four, eight = tiny_model(transformer_module, 4), tiny_model(transformer_module, 8)
     save_checkpoint(tmp_path / "q.pt", eight, state=four.state_dict())  # Q = 8 arguments, Q = 4 weights
     with pytest.raises(StageError, match=r"missing keys embeddings\.4\.weight.*shape mismatches"):
-        stage5.load_checkpoint(tmp_path / "q.pt", "cpu")
+        load_model(tmp_path / "q.pt", "cpu")
     save_checkpoint(tmp_path / "c.pt", four, n_codebooks=8)
     with pytest.raises(StageError, match="token_contract says Q = 8.*n_codebooks = 4"):
-        stage5.load_checkpoint(tmp_path / "c.pt", "cpu")
+        load_model(tmp_path / "c.pt", "cpu")
     state = dict(four.state_dict())
     state.pop("input_proj.bias")
     save_checkpoint(tmp_path / "m.pt", four, state=state)
     with pytest.raises(StageError, match=r"missing keys input_proj\.bias"):
-        stage5.load_checkpoint(tmp_path / "m.pt", "cpu")
+        load_model(tmp_path / "m.pt", "cpu")
 
 
 # ---- sampling --------------------------------------------------------------------------------
@@ -163,7 +166,7 @@ def test_prefill_layout_is_the_training_layout(stage5, transformer_module, patte
     settings = stage5.GenerationSettings(pattern=pattern, context_frames=40, num_samples=2)
     engine = stage5.TokenGenerator(model, settings, stage5.SamplingSettings(), None, None, "cpu")
     engine.codes = frames
-    expected, _ = transformer_module.build_sequence(frames, pattern)  # [B, S, Q], S = L + extra
+    expected, _ = build_sequence(frames, pattern)  # [B, S, Q], S = L + extra
     engine.known = torch.ones(9, 4, dtype=torch.bool)
     rows = engine._rows(engine.plan_window(0, 9), 0, expected.shape[1] - 1)  # rows 0..S-2: positions 1..S-1
     assert torch.equal(expected[:, 1:], rows) and bool((expected[:, 0] == BOS).all())

@@ -30,6 +30,7 @@ from .cli import StageError, error_reason
 from .codec import UNTRAINED_WARNING, parse_random_spec
 from .files import is_temporary
 from .generation import GenerationCancelled
+from . import runs
 from .stages import load_stage
 
 LOG = logging.getLogger("pipeline.studio")
@@ -67,15 +68,7 @@ class Catalog:
 
     def models(self) -> dict[str, Path]:
         """Model name -> checkpoint (best.pt, else last.pt) for every folder of `model_results/`."""
-        found = {}
-        folder = self.root / "model_results"
-        for model in sorted(folder.iterdir()) if folder.is_dir() else []:
-            if model.name.startswith(".") or not model.is_dir():
-                continue
-            checkpoint = next((model / name for name in ("best.pt", "last.pt") if (model / name).is_file()), None)
-            if checkpoint is not None:
-                found[model.name] = checkpoint
-        return found
+        return runs.model_folders(self.root)
 
     def artists_of(self, model: str) -> list[str]:
         """The artist labels a model knows: a joint model's list (stage 4 with several --artist), else
@@ -95,10 +88,8 @@ class Catalog:
         the weights stay on disk)."""
         key = (checkpoint, checkpoint.stat().st_mtime_ns)
         if key not in self._facts:
-            import torch
-
             try:
-                saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+                saved = runs.read_checkpoint(checkpoint, mmap=True)
                 self._facts[key] = {"codec": str(saved["token_contract"]["codec"]),
                                     "artists": [str(a) for a in saved.get("artists") or []]}
             except Exception as error:  # noqa: BLE001 - a listing must not fail on one odd file

@@ -10,9 +10,10 @@ import argparse
 import json
 from pathlib import Path
 
+from . import runs
 from .files import is_temporary
 
-COLUMNS = ("artist", "clips", "token frames", "valid NLL (bits/frame)", "gain vs bigram", "outputs", "elapsed",
+COLUMNS = ("artist", "clips", "token frames", "best valid NLL (bits/frame)", "gain vs bigram", "outputs", "elapsed",
            "status")
 
 
@@ -34,40 +35,31 @@ def token_frames(root: Path, artist: str) -> int:
     return total
 
 
-def last_epoch_record(root: Path, artist: str) -> dict | None:
-    """The newest epoch line of the artist's metrics.jsonl (damaged lines and the baseline line skipped)."""
-    metrics = root / "model_results" / artist / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    for line in reversed(metrics.read_text(encoding="utf-8", errors="replace").splitlines()):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a damaged line (stage 4 warns about it): the last good epoch counts
-        if isinstance(record, dict) and "train_nll_bits_per_frame" in record:
-            return record
-    return None
+def used_epoch_record(root: Path, artist: str) -> dict | None:
+    """The epoch line of the model stage 5 generates from: the best valid NLL (`best.pt`), else the last
+    epoch (damaged lines and the baseline line skipped)."""
+    return runs.best_epoch_record(runs.read_metrics(runs.model_dir(root, artist) / runs.METRICS_FILE))
 
 
-def final_valid_nll(root: Path, artist: str) -> str:
-    record = last_epoch_record(root, artist) or {}
+def used_valid_nll(root: Path, artist: str) -> str:
+    record = used_epoch_record(root, artist) or {}
     value = record.get("valid_nll_bits_per_frame", record.get("train_nll_bits_per_frame"))
-    return f"{value:.1f}" if isinstance(value, (int, float)) else "-"
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
 
 
 def gain_over_bigram(root: Path, artist: str) -> str:
     """Bits per frame the model is below its bigram baseline (negative: above it)."""
-    value = (last_epoch_record(root, artist) or {}).get("gain_over_bigram_bits_per_frame")
+    value = (used_epoch_record(root, artist) or {}).get("gain_over_bigram_bits_per_frame")
     return f"{value:+.2f}" if isinstance(value, (int, float)) else "-"
 
 
 def output_files(root: Path, artist: str) -> list[Path]:
-    folder = root / "music_transformer" / artist
+    folder = runs.pieces_dir(root, artist)
     return sorted(p for p in folder.iterdir() if p.is_file() and not is_temporary(p)) if folder.is_dir() else []
 
 
 def rows(root: Path, results: list[tuple[str, str, float]]) -> list[tuple]:
-    return [(artist, str(count_clips(root, artist)), str(token_frames(root, artist)), final_valid_nll(root, artist),
+    return [(artist, str(count_clips(root, artist)), str(token_frames(root, artist)), used_valid_nll(root, artist),
              gain_over_bigram(root, artist), str(len(output_files(root, artist))), f"{elapsed:.0f} s", status)
             for artist, status, elapsed in results]
 
@@ -94,7 +86,7 @@ def main(argv=None) -> int:
         for artist, _, _ in results:
             for path in output_files(args.root, artist):
                 print(f"  {path}")
-            loss_plot = args.root / "model_results" / artist / "loss.png"
+            loss_plot = runs.model_dir(args.root, artist) / runs.LOSS_PLOT
             if loss_plot.is_file():
                 print(f"  {loss_plot}")
     return 0

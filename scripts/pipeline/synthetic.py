@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .contract import BANDWIDTH_TO_Q, TokenFile, samples_for, save_token_file
+from . import runs
 
 PROCESSES = ("markov", "copy", "cross")
 SUCCESSORS = 4  # markov: equally likely next states of every state
@@ -215,8 +216,8 @@ def train_on_stream(root: Path, spec: StreamSpec, stage4_options: list[str], ste
     seconds = time.perf_counter() - started
     if status != 0:
         raise RuntimeError(f"stage 4 exited {status} on the {spec.process} stream")
-    records = stage4.read_metrics(root / "model_results" / artist / "metrics.jsonl")
-    baselines, last = stage4.baseline_record(records), stage4.epoch_records(records)[-1]
+    records = runs.read_metrics(runs.model_dir(root, artist) / runs.METRICS_FILE)
+    baselines, last = runs.baseline_record(records), runs.epoch_records(records)[-1]
     return LearnabilityResult(process=spec.process, pattern=pattern, model_bits=last["valid_nll_bits_per_frame"],
                               oracle_bits=corpus.oracle_bits_per_frame, unigram_bits=baselines["unigram_bits_per_frame"],
                               bigram_bits=baselines["bigram_bits_per_frame"], train_bits=last["train_nll_bits_per_frame"],
