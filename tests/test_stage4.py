@@ -621,3 +621,21 @@ def test_resume_without_last_pt_names_the_epoch_checkpoints_to_resume_from(stage
         path.unlink()
     with pytest.raises(StageError, match="holds no epoch checkpoint either"):
         stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "3", "--resume"])
+
+
+# ---- checkpoints written before the engine moved into the package ----------------------------------
+def test_a_checkpoint_of_the_earlier_code_loads_and_generates_the_same_greedy_tokens():
+    """tests/fixtures/stage4_tiny.pt was trained by stage 4 before its engine moved into pipeline/,
+    with the greedy frames it generated then (tests/fixtures/make_stage4_checkpoint.py)."""
+    from conftest import REPO
+    from pipeline.generation import GenerationSettings, SamplingSettings, generate_frames
+    from pipeline.model_io import load_model
+
+    fixtures = REPO / "tests" / "fixtures"
+    expected = json.loads((fixtures / "stage4_tiny_greedy.json").read_text())
+    loaded = load_model(fixtures / "stage4_tiny.pt", "cpu")
+    assert (loaded.n_codebooks, loaded.pattern, loaded.epoch, loaded.step) == (2, "delay", 0, 2)
+    frames, _ = generate_frames(loaded.model, None, expected["total_frames"],
+                                GenerationSettings(**expected["generation"]), SamplingSettings(temperature=0.0),
+                                None, expected["seed"], "cpu")
+    assert frames[0].tolist() == expected["frames"]
