@@ -1,0 +1,174 @@
+"""Is a generated piece new, or a copy of a training song? An index of the training tokens and its lookup.
+
+The index holds a 64-bit hash of every window of `window_frames` consecutive frames of the training
+clips (all Q codebooks of each frame; a second index hashes codebook 0 alone, a looser, melodic
+match), sorted, with where each window starts (clip, frame). Stage 4 writes it next to the model
+(`training_index.npz`, once per run); stage 5 and the studio load it lazily and report, per piece:
+
+- `longest_copy_seconds`: the longest run of the piece's frames every window of which appears in
+  the training tokens, with the training file and time where its first window starts;
+- `copied_share`: the share of the piece's windows found in training;
+- the same for codebook 0 alone (`codebook0`).
+
+Frames that came from the user's prompt are not the model's doing: windows that touch them are left
+out of the figures above and counted apart (`prompt_windows`). With the default 38-frame window
+(about 1/4 s at 150 frames per second) a chance match of random tokens is vanishingly unlikely, so a
+found window means the same audio.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .files import atomic_path
+
+INDEX_FILE = "training_index.npz"
+INDEX_FORMAT = 1
+WINDOW_FRAMES = 38  # ~0.25 s at 150 frames/s
+_MASK64 = (1 << 64) - 1
+
+
+def _multipliers(count: int, salt: int) -> np.ndarray:
+    """`count` fixed odd 64-bit multipliers (the same in every process: the index is portable)."""
+    rng = np.random.Generator(np.random.PCG64(0x5EED_0000 + salt))
+    return rng.integers(0, 2**63, size=count, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
+def frame_keys(codes: np.ndarray) -> np.ndarray:
+    """`[T, Q]` integer codes -> `[T]` uint64: one key per frame (codes < 2^16 each, mixed per codebook)."""
+    codes = np.asarray(codes).astype(np.uint64)  # [T, Q]
+    weights = _multipliers(codes.shape[1], salt=1)  # [Q]
+    with np.errstate(over="ignore"):
+        return (codes * weights[None, :]).sum(axis=1, dtype=np.uint64) ^ (codes[:, 0] << np.uint64(48))
+
+
+def window_hashes(codes: np.ndarray, window_frames: int) -> np.ndarray:
+    """`[T, Q]` -> `[T - window_frames + 1]` uint64 hashes of every window (empty when T < window_frames)."""
+    keys = frame_keys(codes)  # [T]
+    count = len(keys) - window_frames + 1
+    if count <= 0:
+        return np.zeros(0, dtype=np.uint64)
+    weights = _multipliers(window_frames, salt=2)  # [n]
+    hashes = np.zeros(count, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for offset in range(window_frames):
+            hashes += keys[offset:offset + count] * weights[offset]
+        hashes ^= hashes >> np.uint64(29)
+    return hashes
+
+
+@dataclass
+class _Table:
+    """Sorted window hashes with where each starts."""
+
+    hashes: np.ndarray  # uint64 [N], sorted
+    clips: np.ndarray  # int32 [N]
+    frames: np.ndarray  # int32 [N]
+
+    @classmethod
+    def build(cls, clips: list[np.ndarray], window_frames: int) -> "_Table":
+        parts = [window_hashes(codes, window_frames) for codes in clips]
+        hashes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+        clip_ids = np.concatenate([np.full(len(p), i, dtype=np.int32) for i, p in enumerate(parts)] or
+                                  [np.zeros(0, dtype=np.int32)])
+        frames = np.concatenate([np.arange(len(p), dtype=np.int32) for p in parts] or [np.zeros(0, dtype=np.int32)])
+        order = np.argsort(hashes, kind="stable")
+        return cls(hashes[order], clip_ids[order], frames[order])
+
+    def find(self, hashes: np.ndarray) -> np.ndarray:
+        """`[M]` hashes -> `[M]` int64 row of each in the table, -1 where absent."""
+        if len(self.hashes) == 0:
+            return np.full(len(hashes), -1, dtype=np.int64)
+        rows = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
+        return np.where(self.hashes[rows] == hashes, rows, -1)
+
+
+@dataclass
+class TrainingIndex:
+    """The training tokens' window index (all codebooks, and codebook 0 alone)."""
+
+    files: list[str]  # the clips' token files, as the manifest names them
+    window_frames: int
+    frame_rate: float
+    full: _Table
+    codebook0: _Table
+
+    @classmethod
+    def build(cls, clips: list[np.ndarray], files: list[str], frame_rate: float = 150.0,
+              window_frames: int = WINDOW_FRAMES) -> "TrainingIndex":
+        """`clips`: each a `[T, Q]` array of one training clip's real frames."""
+        return cls(files=list(files), window_frames=window_frames, frame_rate=float(frame_rate),
+                   full=_Table.build(clips, window_frames),
+                   codebook0=_Table.build([np.asarray(c)[:, :1] for c in clips], window_frames))
+
+    def save(self, path: Path) -> None:
+        meta = json.dumps({"format": INDEX_FORMAT, "files": self.files, "window_frames": self.window_frames,
+                           "frame_rate": self.frame_rate})
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, meta=np.frombuffer(meta.encode("utf-8"), dtype=np.uint8),
+                     **{f"{name}_{part}": getattr(getattr(self, name), part)
+                        for name in ("full", "codebook0") for part in ("hashes", "clips", "frames")})
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainingIndex":
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(bytes(data["meta"]).decode("utf-8"))
+            if meta.get("format") != INDEX_FORMAT:
+                raise ValueError(f"{path}: index format {meta.get('format')!r}, this program reads {INDEX_FORMAT}")
+            tables = {name: _Table(*(data[f"{name}_{part}"] for part in ("hashes", "clips", "frames")))
+                      for name in ("full", "codebook0")}
+        return cls(files=meta["files"], window_frames=int(meta["window_frames"]),
+                   frame_rate=float(meta["frame_rate"]), **tables)
+
+    def report(self, piece: np.ndarray, prompt_frames: int = 0) -> dict:
+        """Originality of one piece `[T, Q]` (its first `prompt_frames` frames came from the prompt)."""
+        piece = np.asarray(piece)
+        return {"window_frames": self.window_frames,
+                "window_seconds": round(self.window_frames / self.frame_rate, 3),
+                **asdict(self._match(self.full, piece, prompt_frames)),
+                "codebook0": asdict(self._match(self.codebook0, piece[:, :1], prompt_frames))}
+
+    def _match(self, table: _Table, piece: np.ndarray, prompt_frames: int) -> "Match":
+        rows = table.find(window_hashes(piece, self.window_frames))  # [W]
+        starts = np.arange(len(rows))
+        own = starts >= prompt_frames  # windows that touch no prompt frame
+        found = (rows >= 0) & own
+        match = Match(windows=int(own.sum()), prompt_windows=int((~own).sum()),
+                      copied_windows=int(found.sum()))
+        match.copied_share = round(match.copied_windows / match.windows, 4) if match.windows else 0.0
+        first, length = _longest_run(found)
+        if length:
+            row = rows[first]
+            match.longest_copy_frames = length + self.window_frames - 1
+            match.longest_copy_seconds = round(match.longest_copy_frames / self.frame_rate, 3)
+            match.piece_seconds = round(first / self.frame_rate, 3)
+            match.training_file = self.files[int(table.clips[row])]
+            match.training_seconds = round(int(table.frames[row]) / self.frame_rate, 3)
+        return match
+
+
+@dataclass
+class Match:
+    windows: int = 0  # the piece's own windows (no prompt frame in them)
+    prompt_windows: int = 0  # windows that touch the prompt: not counted against the piece
+    copied_windows: int = 0
+    copied_share: float = 0.0
+    longest_copy_frames: int = 0
+    longest_copy_seconds: float = 0.0
+    piece_seconds: float | None = None  # where the longest copied run starts in the piece
+    training_file: str | None = None  # ... and where its first window stands in training
+    training_seconds: float | None = None
+
+
+def _longest_run(flags: np.ndarray) -> tuple[int, int]:
+    """(start, length) of the longest run of True in `flags`; (0, 0) when there is none."""
+    if not flags.any():
+        return 0, 0
+    padded = np.concatenate([[False], flags, [False]]).astype(np.int8)
+    edges = np.diff(padded)
+    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    best = int(np.argmax(stops - starts))
+    return int(starts[best]), int(stops[best] - starts[best])

@@ -1,0 +1,75 @@
+"""The originality report: a piece copied from training is flagged with the right file and time; random
+tokens are not; frames from the prompt do not count against the piece."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.originality import WINDOW_FRAMES, TrainingIndex, window_hashes
+
+FRAME_RATE = 150.0
+
+
+def training_clips(rng, count=4, frames=900, n_codebooks=4):
+    return [rng.integers(0, 1024, size=(frames, n_codebooks)) for _ in range(count)]
+
+
+@pytest.fixture
+def index_and_clips(tmp_path):
+    rng = np.random.default_rng(0)
+    clips = training_clips(rng)
+    index = TrainingIndex.build(clips, [f"song_{i}.th" for i in range(len(clips))], FRAME_RATE)
+    index.save(tmp_path / "training_index.npz")
+    return TrainingIndex.load(tmp_path / "training_index.npz"), clips, rng
+
+
+def test_window_hashes_equal_for_equal_windows_only():
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 1024, size=(100, 4))
+    hashes = window_hashes(np.concatenate([codes, codes]), 10)  # [191]
+    assert np.array_equal(hashes[:91], hashes[100:191])
+    assert len(np.unique(hashes[:91])) == 91
+    changed = codes.copy()
+    changed[50, 3] += 1  # one code of one codebook
+    assert not np.array_equal(window_hashes(changed, 10)[41:51], window_hashes(codes, 10)[41:51])
+
+
+def test_a_piece_built_from_training_tokens_is_flagged_with_file_and_time(index_and_clips):
+    index, clips, rng = index_and_clips
+    copied = clips[2][300:600]  # 2 s of song_2, starting at 2.0 s
+    piece = np.concatenate([rng.integers(0, 1024, size=(150, 4)), copied, rng.integers(0, 1024, size=(150, 4))])
+    report = index.report(piece)
+    assert report["longest_copy_frames"] == 300
+    assert report["longest_copy_seconds"] == pytest.approx(2.0)
+    assert report["training_file"] == "song_2.th"
+    assert report["training_seconds"] == pytest.approx(2.0)
+    assert report["piece_seconds"] == pytest.approx(1.0)
+    windows = len(piece) - WINDOW_FRAMES + 1
+    assert report["copied_share"] == pytest.approx((300 - WINDOW_FRAMES + 1) / windows, abs=1e-4)
+    assert report["codebook0"]["longest_copy_frames"] >= 300  # the looser match sees it too
+
+
+def test_random_tokens_are_not_flagged(index_and_clips):
+    index, _, rng = index_and_clips
+    report = index.report(rng.integers(0, 1024, size=(9000, 4)))  # 60 s
+    assert report["copied_windows"] == 0 and report["longest_copy_seconds"] == 0.0
+    assert report["training_file"] is None
+    assert report["codebook0"]["copied_windows"] == 0
+
+
+def test_the_prompt_does_not_count_against_the_piece(index_and_clips):
+    index, clips, rng = index_and_clips
+    prompt = clips[0][:300]  # the user prompted with a training song's first 2 s
+    piece = np.concatenate([prompt, rng.integers(0, 1024, size=(600, 4))])
+    report = index.report(piece, prompt_frames=300)
+    assert report["copied_windows"] == 0 and report["longest_copy_seconds"] == 0.0
+    assert report["prompt_windows"] == 300
+    assert report["windows"] == len(piece) - 300 - WINDOW_FRAMES + 1
+    assert index.report(piece)["longest_copy_frames"] >= 300  # without the prompt mark it would count
+
+
+def test_a_piece_shorter_than_a_window_and_an_empty_index():
+    empty = TrainingIndex.build([], [], FRAME_RATE)
+    report = empty.report(np.zeros((10, 4), dtype=np.int64))
+    assert report["windows"] == 0 and report["copied_share"] == 0.0
+
