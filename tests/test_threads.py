@@ -1,0 +1,75 @@
+"""Threads sized to the free cores, and the one warning of a run that slows down."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from pipeline import threads
+
+
+@pytest.fixture
+def two_cores(monkeypatch):
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("busy, free", [(0.0, 2), (0.3, 2), (0.7, 1), (1.0, 1), (1.9, 1), (5.0, 1)])
+def test_free_cores(two_cores, busy, free):
+    assert threads.free_cores(busy) == free
+
+
+def test_the_sampled_load_is_a_count_of_cores():
+    busy = threads.cores_busy_elsewhere(0.05)
+    assert 0.0 <= busy <= (torch.get_num_threads() + 64)
+
+
+def test_configure_uses_the_free_cores_and_says_why(two_cores, caplog):
+    torch.set_num_threads(2)
+    with caplog.at_level(logging.INFO, logger="pipeline.threads"):
+        assert threads.configure(busy=1.0) == 1
+    assert "1 of 2 cores are busy" in caplog.text and "OMP_NUM_THREADS" in caplog.text
+
+
+def test_configure_leaves_a_chosen_count_alone(two_cores, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    torch.set_num_threads(2)
+    assert threads.configure(busy=1.0) == 2
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_run_that_slows_down_drops_to_the_free_cores_once(two_cores, monkeypatch, caplog):
+    torch.set_num_threads(2)
+    monkeypatch.setattr(threads, "cores_busy_elsewhere", lambda seconds=0: 1.0)
+    clock = Clock()
+    watch = threads.SpeedWatch("training", "frames", warmup=10, every=10, clock=clock)
+    for rate in [1000] * 3 + [300] * 3:  # 10 s windows: 1000 frames/s, then 300 (another process started)
+        clock.now += 10
+        with caplog.at_level(logging.WARNING, logger="pipeline.threads"):
+            watch.observe(rate * 10)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "slowed down to 300 frames/s from 1000" in warnings[0].getMessage()
+    assert "1.0 of 2 cores busy" in warnings[0].getMessage() and "now using 1 thread" in warnings[0].getMessage()
+    assert torch.get_num_threads() == 1
+
+
+def test_a_steady_run_says_nothing(two_cores, caplog):
+    clock = Clock()
+    watch = threads.SpeedWatch("generation", "frames", warmup=5, every=5, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="pipeline.threads"):
+        for _ in range(20):
+            clock.now += 1
+            watch.observe(500 * (0.8 if clock.now % 2 else 1.0))
+    assert not caplog.records and not watch.warned
