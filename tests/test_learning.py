@@ -77,6 +77,24 @@ def test_baselines_on_streams_of_known_entropy():
     cross = fit_and_score(clips["cross"][:10], clips["cross"][10:])  # no order in time: the bigram cannot help
     assert cross.unigram_bits_per_frame == pytest.approx(24.0, abs=0.3)
     assert cross.bigram_bits_per_frame > cross.unigram_bits_per_frame
+    # the interpolated bigram, its weight fitted on the train clips' tails: near the bigram where order
+    # helps, and never far above the unigram where it does not
+    assert min(markov.interpolation_weights) > 0.8
+    assert markov.interpolated_bits_per_frame == pytest.approx(markov.bigram_bits_per_frame, abs=0.3)
+    assert markov.best_count_model == "interpolated bigram"
+    assert max(cross.interpolation_weights) < 0.5
+    assert cross.interpolated_bits_per_frame < cross.bigram_bits_per_frame
+    assert cross.interpolated_bits_per_frame < cross.unigram_bits_per_frame + 0.05
+    assert cross.best_count_bits_per_frame == min(cross.unigram_bits_per_frame, cross.interpolated_bits_per_frame)
+    assert cross.as_record()["best_count_bits_per_frame"] == cross.best_count_bits_per_frame
+
+
+def test_the_interpolation_weight_never_looks_at_the_held_out_clips():
+    rng = np.random.default_rng(0)
+    ordered = [np.tile(np.arange(8), 50)[:, None] for _ in range(3)]  # 0 1 2 ... 7 0 1 ...: the bigram is right
+    shuffled = [rng.integers(0, 8, size=(400, 1))]  # held-out clips where it is wrong
+    scores = fit_and_score(ordered, shuffled)
+    assert scores.interpolation_weights[0] > 0.9  # fitted on the train tails, not on `shuffled`
 
 
 def test_noisy_copy_entropy():
@@ -126,7 +144,7 @@ def test_a_tiny_model_learns_a_markov_chain_that_the_unigram_cannot(tmp_path):
     assert result.unigram_bits == pytest.approx(8.0, abs=0.3) and result.bigram_bits == pytest.approx(4.0, abs=0.3)
     assert result.oracle_bits == pytest.approx(4.0, abs=0.1)
     gained = (result.unigram_bits - result.model_bits) / (result.unigram_bits - result.oracle_bits)
-    assert gained > 0.5, result  # measured 0.70 in 150 steps (seconds); the seed's recipe stays at 0
+    assert gained > 0.5, result  # measured 0.70 in 150 steps (seconds); the original's recipe stays at 0
 
 
 def test_the_delay_pattern_learns_cross_codebook_structure_that_parallel_cannot(tmp_path):
