@@ -23,7 +23,9 @@ Then the style check, where the label matters most: the joint model generates fr
 each label (guidance off and 3.0), and each piece is scored under bigrams fitted on each artist's
 train split: does it sound like the labelled artist? Last, the joint model generates --cfg-frames
 frames with CFG off and on (one batched step of 2B rows) and the per-frame time ratio is printed.
---reuse keeps the manifests and models --root already holds.
+--reuse keeps the manifests and models --root already holds. The CFG ratio comes last, then its
+`RESULT {json}` line with every goal; without the song packages (or, with --codec of a hub id, the
+codec weights), or with --device cuda and no GPU, it exits 77 (skipped).
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from _result import Missing, finish, require_codec, require_cuda
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -68,9 +72,7 @@ def link_songs(root: Path, artist: str, songs: Path, limit: int) -> int:
         link = folder / f"{song.parent.name}.ogg"
         if not link.exists():
             link.symlink_to(song)
-    if not found:
-        raise SystemExit(f"no */song.ogg under {songs / artist} (apt install fretsonfire-songs-{artist})")
-    return len(found)
+    return len(found)  # require_resources checked that there are songs
 
 
 def prepare_artist(root: Path, artist: str, options) -> None:
@@ -207,7 +209,7 @@ def cfg_overhead(model, pattern: str, context_frames: int, options) -> dict:
     return {"s_per_frame_unguided": times[1.0], "s_per_frame_cfg": times[3.0], "ratio": times[3.0] / times[1.0]}
 
 
-def time_cfg_only(options) -> int:
+def time_cfg_only(options) -> dict:
     """CFG's cost per frame on an untrained model of --preset (the time does not depend on the weights),
     the lean decoder as it ships and, as the reference, with every step on the stored `[in, out]`
     weights (no row-major copies for 2-3-row steps)."""
@@ -229,7 +231,9 @@ def time_cfg_only(options) -> int:
     if options.json:
         options.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"CFG / unguided per frame, as shipped: {results['as shipped']['ratio']:.2f}x (goal <= 1.3x)")
-    return 0
+    return {"value": round(results["as shipped"]["ratio"], 3), "preset": options.preset,
+            "batch": options.cfg_batch, "device": options.device,
+            "stored_weights_only_ratio": round(results["stored [in, out] weights only"]["ratio"], 3)}
 
 
 def steps_per_epoch(path: Path) -> int:
@@ -316,8 +320,22 @@ def print_table(table: dict) -> None:
               f"pooled - own {unigram['pooled'] - unigram['own']:+.3f}")
 
 
-def main(argv=None) -> int:
+def require_resources(options) -> None:
+    """Missing (exit 77) before any work when a GPU, the songs or the codec weights are not here."""
+    require_cuda(options.device)
+    if options.cfg_only:
+        return
+    if not options.demo:
+        for artist in options.artists:
+            if not any((options.songs / artist).glob("*/song.ogg")):
+                raise Missing(f"no */song.ogg under {options.songs / artist} "
+                              f"(apt-get install fretsonfire-songs-{artist})")
+    require_codec(options.codec)
+
+
+def main(argv=None) -> dict:
     options = parse_options(argv)
+    require_resources(options)
     if options.cfg_only:
         return time_cfg_only(options)
     torch.set_num_threads(1 if options.device == "cpu" else torch.get_num_threads())
@@ -354,8 +372,11 @@ def main(argv=None) -> int:
         options.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"CFG: {cfg['s_per_frame_unguided'] * 1e3:.2f} -> {cfg['s_per_frame_cfg'] * 1e3:.2f} ms/frame "
           f"({cfg['ratio']:.2f}x; goal <= 1.3x)")
-    return 0
+    return {"value": round(cfg["ratio"], 3), "artists": [a, b], "goals": results["goals"],
+            "valid_nll_bits_per_frame": {artist: {key: round(value, 3) for key, value in row.items()
+                                                  if isinstance(value, float)} for artist, row in table.items()}}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main, name="artists", unit="x the per-frame time of unguided generation (CFG / unguided)",
+           goal="<= 1.3")

@@ -8,7 +8,8 @@
 Each stream (scripts/pipeline/synthetic.py) is written as ordinary token files with a manifest,
 stage 4 trains on it for --steps optimizer steps of --batch-size x --context-frames frames, and the
 valid NLL (bits per frame) is printed next to the best any model can reach on those frames (the
-oracle), the unigram and the bigram. The last line is the Markov result against its goal.
+oracle), the unigram and the bigram. The Markov result against its goal comes last, then its
+`RESULT {json}` line (the sweep's: its best variant). `--device cuda` without a GPU exits 77.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from _result import finish, require_cuda
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from pipeline.synthetic import StreamSpec, train_on_stream, write_corpus  # noqa: E402
@@ -131,7 +134,7 @@ def print_row(row: dict, name: str) -> None:
           f"bits/frame  ({row['steps']} steps, {row['seconds']:.0f} s)", flush=True)
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=("goals", "sweep"), default="goals", help="what to run")
     parser.add_argument("--preset", default="small", help="stage 4's --preset (default: small)")
@@ -150,6 +153,7 @@ def main(argv=None) -> int:
                         help="extra stage-4 options for the goals suite, e.g. --options=--lr=1e-3")
     parser.add_argument("--json", type=Path, help="also write every row to this JSONL file")
     args = parser.parse_args(argv)
+    require_cuda(args.device)
     if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
         torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"stage 4 on synthetic streams: preset {args.preset}, {args.steps} steps of {args.batch_size} x "
@@ -161,8 +165,17 @@ def main(argv=None) -> int:
     if markov and args.suite == "goals":
         print(f"markov: model {markov['model_bits']:.2f} vs oracle {markov['oracle_bits']:.2f} bits/frame "
               f"(goal <= 9, unigram {markov['unigram_bits']:.1f})")
-    return 0
+    if args.suite == "sweep":
+        best = min(rows, key=lambda row: row["model_bits"])
+        return {"name": "learning_sweep", "value": round(best["model_bits"], 3), "goal": None,
+                "variant": best["variant"], "preset": args.preset, "steps": best["steps"],
+                "oracle_bits": round(best["oracle_bits"], 3)}
+    return {"value": None if markov is None else round(markov["model_bits"], 3), "preset": args.preset,
+            "steps": None if markov is None else markov["steps"],
+            "oracle_bits": None if markov is None else round(markov["oracle_bits"], 3),
+            "excess_bits": {f"{row['process']} ({row['pattern']})": round(row["excess_bits"], 3)
+                            for row in rows if "excess_bits" in row}}
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    finish(main, name="learning", unit="bits/frame, valid NLL of the Markov stream", goal="<= 9")

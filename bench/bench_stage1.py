@@ -9,7 +9,8 @@ Run: python bench/bench_stage1.py [--hours 2] [--skip-long]
    16-bit, 60 s clips. Each timing is a whole process, start-up included, as a user would run it.
 2. A synthetic 2-hour 44.1 kHz stereo FLAC (and a 2-minute one for comparison) goes through
    stage 1 with default settings; peak RSS comes from the kernel's accounting of that process.
-The ratio stage-1 / sox (× real time, one worker) is printed last.
+The ratio stage-1 / sox (× real time, one worker) is printed last, then its `RESULT {json}` line.
+Without sox (or with SOX=/path/that/does/not/exist) or the song package it exits 77 (skipped).
 """
 from __future__ import annotations
 
@@ -26,17 +27,16 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from _result import finish, require_command, require_debian_package
+
 REPO = Path(__file__).resolve().parent.parent
 STAGE1 = REPO / "scripts" / "1_audio_preprocessing.py"
 SONG_PACKAGE = "fretsonfire-songs-sectoid"
 
 
 def find_songs() -> list[Path]:
-    listing = subprocess.run(["dpkg", "-L", SONG_PACKAGE], capture_output=True, text=True, check=True).stdout
-    songs = [Path(line) for line in listing.splitlines() if line.lower().endswith(".ogg")]
-    if not songs:
-        sys.exit(f"no OGG files in {SONG_PACKAGE}: apt-get install {SONG_PACKAGE}")
-    return sorted(songs)
+    """The package's OGG songs; `_result.Missing` (exit 77) when it is not installed."""
+    return [Path(line) for line in require_debian_package(SONG_PACKAGE, ".ogg")]
 
 
 def run_measured(command: list[str]) -> tuple[float, float, float]:
@@ -49,14 +49,15 @@ def run_measured(command: list[str]) -> tuple[float, float, float]:
     stderr = process.stderr.read().decode(errors="replace")
     if process.returncode not in (0, 1):
         sys.exit(f"{command[:3]} failed ({process.returncode}):\n{stderr[-2000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    per_mib = 2**20 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / per_mib
 
 
 def stage1_command(root: Path, *extra) -> list[str]:
     return [sys.executable, str(STAGE1), "--artist", "bench", "--root", str(root), "--overwrite", *extra]
 
 
-def bench_songs(work: Path) -> tuple[float, float]:
+def bench_songs(work: Path, sox: str) -> tuple[float, float]:
     """(stage 1 × real time, sox × real time) on the package's songs, one process at a time.
 
     CPU seconds are printed too: on a machine shared with other jobs they move less than wall time.
@@ -82,7 +83,7 @@ def bench_songs(work: Path) -> tuple[float, float]:
     for index, song in enumerate(songs):
         target = sox_out / f"{index:02d}"
         target.mkdir(parents=True)
-        command = ["sox", "-D", "--norm=-1", str(song), "-b", "16", str(target / "clip.wav"),
+        command = [sox, "-D", "--norm=-1", str(song), "-b", "16", str(target / "clip.wav"),
                    "channels", "2", "rate", "-h", "48k", "trim", "0", "60", ":", "newfile", ":", "restart"]
         wall, cpu, _ = run_measured(command)
         sox_wall, sox_cpu = sox_wall + wall, sox_cpu + cpu
@@ -107,7 +108,8 @@ def write_long_flac(path: Path, hours: float, rate: int = 44_100) -> float:
     return total / rate
 
 
-def bench_long(work: Path, hours: float) -> None:
+def bench_long(work: Path, hours: float) -> float:
+    """Stage 1 on a 2-minute and an `hours`-long synthetic FLAC; returns the long file's peak RSS in MiB."""
     for label, length in (("2-minute", 2 / 60), (f"{hours:g}-hour", hours)):
         root = work / f"long {length:g}"
         raw = root / "raw_audio" / "bench"
@@ -120,25 +122,28 @@ def bench_long(work: Path, hours: float) -> None:
         print(f"{label} FLAC ({size:.0f} MiB, written in {made:.0f} s): stage 1 {wall:.1f} s "
               f"({seconds / wall:.1f}x real time), peak RSS {rss:.0f} MiB")
         shutil.rmtree(root)
+    return rss
 
 
-def main() -> None:
+def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--hours", type=float, default=2.0, help="length of the long synthetic file")
     parser.add_argument("--skip-long", action="store_true", help="only the songs-vs-sox comparison")
     args = parser.parse_args()
-    if shutil.which("sox") is None:
-        sys.exit("sox is not installed: apt-get install sox libsox-fmt-all")
+    sox = require_command("sox", "apt-get install sox libsox-fmt-all", env="SOX")  # SOX=/path/to/sox overrides
+    find_songs()  # both resources are checked before the long run
     print(f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     with tempfile.TemporaryDirectory(prefix="bench_stage1_") as work:
         work = Path(work)
-        if not args.skip_long:
-            bench_long(work, args.hours)
-        stage1_speed, sox_speed = bench_songs(work)
+        long_rss = None if args.skip_long else bench_long(work, args.hours)
+        stage1_speed, sox_speed = bench_songs(work, sox)
     print(f"stage 1 / sox speed (x real time, 1 worker each): {stage1_speed / sox_speed:.2f}")
+    return {"value": round(stage1_speed / sox_speed, 3), "stage1_x_real_time": round(stage1_speed, 1),
+            "sox_x_real_time": round(sox_speed, 1), "long_file_hours": None if long_rss is None else args.hours,
+            "long_file_peak_rss_mib": None if long_rss is None else round(long_rss)}
 
 
 if __name__ == "__main__":
-    main()
+    finish(main, name="stage1", unit="x the speed of sox (x real time, 1 worker each)")

@@ -3,7 +3,7 @@
 
 Both ways run the stage itself (`tokenize_artist`: read the WAVs, encode, write the `.th` files)
 on the same clips with the same loaded codec; only `--batch-size` differs. Prints x real time
-for each and, last, the ratio batched / one-at-a-time.
+for each and, last, the ratio batched / one-at-a-time and its `RESULT {json}` line.
 
     python bench/bench_stage2.py [--clips 8] [--seconds 10] [--batch-size 8] [--threads 0]
 """
@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+
+from _result import finish
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from pipeline.codec import load_codec  # noqa: E402
@@ -51,7 +53,7 @@ def timed_run(stage2, root: Path, codec, batch_size: int) -> float:
     return elapsed
 
 
-def main() -> None:
+def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=8, help="number of equal-length clips (default 8)")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each clip (default 10)")
@@ -85,7 +87,10 @@ def main() -> None:
               f"{audio_seconds / seconds:5.1f}x real time")
     print(f"batched / one at a time: {best['one at a time'] / best['batched']:.2f}x the speed "
           f"({audio_seconds / best['batched']:.1f}x vs {audio_seconds / best['one at a time']:.1f}x real time)")
+    return {"value": round(best["one at a time"] / best["batched"], 3), "batch_size": args.batch_size,
+            "batched_x_real_time": round(audio_seconds / best["batched"], 2),
+            "one_at_a_time_x_real_time": round(audio_seconds / best["one at a time"], 2)}
 
 
 if __name__ == "__main__":
-    main()
+    finish(main, name="stage2", unit="x the speed of one clip at a time (batched, random codec)")

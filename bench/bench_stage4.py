@@ -6,7 +6,8 @@
 
 The engine (one int16 array in memory, SDPA attention, bf16 autocast on a GPU) is compared, in the
 same process and on the same synthetic tokens, with the original's set-up: fp32, every `.th` file
-re-read with `torch.load` for each sample, eager attention. The ratio is printed last.
+re-read with `torch.load` for each sample, eager attention. The ratio is printed last, then its
+`RESULT {json}` line; `--device cuda` without a GPU exits 77 (skipped).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from _result import finish, require_cuda
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -135,7 +138,7 @@ def peak_flops(device: str) -> float | None:
     return next((value for key, value in PEAK_FLOPS.items() if key in name), None)
 
 
-def main() -> None:
+def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--presets", default="tiny,small", help="comma-separated presets to time")
     parser.add_argument("--compare-preset", default="small", help="preset of the engine-vs-original comparison")
@@ -151,6 +154,8 @@ def main() -> None:
     options = parser.parse_args()
     device = "cuda" if options.device == "auto" and torch.cuda.is_available() else options.device
     device = "cpu" if device == "auto" else device
+    require_cuda(device)
+    throughput = {}
     peak = peak_flops(device)
     print(f"device {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'CPU'}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, context {options.context_frames}, "
@@ -163,6 +168,7 @@ def main() -> None:
             flops, n_params = flops_per_frame(model_args, options.context_frames)
             [fps] = frames_per_second([engine_step(options, data, preset, device)], options, device)
             mfu = f"{100 * flops * fps / peak:.1f}%" if peak else "n/a (no GPU peak known)"
+            throughput[preset] = round(fps)
             print(f"{preset:>6}: {n_params / 1e6:6.2f} M params, {flops / 1e6:8.1f} MFLOP/frame, "
                   f"{fps:9.0f} frames/s, {flops * fps / 1e12:7.3f} TFLOP/s, MFU {mfu}")
         preset = options.compare_preset
@@ -173,7 +179,10 @@ def main() -> None:
         print(f"{preset} engine default ({'bf16' if device.startswith('cuda') else 'fp32'}, in-memory int16, "
               f"SDPA{', compile' if options.compile else ''}): {engine:9.0f} frames/s")
     print(f"engine / original: {engine / original:.2f}x")
+    return {"value": round(engine / original, 3), "device": device, "compare_preset": preset,
+            "original_frames_per_s": round(original), "engine_frames_per_s": round(engine),
+            "training_frames_per_s": throughput}
 
 
 if __name__ == "__main__":
-    main()
+    finish(main, name="stage4", unit="x the original set-up's training frames/s (engine / original)")

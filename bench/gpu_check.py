@@ -13,7 +13,8 @@ weights: speed does not depend on them):
      and off, fp32 and bf16;
   3. a 10 s piece with decoding overlapped on the GPU (random 48 kHz Encodec, the pretrained cost):
      wall time and real-time factor including decoding.
-The last line is the headline: `base batch 1: N frames/s (R x real time); batch 16: M frames/s summed`.
+The headline `base batch 1: N frames/s (R x real time); batch 16: M frames/s summed` comes last,
+then its `RESULT {json}` line (R against the goal of 50x real time). Without a CUDA GPU it exits 77.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from _result import Missing, finish
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from pipeline import generation  # noqa: E402
@@ -70,14 +73,14 @@ def generate(model, batch: int, frames: int, context: int, cuda_graph: bool, sam
     return time.perf_counter() - started, codes
 
 
-def main() -> None:
+def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="base")
     parser.add_argument("--frames", type=int, default=1500, help="frames generated per measurement")
     parser.add_argument("--context-frames", type=int, default=1500)
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("no CUDA GPU visible: this check is for a GPU machine (bench/bench_stage5.py covers the CPU)")
+        raise Missing("no CUDA GPU visible: this check is for a GPU machine (bench/bench_stage5.py covers the CPU)")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     frames, context = args.frames, args.context_frames
@@ -117,7 +120,12 @@ def main() -> None:
     print(f"{args.preset} batch 1: {best:.0f} frames/s ({best / 150:.2f}x real time, fp32, CUDA graph); "
           f"batch 16: {16 * headline[('fp32', 16)]:.0f} frames/s summed (fp32), "
           f"{16 * headline[('bf16', 16)]:.0f} (bf16)")
+    return {"value": round(best / 150, 2), "device": torch.cuda.get_device_name(), "preset": args.preset,
+            "batch_1_frames_per_s": round(best),
+            "batch_16_frames_per_s_summed_fp32": round(16 * headline[("fp32", 16)]),
+            "batch_16_frames_per_s_summed_bf16": round(16 * headline[("bf16", 16)]),
+            "piece_10s_x_real_time_with_decoding": round(10 / wall, 2)}
 
 
 if __name__ == "__main__":
-    main()
+    finish(main, name="gpu_check", unit="x real time (batch 1, fp32, CUDA graph)", goal=">= 50")
