@@ -14,6 +14,7 @@ EXIT_OK = 0  # all done
 EXIT_PARTIAL = 1  # finished, but some items failed (each named in the log and the report)
 EXIT_RUN_FAILED = 1  # a run that started and then failed (stage 4: training diverged)
 EXIT_USAGE = 2  # bad usage, or nothing could be done
+EXIT_INTERRUPTED = 130  # the shell's status for Ctrl-C; SIGTERM is handled the same way
 
 ARTIST_PATTERN = re.compile(r"^[A-Za-z0-9 ._-]+$")
 LOG = logging.getLogger("pipeline")
@@ -70,6 +71,21 @@ non_negative_float = bounded_number(float, 0.0)
 fraction = bounded_number(float, 0.0, 1.0)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default in `--help` once: not when its help already says "(default: ...)", and
+    never for a default of None (the option is simply off), a suppressed one, or a flag (off unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "(default:" in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        if action.nargs == 0:  # store_true and friends: the flag's absence is its default
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)"
+        return text
+
+
 def make_parser(description: str, epilog: str | None = None, multiple_artists: bool = False,
                 artist_required: bool = True) -> argparse.ArgumentParser:
     """A parser with the flags every stage has (docs/contract.md, 'Command-line surface'), defaults shown in --help.
@@ -77,7 +93,7 @@ def make_parser(description: str, epilog: str | None = None, multiple_artists: b
     `multiple_artists`: `--artist` may be given several times (a list; stage 4's joint models).
     `artist_required` False: the stage checks it itself (stage 5: `--blend` stands in for it)."""
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsHelpFormatter)
     if not artist_required:
         parser.add_argument("--artist", type=artist_name,
                             help="artist folder name (letters, digits, space, '.', '_', '-')")
@@ -166,9 +182,6 @@ class StageReport:
         extra = "".join(f", {key} {value}" for key, value in sorted(self.counters.items()))
         return (f"{self.stage} {self.artist!r}: {len(self.done)} done, {len(self.skipped)} skipped, "
                 f"{len(self.failed)} failed{extra} in {self.elapsed:.1f} s")
-
-
-EXIT_INTERRUPTED = 130  # the shell's status for Ctrl-C; SIGTERM is handled the same way
 
 
 def _interrupt_on_sigterm(signum, frame):
