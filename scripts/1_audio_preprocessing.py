@@ -31,7 +31,7 @@ from pipeline.audio import (  # noqa: E402
     DEFAULT_TARGET_LUFS, PEAK_CEILING_DBFS, AudioDecodeError, LoudnessMeter, normalisation_gain, split_windows,
     stream_stereo)
 from pipeline.cli import (  # noqa: E402
-    StageError, StageReport, make_parser, positive_float, positive_int, run_main, setup_logging)
+    EXIT_USAGE, StageError, StageReport, make_parser, positive_float, positive_int, run_main, setup_logging)
 from pipeline.contract import CHANNELS, SAMPLE_RATE  # noqa: E402
 from pipeline.files import atomic_path, atomic_write_json, is_temporary, remove_stale_temporaries  # noqa: E402
 
@@ -487,9 +487,14 @@ def main(argv=None) -> int:
              args.workers)
     for result in run_tracks(tracks, out_dir, settings, args.overwrite, args.workers):
         record(report, result, log)
-    report.write(out_dir / REPORT_NAME)
+    rejected_all = bool(report.failed) and not report.done and not report.skipped
+    exit_code = EXIT_USAGE if rejected_all else report.exit_code()  # nothing usable: the run failed
+    atomic_write_json({**report.as_dict(), "exit_status": exit_code}, out_dir / REPORT_NAME)
     log.info("%s; report: %s", report.summary(), out_dir / REPORT_NAME)
-    return report.exit_code()
+    if rejected_all:
+        log.error("every one of the %d audio files of %r was rejected (reasons above and in %s): "
+                  "there is nothing for stage 2", len(report.failed), args.artist, out_dir / REPORT_NAME)
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from pipeline.files import atomic_write_json, is_temporary, remove_stale_tempora
 
 STAGE = "stage2"
 DEFAULT_BANDWIDTH = 6.0
+STAGE1_REPORT = "report.json"  # stage 1's report, beside its clips in data_processed/<artist>/
 GPU_BATCH_SIZE = 8  # --batch-size auto: batches on a GPU, one clip at a time on a CPU, where
 # batching measured slower (docs/stage2.md: 4.1x vs 5.3x real time on 2 cores)
 
@@ -173,9 +174,37 @@ def find_clips(root: Path, clip_dir: Path, token_dir: Path) -> list[Clip]:
         raise StageError(f"clip folder {clip_dir} does not exist: run scripts/1_audio_preprocessing.py first")
     paths = sorted(path for path in clip_dir.rglob("*.wav") if path.is_file() and not is_temporary(path))
     if not paths:
-        raise StageError(f"clip folder {clip_dir} holds no .wav clips: run scripts/1_audio_preprocessing.py first")
+        raise StageError(no_clips_reason(clip_dir))
     return [Clip(path=path, output=(token_dir / path.relative_to(clip_dir)).with_suffix(".th"),
                  source=path.relative_to(root).as_posix()) for path in paths]
+
+
+def no_clips_reason(clip_dir: Path, shown: int = 3) -> str:
+    """Why `clip_dir` holds no clip, told from stage 1's report there when it has one: every file
+    rejected (the first `shown` reasons), every file too short or silent, or clips removed since."""
+    path = clip_dir / STAGE1_REPORT
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        report = None
+    if not isinstance(report, dict):
+        return f"clip folder {clip_dir} holds no .wav clips: run scripts/1_audio_preprocessing.py first"
+    failed, processed = report.get("failed") or [], (report.get("done") or 0) + (report.get("skipped") or 0)
+    raw = f"raw_audio/{clip_dir.name}/"
+    if failed and not processed:
+        reasons = "; ".join(f"{item.get('path')}: {item.get('reason')}" for item in failed[:shown])
+        more = f"; and {len(failed) - shown} more" if len(failed) > shown else ""
+        return (f"clip folder {clip_dir} holds no .wav clips: stage 1 rejected every one of the {len(failed)} "
+                f"audio file(s) in {raw} ({reasons}{more}). Every reason is in {path}: fix or replace the "
+                f"files, then run scripts/1_audio_preprocessing.py again")
+    tracks = (report.get("details") or {}).get("tracks") or {}
+    listed = sum(int((track or {}).get("clips") or 0) for track in tracks.values())
+    if processed and not listed:
+        return (f"clip folder {clip_dir} holds no .wav clips: stage 1 processed {processed} file(s) of {raw} but "
+                f"none gave a clip (each shorter than one clip, or silent; see {path}). Run stage 1 again with "
+                f"--pad-tail or a shorter --clip-seconds")
+    return (f"clip folder {clip_dir} holds no .wav clips, although stage 1's report {path} lists {listed}: they "
+            f"were removed since; run scripts/1_audio_preprocessing.py --overwrite again")
 
 
 def select_pending(clips: list[Clip], bandwidth: float, codec_name: str, overwrite: bool,

@@ -244,6 +244,47 @@ def test_nothing_to_do_exits_2_with_a_clear_message(stage2, tmp_path, caplog, mo
     assert expected in caplog.text
 
 
+def test_an_artist_whose_every_file_stage1_rejected_points_at_stage1s_report(tmp_path):
+    """Stage 1 rejects both files (exit 2: nothing usable); stage 2 then names stage 1 as the cause,
+    with the first reasons and the report's path, instead of "run stage 1 first"."""
+    raw = tmp_path / "raw_audio" / ARTIST
+    raw.mkdir(parents=True)
+    (raw / "empty.wav").write_bytes(b"")
+    (raw / "notes.flac").write_text("not audio at all")
+    stage1 = run_script("1_audio_preprocessing.py", "--artist", ARTIST, "--root", tmp_path, timeout=300)
+    report_path = tmp_path / "data_processed" / ARTIST / "report.json"
+    report = json.loads(report_path.read_text())
+    assert stage1.returncode == 2 and report["exit_status"] == 2, stage1.stderr
+    assert report["done"] == 0 and len(report["failed"]) == 2
+    assert "every one of the 2 audio files" in stage1.stderr
+
+    stage2 = run_script("2_Tokenization.py", "--artist", ARTIST, "--root", tmp_path, "--codec", "random",
+                        "--device", "cpu", timeout=300)
+    assert stage2.returncode == 2
+    message = " ".join(stage2.stderr.split())
+    assert "stage 1 rejected every one of the 2 audio file(s)" in message
+    assert "empty.wav: empty file (0 bytes)" in message and str(report_path) in message
+    assert "run scripts/1_audio_preprocessing.py first" not in message
+
+
+def test_no_clips_reason_reads_stage1s_report(stage2, tmp_path):
+    folder = tmp_path / "data_processed" / ARTIST
+    folder.mkdir(parents=True)
+    assert "run scripts/1_audio_preprocessing.py first" in stage2.no_clips_reason(folder)  # no report
+    many = {"done": 0, "skipped": 0, "failed": [{"path": f"f{i}.wav", "reason": f"reason {i}"} for i in range(5)]}
+    (folder / "report.json").write_text(json.dumps(many))
+    reason = stage2.no_clips_reason(folder)
+    assert "reason 0; f1.wav: reason 1; f2.wav: reason 2; and 2 more" in reason and "reason 3" not in reason
+    short = {"done": 2, "skipped": 0, "failed": [],
+             "details": {"tracks": {"a.wav": {"clips": 0}, "b.wav": {"clips": 0}}}}
+    (folder / "report.json").write_text(json.dumps(short))
+    assert "processed 2 file(s)" in stage2.no_clips_reason(folder)
+    assert "--pad-tail" in stage2.no_clips_reason(folder)
+    removed = {"done": 1, "skipped": 0, "failed": [], "details": {"tracks": {"a.wav": {"clips": 3}}}}
+    (folder / "report.json").write_text(json.dumps(removed))
+    assert "lists 3: they were removed" in stage2.no_clips_reason(folder)
+
+
 def test_cli_names_a_bad_clip_and_exits_1(stage2, random_codec, tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(stage2, "setup_logging", lambda level, stage: logging.getLogger("pipeline.stage2"))
     monkeypatch.setattr(stage2, "load_codec", lambda spec, device: random_codec)  # built once per session
