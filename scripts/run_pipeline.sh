@@ -59,9 +59,9 @@ Options (defaults in brackets; demo defaults in braces):
                         --stage5-arg --top-k --stage5-arg 100 --stage5-arg --prompt-audio --stage5-arg "my riff.flac"
                         (a WORD is passed as it is: spaces stay inside it)
   --stageK-args "..."   several extra arguments for stage K, split on whitespace (no spaces inside one)
+  -h, --help            this help
 
 Environment: PYTHON, the interpreter that runs the stages [python3]; it must have requirements.txt installed.
-  -h, --help            this help
 USAGE
 }
 

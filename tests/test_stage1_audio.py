@@ -63,6 +63,21 @@ def test_downmix_rule_for_six_channels():
     assert mono.shape == (4, 2) and np.array_equal(mono[:, 0], mono[:, 1])
 
 
+def test_a_downmix_beyond_float32_is_refused_without_an_overflow_warning(tmp_path):
+    """Finite samples of ~3.4e38 on six channels sum past float32's range: the file is named and
+    refused; the cast to float32 never runs (it used to warn "overflow encountered in cast")."""
+    loud = np.full((1_000, 6), 3.4e38, dtype=np.float32)
+    path = tmp_path / "loud surround.wav"
+    sf.write(str(path), loud, 48_000, subtype="FLOAT")
+    with np.errstate(all="raise"):
+        with pytest.raises(audio.AudioDecodeError, match="loud surround.wav: .*6 channels are mixed to stereo"):
+            list(audio.stream_stereo(path))
+        with pytest.raises(audio.AudioDecodeError, match="overflow when its 6 channels"):
+            audio.to_stereo(loud)
+        quiet = audio.to_stereo(loud / 4)  # within range: mixed as always
+    assert quiet.dtype == np.float32 and np.isfinite(quiet).all()
+
+
 def test_cut_files_are_refused_with_their_reason(tmp_path):
     ogg = tmp_path / "whole.ogg"
     sf.write(str(ogg), sine_tone(3.0), 48_000, format="OGG", subtype="VORBIS")

@@ -25,6 +25,7 @@ import soxr
 from .contract import SAMPLE_RATE
 
 MINUS_3DB = 0.70710678
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 DECODE_BLOCK_FRAMES = 1 << 16  # ~1.4 s at 44.1 kHz: large enough to amortise Python, small in memory
 TRUNCATION_TOLERANCE = 0.01  # MP3 frame counts are estimates; a shortfall beyond 1 % means a cut file
 
@@ -54,13 +55,20 @@ def downmix_matrix(channels: int) -> np.ndarray:
     return matrix
 
 
-def to_stereo(block: np.ndarray) -> np.ndarray:
-    """`[n, C]` (or `[n]`) samples -> `[n, 2]` float32 by the documented rule."""
+def to_stereo(block: np.ndarray, path="audio") -> np.ndarray:
+    """`[n, C]` (or `[n]`) samples -> `[n, 2]` float32 by the documented rule.
+
+    Raises AudioDecodeError (naming `path`) when the downmix of finite samples leaves float32's
+    range (channels of ~3e38 summed): such a file is refused, never turned into infinities."""
     if block.ndim == 1:
         block = block[:, None]  # [n] -> [n, 1]
     if block.shape[1] == 2:
         return np.ascontiguousarray(block, dtype=np.float32)
-    return (block @ downmix_matrix(block.shape[1])).astype(np.float32)  # [n, C] @ [C, 2] -> [n, 2]
+    mixed = block @ downmix_matrix(block.shape[1])  # [n, C] @ [C, 2] -> [n, 2], float64
+    if np.abs(mixed).max(initial=0.0) > FLOAT32_MAX:
+        raise AudioDecodeError(path, f"samples too large to process: they overflow when its {block.shape[1]} "
+                                     f"channels are mixed to stereo")
+    return mixed.astype(np.float32)
 
 
 def _check_is_audio_file(path: Path) -> None:
@@ -148,7 +156,7 @@ def stream_stereo(path, target: int = SAMPLE_RATE, block_frames: int = DECODE_BL
             if block.shape[0] == 0:
                 break
             decoded += block.shape[0]
-            stereo = to_stereo(block)  # [n, C] -> [n, 2]
+            stereo = to_stereo(block, path)  # [n, C] -> [n, 2]
             out = stereo if resampler is None else resampler.resample_chunk(stereo)  # [n, 2] -> [m, 2] at target
             if out.shape[0]:  # soxr holds back the first few samples: a tiny file's first block may be empty
                 yield out
@@ -297,5 +305,5 @@ def load_conditioned(path, target_lufs: float = DEFAULT_TARGET_LUFS, max_seconds
         rate = sound.samplerate
     max_frames = None if max_seconds is None else int(round(max_seconds * rate))
     data, rate = read_audio(path, max_frames)
-    wave = resample(to_stereo(data), rate)  # [n, C] at rate -> [m, 2] at 48 kHz
+    wave = resample(to_stereo(data, path), rate)  # [n, C] at rate -> [m, 2] at 48 kHz
     return normalise_wave(wave, target_lufs)[0]
