@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import train_data
 from pipeline.cli import StageError, run_main
 from pipeline.contract import save_token_file
 from pipeline.dist import DistInfo
+from pipeline.trainer import Trainer
 from test_stage4 import BANDWIDTH, TINY, load, results, write_dataset, write_tokens
 from test_stage4 import one_thread, stage4  # noqa: F401 - fixtures: one torch thread (autouse), the module
 
@@ -95,42 +97,40 @@ def test_a_label_changes_the_logits_of_forward(stage4):
 
 # ---- sampling windows and condition dropout ------------------------------------------------------------------
 def test_artist_shares_follow_frames_to_the_alpha():
-    from pipeline.stages import load_stage
-
-    stage4 = load_stage("4_Transformer")
     frames = np.array([900, 100])
-    assert stage4.artist_shares(frames, 1.0) == pytest.approx([0.9, 0.1])
-    assert stage4.artist_shares(frames, 0.0) == pytest.approx([0.5, 0.5])
-    assert stage4.artist_shares(frames, 0.5) == pytest.approx([0.75, 0.25])
-    assert stage4.split_count(10, np.array([0.75, 0.25])).tolist() in ([8, 2], [7, 3])
-    assert int(stage4.split_count(7, np.array([0.2, 0.3, 0.5])).sum()) == 7
+    assert train_data.artist_shares(frames, 1.0) == pytest.approx([0.9, 0.1])
+    assert train_data.artist_shares(frames, 0.0) == pytest.approx([0.5, 0.5])
+    assert train_data.artist_shares(frames, 0.5) == pytest.approx([0.75, 0.25])
+    assert train_data.split_count(10, np.array([0.75, 0.25])).tolist() in ([8, 2], [7, 3])
+    assert int(train_data.split_count(7, np.array([0.2, 0.3, 0.5])).sum()) == 7
 
 
-def two_artist_store(stage4, tmp_path):
+def two_artist_store(tmp_path):
     write_dataset(tmp_path, "Big", lengths=(320, 320, 320, 320, 64))
     write_dataset(tmp_path, "Small", lengths=(64, 64))
-    entries, labels, manifests = stage4.read_artist_manifests(tmp_path, ["Big", "Small"])
-    return stage4.load_dataset(entries, entry_labels=labels), manifests
+    entries, labels, manifests = train_data.read_artist_manifests(tmp_path, ["Big", "Small"])
+    return train_data.load_dataset(entries, entry_labels=labels), manifests
 
 
-def test_balanced_windows_give_a_small_artist_its_share(stage4, tmp_path):
-    data, _ = two_artist_store(stage4, tmp_path)
+def test_balanced_windows_give_a_small_artist_its_share(tmp_path):
+    data, _ = two_artist_store(tmp_path)
     store, train = data.store, data.store.clips("train")
-    natural = stage4.epoch_windows(store, train, 32, seed=0, epoch=0)
+    natural = train_data.epoch_windows(store, train, 32, seed=0, epoch=0)
     for alpha, small_share in ((0.0, 0.5), (1.0, 64 / (4 * 320 + 64))):
-        windows = stage4.balanced_epoch_windows(store, train, 32, seed=0, epoch=0, alpha=alpha)
+        windows = train_data.balanced_epoch_windows(store, train, 32, seed=0, epoch=0, alpha=alpha)
         assert len(windows) == len(natural)  # the epoch's length (and the LR schedule) is unchanged
         share = float((store.clip_labels(windows[:, 0]) == 1).mean())
         assert share == pytest.approx(small_share, abs=1.5 / len(windows))
-    again = stage4.balanced_epoch_windows(store, train, 32, seed=0, epoch=0, alpha=0.5)
-    assert np.array_equal(again, stage4.balanced_epoch_windows(store, train, 32, seed=0, epoch=0, alpha=0.5))
+    again = train_data.balanced_epoch_windows(store, train, 32, seed=0, epoch=0, alpha=0.5)
+    assert np.array_equal(again, train_data.balanced_epoch_windows(store, train, 32, seed=0, epoch=0, alpha=0.5))
 
 
 def test_condition_dropout_replaces_labels_reproducibly(stage4, tmp_path):
-    data, manifests = two_artist_store(stage4, tmp_path)
+    data, manifests = two_artist_store(tmp_path)
     args = {**stage4.TRAIN_DEFAULTS, "preset": "tiny", "context_frames": 32, "lr": 1e-3, "cond_dropout": 0.3}
-    trainer = stage4.Trainer(args, tiny_args(stage4, n_artists=2), data, tmp_path / "out", "joint", DistInfo(), "cpu",
-                             artists=["Big", "Small"], manifests=manifests)
+    model = stage4.MusicTransformer(tiny_args(stage4, n_artists=2))
+    trainer = Trainer(args, model, data, tmp_path / "out", "joint", DistInfo(), "cpu", artists=["Big", "Small"],
+                      manifests=manifests)
     windows = np.stack([np.arange(len(data.store.lengths)).repeat(200), np.zeros(200 * len(data.store.lengths),
                                                                                  dtype=np.int64)], axis=1)
     labels = trainer.training_labels(windows, seed=7).numpy()

@@ -14,6 +14,7 @@ import torch
 from pipeline.baselines import fit_and_score
 from pipeline.contract import TokenFile, frames_for, load_token_file, samples_for, save_token_file
 from pipeline.synthetic import Stream, StreamSpec, noisy_copy_bits, train_on_stream, write_corpus
+from pipeline.train_data import load_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,8 +34,7 @@ def test_samples_for_inverts_frames_for_and_refuses_impossible_counts():
         samples_for(300)  # a last chunk holds at most 149 frames of audio
 
 
-def test_stage3_and_stage4_use_only_the_frames_before_the_codec_padding(random_codec, tmp_path,
-                                                                        transformer_module):
+def test_stage3_and_stage4_use_only_the_frames_before_the_codec_padding(random_codec, tmp_path):
     num_samples = 110_400  # 2.3 s: three chunks (450 frames), the last one 15,360 samples = 48 frames
     wave = torch.sin(torch.linspace(0, 2000, num_samples)).repeat(2, 1) * 0.3  # [2, S]
     codes, scales = random_codec.encode(wave, 6.0)  # [1, 4, 450], [1, 3]
@@ -49,7 +49,7 @@ def test_stage3_and_stage4_use_only_the_frames_before_the_codec_padding(random_c
 
     entry = load_stage("3_data_preparation").manifest_entry("encoded_tokens/A/clip.th", token_file, "clip", "train")
     assert entry["frames"] == 348 and entry["duration"] == pytest.approx(2.3)
-    data = transformer_module.load_dataset([{**entry, "path": path}])
+    data = load_dataset([{**entry, "path": path}])
     assert data.store.lengths.tolist() == [348]
     np.testing.assert_array_equal(data.store.codes, codes[0, :, :348].T.numpy())  # [348, 4]: the audio's frames
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import finished_files
-from pipeline import patterns, runs
+from pipeline import patterns, runs, train_data, trainer, training
 from pipeline.cli import StageError, run_main
 from pipeline.contract import BOS, PAD, TokenFile, save_token_file
 
@@ -120,7 +120,7 @@ def test_untied_heads_are_one_linear_layer_whose_rows_belong_to_one_codebook_eac
 
 def test_checkpoints_from_before_untied_heads_rebuild_the_seed_architecture(stage4):
     old_args = {"n_codebooks": 4, "d_embed": 16, "d_model": 32, "n_layer": 2, "n_head": 2, "n_positions": 40,
-                "dropout": 0.0}  # no tie_heads / embed_init keys: written by the seed's stage 4
+                "dropout": 0.0}  # no tie_heads / embed_init keys: written by the original's stage 4
     rebuilt = stage4.model_args_from(old_args, "old.pt")
     assert rebuilt.tie_heads and rebuilt.embed_init == "gpt2"
     assert not stage4.model_args_for("tiny", 4, 40).tie_heads  # new runs are untied
@@ -166,8 +166,8 @@ def test_tiny_model_overfits_one_clip(stage4, pattern):
     history = []
     for _ in range(120):
         logits, _ = model(inputs)
-        loss, nll_sums, counts = stage4.sequence_losses(logits, targets, 0.1)
-        history.append(stage4.bits_per_frame(nll_sums, counts)[0])
+        loss, nll_sums, counts = training.sequence_losses(logits, targets, 0.1)
+        history.append(training.bits_per_frame(nll_sums, counts)[0])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -181,8 +181,8 @@ def test_training_windows_cover_every_frame(stage4, length):
     rng = np.random.default_rng(length)
     seen_starts = set()
     for _ in range(5):
-        starts = stage4.train_window_starts(length, 32, rng)
-        assert len(starts) == stage4.windows_per_clip(length, 32)
+        starts = train_data.train_window_starts(length, 32, rng)
+        assert len(starts) == train_data.windows_per_clip(length, 32)
         covered = np.zeros(length, dtype=bool)
         for start in starts:
             assert 0 <= start and (start + 32 <= length or (start == 0 and length < 32))
@@ -195,17 +195,17 @@ def test_training_windows_cover_every_frame(stage4, length):
 
 def test_store_batches_and_frame_dropout(stage4, tmp_path):
     manifest = write_dataset(tmp_path, lengths=(40, 20))
-    entries = stage4.read_training_manifest(tmp_path, "A")
-    data = stage4.load_dataset(entries)
+    entries = train_data.read_training_manifest(tmp_path, "A")
+    data = train_data.load_dataset(entries)
     store = data.store
     assert store.codes.dtype == np.int16 and store.codes.shape == (60, 4) and store.codes.flags.c_contiguous
     assert data.token_contract["median_scale"] == 1.5 and data.token_contract["n_codebooks"] == 4
     clip1 = load(tmp_path / "encoded_tokens/A/clip_1.th")["codes"][0].T  # [T, Q]
-    frames = stage4.gather_frames(store, np.array([[1, 0]]), 32)
+    frames = train_data.gather_frames(store, np.array([[1, 0]]), 32)
     assert torch.equal(frames[0, :20], clip1) and (frames[0, 20:] == PAD).all()
     windows = np.array([[0, 0], [0, 8]])
-    clean_in, clean_out = stage4.make_batch(store, windows, 32, "parallel")
-    dropped_in, dropped_out = stage4.make_batch(store, windows, 32, "parallel", 0.5, np.random.default_rng(0))
+    clean_in, clean_out = train_data.make_batch(store, windows, 32, "parallel")
+    dropped_in, dropped_out = train_data.make_batch(store, windows, 32, "parallel", 0.5, np.random.default_rng(0))
     assert torch.equal(dropped_out, clean_out)  # targets keep every frame
     hidden = (dropped_in == PAD).all(-1)  # [B, S]
     assert 10 < hidden.sum() < 54 and not hidden[:, 0].any()  # whole frames, never the BOS
@@ -371,7 +371,7 @@ def test_explicit_lr_on_resume_takes_effect(stage4, tmp_path):
 
 def test_signal_saves_a_resumable_checkpoint(stage4, tmp_path, monkeypatch, straight):
     write_dataset(tmp_path / "stopped", lengths=(70, 64, 40, 30))
-    real_step, calls = stage4.Trainer.micro_step, []
+    real_step, calls = trainer.Trainer.micro_step, []
 
     def interrupted_step(self, *args, **kwargs):
         calls.append(1)
@@ -379,18 +379,18 @@ def test_signal_saves_a_resumable_checkpoint(stage4, tmp_path, monkeypatch, stra
             os.kill(os.getpid(), signal.SIGINT)
         return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(stage4.Trainer, "micro_step", interrupted_step)
+    monkeypatch.setattr(trainer.Trainer, "micro_step", interrupted_step)
     status, stopped = state_after(stage4, tmp_path / "stopped")
     assert status == 130 and (stopped["epoch"], stopped["epoch_batches_done"]) == (1, 2)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
-    monkeypatch.setattr(stage4.Trainer, "micro_step", real_step)
+    monkeypatch.setattr(trainer.Trainer, "micro_step", real_step)
     _, resumed = state_after(stage4, tmp_path / "stopped", "--resume")
     assert_same_weights(resumed["model"], straight["model"])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(stage4, tmp_path, monkeypatch, capfd):
     write_dataset(tmp_path, lengths=(70, 64, 40, 30))
-    real_losses, calls = stage4.sequence_losses, []
+    real_losses, calls = training.sequence_losses, []
 
     def poisoned(logits, targets, label_smoothing=0.0):
         loss, nll, counts = real_losses(logits, targets, label_smoothing)
@@ -400,7 +400,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(stage4, tmp_pa
                 loss = loss * float("nan")
         return loss, nll, counts
 
-    monkeypatch.setattr(stage4, "sequence_losses", poisoned)
+    monkeypatch.setattr(trainer, "sequence_losses", poisoned)
     status = run_main(stage4.main, ["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "3"])
     assert status == 1  # a started run that failed; 2 is for bad usage
     assert re.search("training diverged: the loss became NaN.*epoch 2.*last good checkpoint", capfd.readouterr().err)
@@ -411,8 +411,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(stage4, tmp_pa
 def test_data_is_read_once(stage4, tmp_path, monkeypatch):
     write_dataset(tmp_path, lengths=(70, 64, 40))
     reads = []
-    real_load = stage4.load_token_file
-    monkeypatch.setattr(stage4, "load_token_file", lambda path: reads.append(path) or real_load(path))
+    real_load = train_data.load_token_file
+    monkeypatch.setattr(train_data, "load_token_file", lambda path: reads.append(path) or real_load(path))
     assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "2"]) == 0
     assert len(reads) == 3
 
@@ -420,14 +420,14 @@ def test_data_is_read_once(stage4, tmp_path, monkeypatch):
 def test_parameter_groups_and_schedule(stage4):
     model = tiny_model(stage4)
     model.backbone.wte.requires_grad_(False)
-    decay, no_decay = stage4.parameter_groups(model, 0.1)
+    decay, no_decay = training.parameter_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(p.dim() == 2 and not names[id(p)].startswith("embeddings.") and "wpe" not in names[id(p)]
                for p in decay["params"])
     assert {names[id(p)] for p in no_decay["params"]} >= {"embeddings.0.weight", "backbone.wpe.weight",
                                                           "backbone.ln_f.weight", "input_proj.bias"}
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
-    schedule = stage4.WarmupCosine(warmup_steps=4, total_steps=20, min_factor=0.1)
+    schedule = training.WarmupCosine(warmup_steps=4, total_steps=20, min_factor=0.1)
     assert schedule(0) == 0.25 and schedule(3) == 1.0
     assert schedule(20) == pytest.approx(0.1) and schedule(100) == pytest.approx(0.1)
     assert all(schedule(s) >= schedule(s + 1) for s in range(4, 30))
@@ -496,7 +496,7 @@ def test_grad_checkpointing_gives_the_same_gradients(stage4):
         if checkpointing:
             model.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         logits, _ = model(inputs)
-        stage4.sequence_losses(logits, targets, 0.1)[0].backward()
+        training.sequence_losses(logits, targets, 0.1)[0].backward()
         gradients.append(model.embeddings[1].weight.grad.clone())
     torch.testing.assert_close(gradients[0], gradients[1])
 
@@ -557,7 +557,7 @@ def test_an_option_given_with_resume_is_applied_or_refused(stage4, stopped_run, 
     value, expected = RESUME_CASES[key]
     option = [f"--{key.replace('_', '-')}"] + ([] if value is None else [value])
     if key == "compile":  # compiling a model takes minutes on a CPU: the option is what is checked here
-        monkeypatch.setattr(stage4.torch, "compile", lambda module: module)
+        monkeypatch.setattr(torch, "compile", lambda module: module)
     extra = [] if key == "max_steps" else ["--max-steps", "2"]
     if expected == "refused":
         with pytest.raises(StageError, match=re.escape(option[0]) + " .*differs"):

@@ -134,7 +134,7 @@ def write_corpus(root: Path, artist: str, spec: StreamSpec, n_train: int, n_vali
     """Token files and `metadata_clean_<artist>.jsonl` for stage 4; the oracle NLL of the valid clips."""
     if spec.n_codebooks not in BANDWIDTH_TO_Q.values():
         raise ValueError(f"{spec.n_codebooks} codebooks is not one of Encodec's 2, 4, 8, 16")
-    stream, rng = Stream(spec), np.random.default_rng([spec.seed, 2])
+    stream = Stream(spec)
     bandwidth = {q: b for b, q in BANDWIDTH_TO_Q.items()}[spec.n_codebooks]
     num_samples = samples_for(n_frames)
     lines, oracle_bits = [], []
@@ -202,7 +202,7 @@ def train_on_stream(root: Path, spec: StreamSpec, stage4_options: list[str], ste
     and the baselines."""
     import time
 
-    from .stages import load_stage
+    from .model_io import model_module
 
     artist = f"synthetic_{spec.process}"
     corpus = write_corpus(root, artist, spec, n_train, n_valid, n_frames, context, pattern)
@@ -210,9 +210,8 @@ def train_on_stream(root: Path, spec: StreamSpec, stage4_options: list[str], ste
     argv = ["--artist", artist, "--root", str(root), "--context-frames", str(context), "--batch-size",
             str(batch_size), "--pattern", pattern, "--epochs", str(epochs),
             "--keep-last", "1", "--log-level", "WARNING", *stage4_options]
-    stage4 = load_stage("4_Transformer")
     started = time.perf_counter()
-    status = stage4.main(argv)
+    status = model_module().main(argv)  # the training script's command line, in this process
     seconds = time.perf_counter() - started
     if status != 0:
         raise RuntimeError(f"stage 4 exited {status} on the {spec.process} stream")

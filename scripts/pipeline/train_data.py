@@ -1,0 +1,300 @@
+"""Stage 4's training data: every token file read once into one int16 array, and the windows cut from it.
+
+    manifests -> `load_dataset` -> `Dataset` (a `TokenStore` of all clips back to back, the token
+    contract the checkpoint records, the files skipped) -> windows `[N, 2]` of (clip, start) ->
+    `make_batch` -> (inputs, targets) `[B, S, Q]` in the codebook pattern's layout.
+
+A training epoch's windows cover every frame of every train clip once, at random offsets that move
+every epoch (`epoch_windows`); a joint model of several artists draws each artist's share by its
+frames ** alpha (`balanced_epoch_windows`). Validation windows are back to back from frame 0, so
+each validation frame is scored exactly once.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .baselines import BaselineScores, fit_and_score
+from .cli import StageError
+from .contract import PAD, TokenFileError, load_token_file
+from .dist import DistInfo
+from .manifest import ManifestError, check_uniform, manifest_path, read_manifest
+from .patterns import build_sequence
+
+LOG = logging.getLogger("pipeline.stage4")
+
+
+# ---- the store: every token file read once into one int16 array --------------------------------
+@dataclass
+class TokenStore:
+    """All clips back to back in one contiguous array; a clip is (offset, length) into it."""
+
+    codes: np.ndarray  # int16 [total_frames, Q]
+    offsets: np.ndarray  # int64 [n_clips]
+    lengths: np.ndarray  # int64 [n_clips]
+    splits: list
+    names: list
+    labels: np.ndarray | None = None  # int64 [n_clips]: each clip's artist label (None: one artist, label 0)
+
+    @property
+    def n_codebooks(self) -> int:
+        return int(self.codes.shape[1])
+
+    def clip_labels(self, clips: np.ndarray) -> np.ndarray:
+        """Artist labels `[N]` of clips `[N]` (0 for every clip of a one-artist store)."""
+        if self.labels is None:
+            return np.zeros(len(clips), dtype=np.int64)
+        return self.labels[clips]
+
+    def clips(self, split: str) -> np.ndarray:
+        return np.array([i for i, s in enumerate(self.splits) if s == split], dtype=np.int64)
+
+    def clip_codes(self, clip: int) -> np.ndarray:
+        """One clip's real frames `[T, Q]` (a view)."""
+        return self.codes[self.offsets[clip]:self.offsets[clip] + self.lengths[clip]]
+
+
+
+def fit_baselines(store: TokenStore, train_clips: np.ndarray, eval_clips: np.ndarray) -> BaselineScores:
+    """Unigram and bigram per codebook fitted on `train_clips`, scored on `eval_clips` (bits per frame)."""
+    return fit_and_score([store.clip_codes(c) for c in train_clips], [store.clip_codes(c) for c in eval_clips])
+
+
+@dataclass
+class Dataset:
+    store: TokenStore
+    token_contract: dict
+    skipped: list  # [(audio, reason)] token files that could not be used
+
+
+
+# ---- reading the manifests ---------------------------------------------------------------------
+def read_training_manifest(root: Path, artist: str, allow_outside_root: bool = False) -> list[dict]:
+    """The artist's manifest, checked: exists, not empty, every file present, one Q and bandwidth."""
+    path = manifest_path(root, artist)
+    try:
+        entries = read_manifest(path, root, allow_outside_root=allow_outside_root)
+        check_uniform(entries, where=str(path))
+    except ManifestError as error:
+        raise StageError(str(error)) from None
+    for number, entry in enumerate(entries, start=1):
+        split = entry.get("split", "train")
+        if split not in ("train", "valid"):
+            raise StageError(f"{path}: entry {number} ({entry['audio']}) has split {split!r}; "
+                             "expected 'train' or 'valid'")
+    return entries
+
+
+def read_artist_manifests(root: Path, artists: list[str], allow_outside_root: bool = False
+                          ) -> tuple[list[dict], list[int], list[Path]]:
+    """Every artist's manifest, checked, pooled -> (entries, the artist label of each, manifest paths).
+
+    One model reads one token format: every manifest must hold the first one's Q and bandwidth."""
+    entries, labels, paths, first = [], [], [], None
+    for label, artist in enumerate(artists):
+        own = read_training_manifest(root, artist, allow_outside_root)
+        token_format = (own[0].get("codebooks"), own[0].get("bandwidth"))  # uniform within the manifest
+        if first is None:
+            first = (artist, token_format)
+        elif token_format != first[1]:
+            raise StageError(f"{manifest_path(root, artist)}: artist {artist!r} has {token_format[0]} codebooks at "
+                             f"{token_format[1]} kbps, artist {first[0]!r} has {first[1][0]} at {first[1][1]} kbps; "
+                             "one model reads one token format: re-tokenize with one --bandwidth")
+        entries.extend(own)
+        labels.extend([label] * len(own))
+        paths.append(manifest_path(root, artist))
+    return entries, labels, paths
+
+
+def load_artists(root: Path, artists: list[str], allow_outside_root: bool = False,
+                 log: logging.Logger = LOG) -> tuple[Dataset, list[Path]]:
+    """The pooled dataset of `artists` (labels = their positions) and the manifests it came from.
+
+    Every artist needs at least one usable clip in the train split."""
+    entries, labels, manifests = read_artist_manifests(root, artists, allow_outside_root)
+    data = load_dataset(entries, log, entry_labels=labels if len(artists) > 1 else None)
+    train_labels = set(data.store.clip_labels(data.store.clips("train")).tolist())
+    for label, artist in enumerate(artists):
+        if label not in train_labels:
+            raise StageError(f"{manifest_path(root, artist)}: no usable clip has split 'train'")
+    return data, manifests
+
+
+def load_dataset(entries: list[dict], log: logging.Logger = LOG, entry_labels: list[int] | None = None) -> Dataset:
+    """Read every token file once (int16) into a TokenStore; unusable files are named and skipped.
+
+    `entry_labels`: the artist label of each entry (a joint model's pooled manifests)."""
+    chunks, lengths, splits, names, skipped, files, labels = [], [], [], [], [], [], []
+    for number, entry in enumerate(entries):
+        try:
+            token_file = load_token_file(entry["path"])
+            check_entry_matches(entry, token_file)
+        except TokenFileError as error:
+            log.error("skipping a token file: %s", error)
+            skipped.append((entry["audio"], str(error)))
+            continue
+        real = token_file.real_frames  # frames past the audio encode the codec's zero padding: dropped
+        chunks.append(token_file.codes[0, :, :real].T.numpy())  # [1, Q, T] -> [real, Q]
+        lengths.append(real)
+        splits.append(entry.get("split", "train"))
+        names.append(entry["audio"])
+        files.append(token_file)
+        labels.append(0 if entry_labels is None else entry_labels[number])
+    if not chunks:
+        raise StageError("no usable token file in the manifest (every one was skipped, see above)")
+    codebook_counts = {chunk.shape[1] for chunk in chunks}
+    if len(codebook_counts) > 1:
+        raise StageError(f"token files mix codebook counts {sorted(codebook_counts)}; "
+                         "re-tokenize the artist with one --bandwidth")
+    codes = np.ascontiguousarray(np.concatenate(chunks, axis=0), dtype=np.int16)  # [total_frames, Q]
+    lengths = np.array(lengths, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    store = TokenStore(codes=codes, offsets=offsets, lengths=lengths, splits=splits, names=names,
+                       labels=None if entry_labels is None else np.array(labels, dtype=np.int64))
+    return Dataset(store=store, token_contract=token_contract_of(files, entries), skipped=skipped)
+
+
+def check_entry_matches(entry: dict, token_file) -> None:
+    """The manifest's claims about a file (Q, bandwidth) must match the file itself."""
+    where = entry["audio"]
+    if "codebooks" in entry and int(entry["codebooks"]) != token_file.n_codebooks:
+        raise TokenFileError(f"{where}: the manifest says {entry['codebooks']} codebooks, "
+                             f"the file has {token_file.n_codebooks}")
+    if "bandwidth" in entry and float(entry["bandwidth"]) != token_file.bandwidth:
+        raise TokenFileError(f"{where}: the manifest says {entry['bandwidth']} kbps, "
+                             f"the file says {token_file.bandwidth:g}")
+
+
+def token_contract_of(files: list, entries: list[dict]) -> dict:
+    """What stage 5 needs to turn the model's tokens back into audio (saved in every checkpoint)."""
+    first = files[0]
+    scales = [float(e["median_scale"]) for e in entries if e.get("median_scale") is not None]
+    return {"n_codebooks": first.n_codebooks, "bandwidth": float(first.bandwidth), "codec": first.codec,
+            "frame_rate": int(first.frame_rate), "sample_rate": int(first.sample_rate),
+            "median_scale": float(np.median(scales)) if scales else None}
+
+
+
+# ---- windows: which frames go into which batch ------------------------------------------------
+def train_window_starts(length: int, context: int, rng: np.random.Generator) -> np.ndarray:
+    """Starts of full windows covering every frame of a clip, with random overlaps.
+
+    A clip no longer than the context is one (padded) window. A longer one gets `length // context + 1`
+    windows, first at 0 and last at `length - context`; the spare frames become overlaps drawn at
+    random, so the window boundaries move every epoch even when the length is a multiple of the context.
+    """
+    if length <= context:
+        return np.zeros(1, dtype=np.int64)
+    n_windows = length // context + 1
+    spare = n_windows * context - length  # total overlap, >= 1
+    cuts = np.sort(rng.integers(0, spare + 1, size=n_windows - 2))
+    overlaps = np.diff(np.concatenate([[0], cuts, [spare]]))  # [n_windows - 1], sums to spare
+    steps = context - overlaps
+    return np.concatenate([[0], np.cumsum(steps)]).astype(np.int64)
+
+
+def windows_per_clip(length: int, context: int) -> int:
+    return 1 if length <= context else length // context + 1
+
+
+def epoch_windows(store: TokenStore, clips: np.ndarray, context: int, seed: int, epoch: int) -> np.ndarray:
+    """This epoch's training windows `[N, 2]` (clip, start), shuffled; the same on every rank."""
+    rng = np.random.default_rng([seed, epoch])
+    windows = covering_windows(store, clips, context, rng)  # [N, 2]
+    return windows[rng.permutation(len(windows))]
+
+
+def covering_windows(store: TokenStore, clips: np.ndarray, context: int, rng: np.random.Generator) -> np.ndarray:
+    """Windows `[N, 2]` (clip, start) covering every frame of `clips` once (in clip order)."""
+    windows = []
+    for clip in clips:
+        starts = train_window_starts(int(store.lengths[clip]), context, rng)  # [n]
+        windows.append(np.stack([np.full_like(starts, clip), starts], axis=1))  # [n] -> [n, 2]
+    return np.concatenate(windows, axis=0)  # n_clips x [n, 2] -> [N, 2]
+
+
+def artist_shares(frames_per_artist: np.ndarray, alpha: float) -> np.ndarray:
+    """Probability of drawing each artist, proportional to its training frames ** alpha.
+
+    alpha 1: as the data come (a large artist dominates); 0: every artist alike; 0.5 (the default)
+    between the two, like multilingual language models' sampling of languages."""
+    weights = np.asarray(frames_per_artist, dtype=np.float64) ** alpha  # [A]
+    return weights / weights.sum()
+
+
+def split_count(total: int, shares: np.ndarray) -> np.ndarray:
+    """`total` split into integer counts `[A]` that follow `shares` `[A]` and sum to `total` (largest remainder)."""
+    exact = shares * total  # [A]
+    counts = np.floor(exact).astype(np.int64)
+    leftover = int(total - counts.sum())
+    counts[np.argsort(-(exact - counts), kind="stable")[:leftover]] += 1
+    return counts
+
+
+def draw_windows(windows: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` rows of `windows` `[n, 2]`: whole passes over them, then a random subset without repeats."""
+    passes, rest = divmod(count, len(windows))
+    chosen = windows[rng.choice(len(windows), size=rest, replace=False)]  # [rest, 2]
+    return np.concatenate([windows] * passes + [chosen], axis=0)  # -> [count, 2]
+
+
+def balanced_epoch_windows(store: TokenStore, clips: np.ndarray, context: int, seed: int, epoch: int,
+                           alpha: float) -> np.ndarray:
+    """A joint model's epoch: as many windows as `epoch_windows` gives, but artist a's share of them is
+    proportional to (its training frames) ** alpha, so a small artist is not drowned by a large one.
+    Within an artist, its windows are drawn in whole passes, then a random subset. Shuffled `[N, 2]`."""
+    rng = np.random.default_rng([seed, epoch])
+    labels = store.clip_labels(clips)  # [n_clips]
+    artists = np.unique(labels)
+    per_artist = [covering_windows(store, clips[labels == a], context, rng) for a in artists]  # A x [n_a, 2]
+    frames = [int(store.lengths[clips[labels == a]].sum()) for a in artists]
+    counts = split_count(sum(len(w) for w in per_artist), artist_shares(np.array(frames), alpha))  # [A]
+    windows = np.concatenate([draw_windows(w, int(c), rng) for w, c in zip(per_artist, counts)], axis=0)  # [N, 2]
+    return windows[rng.permutation(len(windows))]
+
+
+def valid_windows(store: TokenStore, clips: np.ndarray, context: int) -> np.ndarray:
+    """Back-to-back windows `[N, 2]` from frame 0: each validation frame scored exactly once."""
+    windows = [(clip, start) for clip in clips for start in range(0, int(store.lengths[clip]), context)]
+    return np.array(windows, dtype=np.int64).reshape(-1, 2)
+
+
+def rank_share(windows: np.ndarray, info: DistInfo, pad: bool) -> np.ndarray:
+    """This rank's windows. With `pad`, the list is wrapped round so every rank gets as many (DDP
+    needs each rank to run the same number of steps); without it (validation) nothing is repeated."""
+    if pad and info.world_size > 1 and len(windows) % info.world_size:
+        extra = info.world_size - len(windows) % info.world_size
+        windows = np.concatenate([windows, windows[:extra]], axis=0)
+    return windows[info.rank::info.world_size]
+
+
+def train_windows_per_rank(store: TokenStore, clips: np.ndarray, context: int, world_size: int) -> int:
+    total = sum(windows_per_clip(int(store.lengths[clip]), context) for clip in clips)
+    return math.ceil(total / world_size)
+
+
+def gather_frames(store: TokenStore, windows: np.ndarray, context: int) -> torch.Tensor:
+    """Windows `[B, 2]` -> frames int16 `[B, context, Q]`, PAD past the end of a clip."""
+    clip, start = windows[:, 0], windows[:, 1]
+    available = np.minimum(context, store.lengths[clip] - start)  # [B]
+    steps = np.arange(context)
+    index = store.offsets[clip, None] + start[:, None] + np.minimum(steps, available[:, None] - 1)  # [B, C]
+    frames = store.codes[index]  # [B, C] -> [B, C, Q]
+    frames[steps[None, :] >= available[:, None]] = PAD
+    return torch.from_numpy(frames)
+
+
+def make_batch(store: TokenStore, windows: np.ndarray, context: int, pattern: str, frame_dropout: float = 0.0,
+               rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows -> (inputs, targets) int16 `[B, S, Q]`; frame dropout blanks input steps (never BOS)."""
+    inputs, targets = build_sequence(gather_frames(store, windows, context), pattern)  # 2 x [B, S, Q]
+    if frame_dropout > 0:
+        dropped = rng.random(inputs.shape[:2]) < frame_dropout  # [B, S]
+        dropped[:, 0] = False
+        inputs[torch.from_numpy(dropped)] = PAD  # targets keep these frames: only the input is hidden
+    return inputs, targets
