@@ -45,13 +45,14 @@ from _result import Missing, finish, require_codec, require_cuda
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
+from pipeline import train_data  # noqa: E402
 from pipeline.baselines import fit_and_score  # noqa: E402
 from pipeline.demo import STYLES, make_demo_corpus  # noqa: E402
 from pipeline.generation import GenerationSettings, SamplingSettings, generate_frames, label_weights  # noqa: E402
+from pipeline.model_io import model_from_checkpoint, model_module  # noqa: E402
 from pipeline.runs import read_checkpoint  # noqa: E402
-from pipeline.stages import load_stage  # noqa: E402
+from pipeline.training import bits_per_frame, sequence_losses  # noqa: E402
 
-stage4 = load_stage("4_Transformer")
 SONGS = Path("/usr/share/games/fretsonfire/data/songs")
 DEFAULT_ARTISTS = ("muldjord", "sectoid")
 
@@ -97,15 +98,13 @@ def train(root: Path, artists: list[str], name: str | None, options) -> Path:
 
 def load_model(path: Path, device: str):
     checkpoint = read_checkpoint(path)
-    model = stage4.MusicTransformer(stage4.model_args_from(checkpoint["model_args"], path))
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval(), checkpoint
+    return model_from_checkpoint(checkpoint, path, device).model, checkpoint
 
 
 @functools.lru_cache(maxsize=None)
 def artist_dataset(root: Path, artist: str):
     """The artist's manifest and token files, read once per run (every score below reuses them)."""
-    return stage4.load_dataset(stage4.read_training_manifest(root, artist))
+    return train_data.load_dataset(train_data.read_training_manifest(root, artist))
 
 
 def split_clips(root: Path, artist: str, split: str) -> list:
@@ -117,7 +116,7 @@ def split_clips(root: Path, artist: str, split: str) -> list:
 def valid_windows(root: Path, artist: str, context: int):
     """(the artist's token store, its valid windows `[N, 2]` of `context` frames)."""
     data = artist_dataset(root, artist)
-    return data, stage4.valid_windows(data.store, data.store.clips("valid"), context)
+    return data, train_data.valid_windows(data.store, data.store.clips("valid"), context)
 
 
 @torch.no_grad()
@@ -130,13 +129,13 @@ def valid_nll(model, checkpoint: dict, root: Path, artist: str, label: int | Non
     sums = torch.zeros(2 * data.store.n_codebooks, dtype=torch.float64)
     q = data.store.n_codebooks
     for start in range(0, len(windows), 8):
-        inputs, targets = stage4.make_batch(data.store, windows[start:start + 8], context, pattern)
+        inputs, targets = train_data.make_batch(data.store, windows[start:start + 8], context, pattern)
         artist_rows = None if label is None else torch.full((inputs.shape[0],), label, device=device)  # [B]
         logits, _ = model(inputs.long().to(device), artist=artist_rows)  # [B, S, Q] -> [B, S, Q, V]
-        _, nll_sums, counts = stage4.sequence_losses(logits, targets.long().to(device))
+        _, nll_sums, counts = sequence_losses(logits, targets.long().to(device))
         sums[:q] += nll_sums.double().cpu()
         sums[q:] += counts.double().cpu()
-    return stage4.bits_per_frame(sums[:q], sums[q:])[0]
+    return bits_per_frame(sums[:q], sums[q:])[0]
 
 
 def unigram_yardsticks(root: Path, artist: str, other: str) -> dict:
@@ -217,6 +216,7 @@ def time_cfg_only(options) -> dict:
 
     torch.set_num_threads(1 if options.device == "cpu" else torch.get_num_threads())
     torch.manual_seed(0)
+    stage4 = model_module()
     model_args = stage4.model_args_for(options.preset, 4, int(options.context_frames))
     model_args.n_artists = 2
     model = stage4.MusicTransformer(model_args).to(options.device).eval()

@@ -27,8 +27,8 @@ import torch
 from _result import finish, require_cuda
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from pipeline.model_io import model_module  # noqa: E402
 from pipeline.synthetic import StreamSpec, train_on_stream, write_corpus  # noqa: E402
-from pipeline.stages import load_stage  # noqa: E402
 
 # The seed's recipe (tied heads, its init, its defaults) and the candidate that the sweep tests against.
 SEED = {"--tie-heads": None, "--embed-init": "gpt2", "--lr": "3e-4", "--label-smoothing": "0.1",
@@ -114,7 +114,7 @@ def overfit_fixed_batch(args) -> dict:
                    "--label-smoothing", "0", "--weight-decay", "0", "--keep-last", "1", "--log-level", "WARNING",
                    *base_options(args)]
         started = time.perf_counter()
-        quiet(load_stage("4_Transformer").main, options)
+        quiet(model_module().main, options)
         lines = (root / "model_results" / "overfit" / "metrics.jsonl").read_text().splitlines()
         last = json.loads(lines[-1])
     row = {"suite": "goals", "process": "overfit one window", "pattern": "delay", "steps": last["step"],

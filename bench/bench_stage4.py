@@ -27,10 +27,13 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 from pipeline.contract import PAD, TokenFile, save_token_file  # noqa: E402
 from pipeline.dist import DistInfo  # noqa: E402
+from pipeline.model_io import model_module  # noqa: E402
 from pipeline.patterns import build_sequence  # noqa: E402
-from pipeline.stages import load_stage  # noqa: E402
+from pipeline.train_data import load_dataset, read_training_manifest  # noqa: E402
+from pipeline.trainer import Trainer  # noqa: E402
+from pipeline.training import StopRequest  # noqa: E402
 
-stage4 = load_stage("4_Transformer")
+stage4 = model_module()  # the model, its presets and the training options' defaults
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}  # dense bf16
 
 
@@ -46,7 +49,7 @@ def make_data(root: Path, clips: int, frames: int, q: int) -> list[dict]:
         lines.append({"audio": rel, "duration": frames / 150, "sample_rate": 48000, "codebooks": q,
                       "bandwidth": {2: 3.0, 4: 6.0, 8: 12.0, 16: 24.0}[q], "split": "train"})
     (root / "metadata_clean_bench.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return stage4.read_training_manifest(root, "bench")
+    return read_training_manifest(root, "bench")
 
 
 def flops_per_frame(model_args, context: int) -> tuple[float, int]:
@@ -66,13 +69,14 @@ def engine_step(options, data, preset: str, device: str):
     """The engine's own micro-step + optimizer step (its defaults: SDPA, AMP on GPU, frame dropout)."""
     args = train_args(options, preset)
     model_args = stage4.model_args_for(preset, data.store.n_codebooks, options.context_frames)
-    trainer = stage4.Trainer(args, model_args, data, Path(tempfile.mkdtemp()), "bench", DistInfo(), device)
+    model = stage4.new_model(model_args, args["seed"])
+    trainer = Trainer(args, model, data, Path(tempfile.mkdtemp()), "bench", DistInfo(), device)
     batches = trainer.epoch_batches(0)
-    totals, stop = trainer._new_totals(), stage4.StopRequest()
+    totals, stop = trainer.new_totals(), StopRequest()
 
     def step(index: int):
         trainer.micro_step(batches[index % len(batches)], 0, index, 1, True, totals)
-        trainer.optimizer_step(totals[0], stop, 0)
+        trainer.optimizer_step(totals.loss, stop, 0)
 
     return step
 
@@ -162,7 +166,7 @@ def main() -> dict:
           f"batch {options.batch_size}, Q {options.codebooks}")
     with tempfile.TemporaryDirectory() as folder:
         entries = make_data(Path(folder), options.clips, 9000, options.codebooks)
-        data = stage4.load_dataset(entries)
+        data = load_dataset(entries)
         for preset in options.presets.split(","):
             model_args = stage4.model_args_for(preset, options.codebooks, options.context_frames)
             flops, n_params = flops_per_frame(model_args, options.context_frames)

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from pipeline import generation  # noqa: E402
 from pipeline.codec import load_codec  # noqa: E402
 from pipeline.contract import SAMPLE_RATE  # noqa: E402
+from pipeline.model_io import model_module  # noqa: E402
 from pipeline.patterns import extra_steps  # noqa: E402
-from pipeline.stages import load_stage  # noqa: E402
 
-stage4 = load_stage("4_Transformer")
+stage4 = model_module()  # the model class and its presets
 FRAME_RATE = 150  # codec frames per second of audio (the real-time line)
 
 

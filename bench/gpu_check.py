@@ -32,9 +32,9 @@ from pipeline import generation  # noqa: E402
 from pipeline.codec import load_codec  # noqa: E402
 from pipeline.contract import CODEBOOK_SIZE, SAMPLE_RATE  # noqa: E402
 from pipeline.lean_decoder import LeanDecoder  # noqa: E402
-from pipeline.stages import load_stage  # noqa: E402
+from pipeline.model_io import model_module  # noqa: E402
 
-stage4 = load_stage("4_Transformer")
+stage4 = model_module()  # the model class and its presets
 DEVICE = "cuda"
 
 
