@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Stage 4: train the multi-codebook GPT-2 on an artist's Encodec tokens.
 
-The model (`MusicTransformer`, `ModelArgs`, the presets and the checks of saved weights) and the
-command line live here. The engine that trains it is the package's (`pipeline.trainer`), and
-generation loads the model through `pipeline.model_io`.
+The model (`MusicTransformer`, `ModelArgs`, the presets and the checks of saved weights), the
+command line and the resume policy (which options a resumed run takes from its checkpoint) live
+here. The engine that trains the model is the package's: `pipeline.trainer` runs the loop on the
+data of `pipeline.train_data` with the pieces of `pipeline.training`, and writes the run folder of
+`pipeline.runs`. Everything else loads the model through `pipeline.model_io`.
 """
 from __future__ import annotations
 

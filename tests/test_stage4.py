@@ -433,6 +433,19 @@ def test_parameter_groups_and_schedule(stage4):
     assert all(schedule(s) >= schedule(s + 1) for s in range(4, 30))
 
 
+def test_epoch_totals_pack_into_the_checkpoints_layout_and_back():
+    totals = trainer.EpochTotals.zeros(2, "cpu")
+    for loss, nll, counts in ((1.5, [3.0, 4.0], [10.0, 10.0]), (0.5, [1.0, 2.0], [6.0, 5.0])):
+        totals.add(torch.tensor(loss), torch.tensor(nll), torch.tensor(counts))
+    totals.seconds = 2.5
+    packed = totals.pack()  # [loss, micro-batches, frames, nll (Q), counts (Q), seconds]
+    assert packed.dtype == torch.float64 and packed.tolist() == [2.0, 2.0, 16.0, 4.0, 6.0, 16.0, 15.0, 2.5]
+    again = trainer.EpochTotals.unpack(packed, "cpu")
+    assert again.pack().tolist() == packed.tolist() and again.mean_loss() == 1.0
+    again.add(torch.tensor(1.0), torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]))
+    assert packed.tolist()[0] == 2.0  # unpacked totals are copies: adding leaves the packed tensor alone
+
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_train_and_write_one_loadable_checkpoint(stage4, tmp_path):
     import subprocess
