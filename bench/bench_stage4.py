@@ -87,7 +87,7 @@ def original_step(options, entries, preset: str, device: str):
     context, batch = options.context_frames, options.batch_size
     torch.manual_seed(0)
     model = stage4.MusicTransformer(stage4.model_args_for(preset, q, context)).to(device)
-    model.backbone.config._attn_implementation = "eager"
+    model.backbone.set_attn_implementation("eager")
     model.backbone.wte.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
     rng = np.random.default_rng(0)

@@ -85,8 +85,8 @@ class MusicTransformer(nn.Module):
         self.input_proj = nn.Linear(args.n_codebooks * args.d_embed, args.d_model)
         config = GPT2Config(vocab_size=1, n_embd=args.d_model, n_layer=args.n_layer, n_head=args.n_head,
                             n_positions=args.n_positions, resid_pdrop=args.dropout, embd_pdrop=args.dropout,
-                            attn_pdrop=args.dropout, bos_token_id=None, eos_token_id=None, use_cache=False)
-        config._attn_implementation = "sdpa"
+                            attn_pdrop=args.dropout, bos_token_id=None, eos_token_id=None, use_cache=False,
+                            attn_implementation="sdpa")
         self.backbone = GPT2Model(config)
         if args.n_artists > 0:  # absent at 0: unconditioned models keep exactly their old weights
             self.artist_table = nn.Embedding(args.n_artists + 1, args.d_model)
