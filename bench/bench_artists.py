@@ -48,9 +48,10 @@ sys.path.insert(0, str(SCRIPTS))
 from pipeline import train_data  # noqa: E402
 from pipeline.baselines import fit_and_score  # noqa: E402
 from pipeline.demo import STYLES, make_demo_corpus  # noqa: E402
-from pipeline.generation import GenerationSettings, SamplingSettings, generate_frames, label_weights  # noqa: E402
+from pipeline.generation import GenerationSettings, generate_frames, label_weights  # noqa: E402
 from pipeline.model_io import model_from_checkpoint, model_module  # noqa: E402
 from pipeline.runs import read_checkpoint  # noqa: E402
+from pipeline.sampling import SamplingSettings  # noqa: E402
 from pipeline.training import bits_per_frame, sequence_losses  # noqa: E402
 
 SONGS = Path("/usr/share/games/fretsonfire/data/songs")

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Stage 5 speed: the lean engine against transformers' cache and the seed's full recompute,
+"""Stage 5 speed: the lean engine against transformers' cache and the original's full recompute,
 batches, overlapped decoding, threads per phase, and `base` against its memory-bandwidth bound.
 
-    python bench/bench_stage5.py                       # every goal of issue 11; last line engine/recompute
-    python bench/bench_stage5.py --recompute-full      # the seed's path over all 1,500 frames (slow)
+    python bench/bench_stage5.py                       # every speed goal; last line engine/recompute
+    python bench/bench_stage5.py --recompute-full      # the original's path over all 1,500 frames (slow)
     python bench/bench_stage5.py --long-seconds 30     # a shorter "long piece" for a quick run
 
 Everything runs in this one process on randomly initialised models (speed does not depend on the
@@ -26,11 +26,12 @@ import torch
 from _result import cpu_name, finish
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from pipeline import generation  # noqa: E402
+from pipeline import decoding, generation  # noqa: E402
 from pipeline.codec import load_codec  # noqa: E402
 from pipeline.contract import SAMPLE_RATE  # noqa: E402
 from pipeline.model_io import model_module  # noqa: E402
 from pipeline.patterns import extra_steps  # noqa: E402
+from pipeline.sampling import CollapseSettings, SamplingSettings  # noqa: E402
 
 stage4 = model_module()  # the model class and its presets
 FRAME_RATE = 150  # codec frames per second of audio (the real-time line)
@@ -48,8 +49,8 @@ def settings_for(pattern: str, context: int, batch: int = 1, engine: str = "lean
 
 def timed_generation(model, settings, frames: int, sampled: bool, threads: int | None, prompt=None, progress=None):
     """-> (seconds, frames `[B, N, Q]`) of one `generate_frames` call (after a short warm-up)."""
-    sampling = generation.SamplingSettings() if sampled else generation.SamplingSettings(temperature=0.0)
-    collapse = generation.CollapseSettings() if sampled else None
+    sampling = SamplingSettings() if sampled else SamplingSettings(temperature=0.0)
+    collapse = CollapseSettings() if sampled else None
     generation.generate_frames(model, None, 8, settings, sampling, collapse, 0, "cpu", threads=threads)
     started = time.perf_counter()
     codes, _ = generation.generate_frames(model, prompt, frames, settings, sampling, collapse, 0, "cpu",
@@ -130,11 +131,11 @@ def piece_with_decoding(model, codec, pattern: str, context: int, seconds: float
                         batch: int = 1) -> dict:
     """A sampled piece decoded to audio the way stage 5 does it -> timings and frames/s."""
     audio_samples = round(seconds * SAMPLE_RATE)
-    total = generation.frames_for_samples(codec, audio_samples)
+    total = decoding.frames_for_samples(codec, audio_samples)
     plan = generation.thread_plan("cpu", 0)
     scales = torch.full((codec.n_chunks(audio_samples),), 0.05)
     chunks_per_pass = 10  # stage 5's default --decode-chunk-seconds
-    decoder = (generation.OverlappedDecoder(codec, scales, audio_samples, batch, chunks_per_pass, plan.decode)
+    decoder = (decoding.OverlappedDecoder(codec, scales, audio_samples, batch, chunks_per_pass, plan.decode)
                if overlapped else None)
     progress = None if decoder is None else decoder.frames_final
     generate_s, frames = timed_generation(model, settings_for(pattern, context, batch), total, True, plan.generate,
@@ -145,8 +146,8 @@ def piece_with_decoding(model, codec, pattern: str, context: int, seconds: float
     else:
         with generation.cpu_threads(plan.decode):
             for piece in range(batch):
-                codes = generation.frames_to_chunk_codes(codec, frames[piece:piece + 1], audio_samples)
-                generation.decode_chunked(codec, codes, scales, audio_samples, chunks_per_pass)
+                codes = decoding.frames_to_chunk_codes(codec, frames[piece:piece + 1], audio_samples)
+                decoding.decode_chunked(codec, codes, scales, audio_samples, chunks_per_pass)
     tail_s = time.perf_counter() - started
     wall = generate_s + tail_s
     return {"frames": total, "generate_s": generate_s, "tail_s": tail_s, "wall_s": wall,
@@ -165,7 +166,7 @@ def main() -> dict:
     parser.add_argument("--codebooks", type=int, default=4, help="Q (4 = 6 kbps)")
     parser.add_argument("--context-frames", type=int, default=1500, help="window (10 s)")
     parser.add_argument("--frames", type=int, default=1500, help="frames of the engine comparisons")
-    parser.add_argument("--recompute-full", action="store_true", help="the seed's path over all --frames (slow)")
+    parser.add_argument("--recompute-full", action="store_true", help="the original's path over all --frames (slow)")
     parser.add_argument("--segments", type=int, default=4, help="stretches the recompute path is timed on")
     parser.add_argument("--segment-frames", type=int, default=25, help="frames per stretch")
     parser.add_argument("--batch", type=int, default=8, help="the batch compared with batch 1")
@@ -232,14 +233,14 @@ def main() -> dict:
 
     # goal: long piece, overlapped decoding against generation alone
     audio_samples = round(args.long_seconds * SAMPLE_RATE)
-    long_frames = generation.frames_for_samples(codec, audio_samples)
+    long_frames = decoding.frames_for_samples(codec, audio_samples)
     alone_s, _ = timed_generation(small, settings_for(pattern, context), long_frames, True, 1)
     long = piece_with_decoding(small, codec, pattern, context, args.long_seconds, overlapped=True)
     print(f"{args.long_seconds:g} s piece (small, {long_frames} frames): generation alone {alone_s:.1f} s, with "
           f"overlapped decoding {long['wall_s']:.1f} s (decoding tail {long['tail_s']:.1f} s): "
           f"{long['wall_s'] / alone_s:.2f}x (goal <= 1.15x)")
 
-    # goal: lean vs the seed's full recompute, default threads for both
+    # goal: lean vs the original's full recompute, default threads for both
     plan = generation.thread_plan("cpu", 0)
     lean_default_s, cached = timed_generation(small, settings_for(pattern, context), frames, False, plan.generate)
     if args.recompute_full:
@@ -251,7 +252,7 @@ def main() -> dict:
         recompute_fps, identical = recompute_sampled_fps(small, pattern, cached, context, args.segments,
                                                          args.segment_frames, None)
         how = f"{args.segments} stretches of {args.segment_frames} frames spread over the {frames}-frame piece"
-    print(f"recompute (the seed's path, {torch.get_num_threads()} threads, {how}): {recompute_fps:.2f} frames/s; "
+    print(f"recompute (the original's path, {torch.get_num_threads()} threads, {how}): {recompute_fps:.2f} frames/s; "
           f"lean engine ({plan.generate} thread, greedy): {frames / lean_default_s:.0f} frames/s; greedy tokens "
           f"identical: {identical}")
     one_thread_fps, _ = recompute_sampled_fps(small, pattern, cached, context, args.segments, args.segment_frames, 1)

@@ -220,15 +220,16 @@ def test_guidance_combines_the_two_halves_of_one_batch():
 
 @pytest.mark.parametrize("engine", ["lean", "transformers"])
 def test_the_guided_engine_equals_two_separate_passes(stage4, engine):
-    from pipeline.generation import GenerationSettings, SamplingSettings, TokenGenerator, label_weights
+    from pipeline.generation import GenerationSettings, TokenGenerator, label_weights
+    from pipeline.sampling import SamplingSettings
 
     torch.manual_seed(0)
     model = stage4.MusicTransformer(tiny_args(stage4, n_artists=2)).eval()
     with torch.no_grad():
         model.artist_table.weight.normal_(std=1.0)  # labels that matter
     weights = label_weights(1, 2)
-    settings = GenerationSettings(context_frames=30, stride_frames=10, num_samples=2, engine=engine,
-                                  artist_weights=weights, cfg_coef=2.5)
+    settings = GenerationSettings(pattern="parallel", context_frames=30, stride_frames=10, num_samples=2,
+                                  engine=engine, artist_weights=weights, cfg_coef=2.5)
     generator = TokenGenerator(model, settings, SamplingSettings(), None, None, "cpu")
     steps = generator.make_steps(2)
     if engine == "lean":
@@ -248,13 +249,14 @@ def test_the_guided_engine_equals_two_separate_passes(stage4, engine):
 
 
 def test_an_unconditioned_model_ignores_labels_and_guidance(stage4):
-    from pipeline.generation import GenerationSettings, SamplingSettings, generate_frames
+    from pipeline.generation import GenerationSettings, generate_frames
+    from pipeline.sampling import SamplingSettings
 
     torch.manual_seed(0)
     model = stage4.MusicTransformer(tiny_args(stage4)).eval()
-    plain = GenerationSettings(context_frames=30, stride_frames=10, num_samples=2)
-    asked = GenerationSettings(context_frames=30, stride_frames=10, num_samples=2, artist_weights=(1.0, 0.0),
-                               cfg_coef=3.0)
+    plain = GenerationSettings(pattern="delay", context_frames=30, stride_frames=10, num_samples=2)
+    asked = GenerationSettings(pattern="delay", context_frames=30, stride_frames=10, num_samples=2,
+                               artist_weights=(1.0, 0.0), cfg_coef=3.0)
     first, _ = generate_frames(model, None, 40, plain, SamplingSettings(), None, 5, "cpu")
     second, _ = generate_frames(model, None, 40, asked, SamplingSettings(), None, 5, "cpu")
     assert torch.equal(first, second)
@@ -416,15 +418,15 @@ def test_one_artist_with_a_name_goes_to_that_folder_unconditioned(stage4, tmp_pa
     assert not results(tmp_path, "A").exists()
 
 
-def test_the_studio_plays_each_artist_a_blend_and_guidance_of_a_joint_model(joint_root, stage5, random_codec,
-                                                                              monkeypatch):
+def test_the_studio_plays_each_artist_a_blend_and_guidance_of_a_joint_model(joint_root, random_codec, monkeypatch):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
+    from pipeline import pieces
     from pipeline.studio import Studio, create_app
     from test_studio_api import wait_for
 
-    monkeypatch.setattr(stage5, "load_codec", lambda spec, device="cpu": random_codec)
+    monkeypatch.setattr(pieces, "load_codec", lambda spec, device="cpu": random_codec)
     studio = Studio(joint_root)
     try:
         with TestClient(create_app(studio)) as client:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import generation
+from pipeline import decoding, generation, sampling
 from pipeline.contract import CODEBOOK_SIZE, PAD
 from pipeline.lean_decoder import LeanDecoder
 
@@ -102,8 +102,7 @@ class RecordingSteps:
 def greedy_run(model, pattern, use_cache, total_frames=1500, context=100, stride=37, batch=2, engine="lean"):
     settings = generation.GenerationSettings(pattern=pattern, context_frames=context, stride_frames=stride,
                                              use_cache=use_cache, num_samples=batch, engine=engine)
-    engine = generation.TokenGenerator(model, settings, generation.SamplingSettings(temperature=0.0), None, None,
-                                       "cpu")
+    engine = generation.TokenGenerator(model, settings, sampling.SamplingSettings(temperature=0.0), None, None, "cpu")
     engine.steps, engine._steps_batch = RecordingSteps(engine.make_steps(batch)), batch
     prompt = random_tokens(1, 7, seed=5)  # [1, L, Q]
     frames = engine.generate(prompt, total_frames)
@@ -149,7 +148,7 @@ def test_progress_reports_final_frames_in_order_and_cancel_stops(transformer_mod
         assert bool((frames[:, :final_frames] >= 0).all())  # a frame reported final has every codebook
 
     frames, _ = generation.generate_frames(model, random_tokens(1, 5), 50, settings,
-                                           generation.SamplingSettings(), None, seed=3, device="cpu",
+                                           sampling.SamplingSettings(), None, seed=3, device="cpu",
                                            progress=progress)
     assert reports == list(range(5, 51)) and frames.shape == (1, 50, 4)
     checks = []
@@ -159,7 +158,7 @@ def test_progress_reports_final_frames_in_order_and_cancel_stops(transformer_mod
         return len(checks) > 12
 
     with pytest.raises(generation.GenerationCancelled, match="after 12 frames"):
-        generation.generate_frames(model, None, 50, settings, generation.SamplingSettings(), None, seed=3,
+        generation.generate_frames(model, None, 50, settings, sampling.SamplingSettings(), None, seed=3,
                                    device="cpu", cancel=cancel)
 
 
@@ -167,19 +166,19 @@ def test_progress_reports_final_frames_in_order_and_cancel_stops(transformer_mod
 @pytest.fixture(scope="module")
 def pieces(random_codec):
     audio_samples = 2 * random_codec.chunk_stride + 3_200  # three chunks, the last holding 10 frames
-    n_frames = generation.frames_for_samples(random_codec, audio_samples)
+    n_frames = decoding.frames_for_samples(random_codec, audio_samples)
     frames = random_tokens(2, n_frames, seed=9)  # [B, N, Q]
     scales = torch.tensor([0.05, 0.1, 0.07])
-    at_end = [generation.decode_chunked(random_codec,
-                                        generation.frames_to_chunk_codes(random_codec, frames[i:i + 1], audio_samples),
-                                        scales, audio_samples, 3) for i in range(2)]
+    at_end = [decoding.decode_chunked(random_codec,
+                                      decoding.frames_to_chunk_codes(random_codec, frames[i:i + 1], audio_samples),
+                                      scales, audio_samples, 3) for i in range(2)]
     return frames, scales, audio_samples, at_end
 
 
 def test_overlapped_decoding_equals_decoding_at_the_end(random_codec, pieces):
     frames, scales, audio_samples, at_end = pieces
-    decoder = generation.OverlappedDecoder(random_codec, scales, audio_samples, batch=2, chunks_per_pass=3,
-                                           threads=1)
+    decoder = decoding.OverlappedDecoder(random_codec, scales, audio_samples, batch=2, chunks_per_pass=3,
+                                         threads=1)
     live = torch.full_like(frames, -1)  # the generator's buffer: frames become final one by one
     for final in range(1, frames.shape[1] + 1):
         live[:, final - 1] = frames[:, final - 1]
@@ -204,8 +203,8 @@ def test_overlapped_decoding_recovers_from_a_worker_failure(random_codec, pieces
         return real_decode_chunk(codes, scale)
 
     monkeypatch.setattr(random_codec, "decode_chunk", failing_once)
-    decoder = generation.OverlappedDecoder(random_codec, scales, audio_samples, batch=2, chunks_per_pass=1,
-                                           threads=1)
+    decoder = decoding.OverlappedDecoder(random_codec, scales, audio_samples, batch=2, chunks_per_pass=1,
+                                         threads=1)
     waves = decoder.finish(frames)
     assert isinstance(decoder.error, torch.cuda.OutOfMemoryError)
     for wave, reference in zip(waves, at_end):
@@ -215,7 +214,7 @@ def test_overlapped_decoding_recovers_from_a_worker_failure(random_codec, pieces
 # ---- sampling ----------------------------------------------------------------------------------------
 def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_mass():
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]]).expand(20_000, -1).contiguous()  # [R, K]
-    choice = generation.draw_categorical(probs, torch.Generator().manual_seed(0))  # [R, 1]
+    choice = sampling.draw_categorical(probs, torch.Generator().manual_seed(0))  # [R, 1]
     counts = torch.bincount(choice.flatten(), minlength=5).float() / 20_000
     assert counts[1] == 0 and counts[4] == 0  # zero-mass candidates are never drawn
     assert torch.allclose(counts, probs[0], atol=0.015)
@@ -225,4 +224,24 @@ def test_a_window_beyond_the_position_table_is_refused(transformer_module):
     model = spread_model(transformer_module, context_frames=20)  # 24 positions
     settings = generation.GenerationSettings(pattern="delay", context_frames=22, stride_frames=5)
     with pytest.raises(ValueError, match="needs 25 positions, the model has 24"):
-        generation.TokenGenerator(model, settings, generation.SamplingSettings(), None, None, "cpu")
+        generation.TokenGenerator(model, settings, sampling.SamplingSettings(), None, None, "cpu")
+
+
+# ---- settings ----------------------------------------------------------------------------------------
+def test_the_pattern_has_no_default_and_must_be_known():
+    with pytest.raises(TypeError, match="pattern"):
+        generation.GenerationSettings(context_frames=20)  # the checkpoint says which: no silent default
+    with pytest.raises(ValueError, match="unknown codebook pattern 'diagonal'"):
+        generation.GenerationSettings(pattern="diagonal")
+
+
+def test_one_generator_serves_batches_of_different_sizes(transformer_module):
+    """The engine and the per-piece temperatures are rebuilt when the batch changes (sampled, no detector)."""
+    model = spread_model(transformer_module, context_frames=20)
+    settings = generation.GenerationSettings(pattern="delay", context_frames=20, stride_frames=7, num_samples=2)
+    engine = generation.TokenGenerator(model, settings, sampling.SamplingSettings(), None,
+                                       torch.Generator().manual_seed(0), "cpu")
+    assert engine.generate(None, 30).shape == (2, 30, 4)
+    settings.num_samples = 3
+    assert engine.generate(None, 30).shape == (3, 30, 4)
+    assert engine._temperatures.shape == (3,)

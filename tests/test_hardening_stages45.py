@@ -20,7 +20,7 @@ import soundfile as sf
 import torch
 
 from conftest import SCRIPTS
-from pipeline.cli import StageError, run_main
+from pipeline.cli import run_main
 from pipeline.files import atomic_torch_save, is_temporary
 from test_stage4 import TINY, assert_same_weights, load, results, write_dataset
 from test_stage5_cli import ARTIST, make_root, outputs
@@ -86,7 +86,7 @@ def test_stage4_skips_a_malicious_token_file_named_in_the_manifest(stage4, tmp_p
     assert load(results(tmp_path) / "last.pt")["epoch"] == 1
 
 
-def test_stage5_refuses_a_malicious_checkpoint_and_seed_tokens(stage5, transformer_module, in_process, tmp_path,
+def test_stage5_refuses_a_malicious_checkpoint_and_prompt_tokens(stage5, transformer_module, in_process, tmp_path,
                                                                 capsys):
     marker = tmp_path / "marker"
     write_malicious(tmp_path / "evil.pt", marker)
@@ -94,7 +94,7 @@ def test_stage5_refuses_a_malicious_checkpoint_and_seed_tokens(stage5, transform
     assert in_process(tmp_path, "--checkpoint", tmp_path / "evil.pt") == 2
     assert "evil.pt: not a readable checkpoint (Weights only load failed" in capsys.readouterr().err
     root = make_root(tmp_path, transformer_module, "parallel")
-    assert in_process(root, "--seed-tokens", tmp_path / "evil.th") == 2
+    assert in_process(root, "--prompt-tokens", tmp_path / "evil.th") == 2
     assert "evil.th: not a readable token file" in capsys.readouterr().err
     assert not marker.exists() and not (root / "music_transformer").exists()
 
@@ -285,9 +285,11 @@ def test_stage5_prompt_audio_that_cannot_be_decoded_exits_2(transformer_module, 
 
 
 def test_stage5_top_k_above_the_vocabulary_is_clamped_and_help_documents_it(stage5):
-    logits = stage5.mask_special(torch.randn(50, 4, 1026, generator=torch.Generator().manual_seed(0)))
+    from pipeline.sampling import SamplingSettings, sample_tokens
+
+    logits = torch.randn(50, 4, 1024, generator=torch.Generator().manual_seed(0))  # the codes: BOS and PAD cut off
     hot = torch.full((50,), 1.5)
-    drawn = [stage5.sample_tokens(logits, hot, stage5.SamplingSettings(top_k=k), torch.Generator().manual_seed(1))
+    drawn = [sample_tokens(logits, hot, SamplingSettings(top_k=k), torch.Generator().manual_seed(1))
              for k in (0, 1024, 100_000)]
     assert torch.equal(drawn[0], drawn[1]) and torch.equal(drawn[0], drawn[2])
     assert stage5.build_parser().parse_args(["--artist", "a", "--top-k", "100000"]).top_k == 100_000
@@ -295,23 +297,28 @@ def test_stage5_top_k_above_the_vocabulary_is_clamped_and_help_documents_it(stag
     assert "0 = greedy" in help_text and "clamped" in help_text
 
 
-def test_stage5_median_scale_never_reads_a_manifest_path_outside_the_root(stage5, tmp_path):
+def test_stage5_median_scale_never_reads_a_manifest_path_outside_the_root(tmp_path):
+    from pipeline.pieces import median_scale_for
+
     manifest = tmp_path / f"metadata_clean_{ARTIST}.jsonl"
     manifest.write_text('{"audio": "../../etc/passwd", "duration": 1, "sample_rate": 48000, "median_scale": 9}\n')
-    scale, source = stage5.median_scale_for({"median_scale": None}, tmp_path, ARTIST)
+    scale, source = median_scale_for({"median_scale": None}, tmp_path, ARTIST)
     assert scale is None and "points outside the project root" in source
 
 
-def test_stage5_codec_folder_named_by_a_checkpoint_must_be_inside_the_root(stage5, tmp_path):
+def test_stage5_codec_folder_named_by_a_checkpoint_must_be_inside_the_root(tmp_path):
+    from pipeline.pieces import checked_codec_spec
+    from pipeline.request import GenerationRefused
+
     root, outside = tmp_path / "root", tmp_path / "codec"
     (root / "codecs/mine").mkdir(parents=True)
     outside.mkdir()
     loaded = SimpleNamespace(path=root / "best.pt", contract={"codec": str(outside)})
-    with pytest.raises(StageError, match=f"names the codec folder {outside}, outside the project root.*--codec"):
-        stage5.checked_codec_spec(loaded, root)
+    with pytest.raises(GenerationRefused, match=f"names the codec folder {outside}, outside the project root.*--codec"):
+        checked_codec_spec(loaded, root)
     for inside in (str(root / "codecs/mine"), "random:0", "facebook/encodec_48khz"):
         loaded.contract["codec"] = inside
-        assert stage5.checked_codec_spec(loaded, root) == inside
+        assert checked_codec_spec(loaded, root) == inside
 
 
 # ---- stage 5: interruptions ---------------------------------------------------------------------------
@@ -346,22 +353,24 @@ def test_stage5_sigterm_in_a_subprocess_then_a_rerun_matches(transformer_module,
     assert torch.equal(load(outputs(root, "piece")[".th"])["codes"], reference_piece)
 
 
-def test_stage5_sigint_while_writing_then_a_rerun_redoes_the_piece(stage5, transformer_module, in_process,
-                                                                   reference_piece, tmp_path, monkeypatch):
+def test_stage5_sigint_while_writing_then_a_rerun_redoes_the_piece(transformer_module, in_process, reference_piece,
+                                                                   tmp_path, monkeypatch):
+    from pipeline import pieces
+
     root = make_root(tmp_path, transformer_module, "parallel")
-    real_spectrogram = stage5.write_spectrogram
+    real_spectrogram = pieces.write_spectrogram
 
     def ctrl_c_while_plotting(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # the WAV and tokens are written, the plot and JSON are not
         return real_spectrogram(*args, **kwargs)
 
-    monkeypatch.setattr(stage5, "write_spectrogram", ctrl_c_while_plotting)
+    monkeypatch.setattr(pieces, "write_spectrogram", ctrl_c_while_plotting)
     assert in_process(root, *GENERATE) == 130
     files = outputs(root, "piece")
     assert sf.read(files[".wav"])[0].shape == (2 * 48_000, 2)  # under its final name only once complete
     assert not files[".png"].exists() and not files[".json"].exists()  # so the piece is not finished
     assert not list(root.rglob("*.tmp-*"))
-    monkeypatch.setattr(stage5, "write_spectrogram", real_spectrogram)
+    monkeypatch.setattr(pieces, "write_spectrogram", real_spectrogram)
     assert in_process(root, *GENERATE) == 0  # the JSON is missing: the piece is redone, not skipped
     assert files[".json"].is_file() and files[".png"].is_file()
     assert torch.equal(load(files[".th"])["codes"], reference_piece)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 
 import numpy as np
@@ -93,21 +94,45 @@ def test_prompt_audio_is_encoded_like_training_and_continued(transformer_module,
     assert sidecar["window"]["kv_cache"] is False and sidecar["window"]["engine"] == "recompute"
 
 
-def test_seed_tokens_bare_tensor_and_q_mismatch(transformer_module, in_process, tmp_path, capsys):
+def test_prompt_tokens_bare_tensor_and_q_mismatch(transformer_module, in_process, tmp_path, capsys):
     root = make_root(tmp_path, transformer_module, "delay", median_scale=None)
-    seed = torch.randint(0, CODEBOOK_SIZE, (1, 4, 200), dtype=torch.int16)
-    torch.save(seed, tmp_path / "seed.th")
-    assert in_process(root, "--seed-tokens", tmp_path / "seed.th", "--prompt-seconds", 0.5, "--seconds", 1.2,
+    prompt = torch.randint(0, CODEBOOK_SIZE, (1, 4, 200), dtype=torch.int16)
+    torch.save(prompt, tmp_path / "prompt.th")
+    assert in_process(root, "--prompt-tokens", tmp_path / "prompt.th", "--prompt-seconds", 0.5, "--seconds", 1.2,
                       "--temperature", 0, "--name", "greedy") == 0
     tokens = load_token_file(outputs(root, "greedy")[".th"])
-    assert torch.equal(tokens.codes[:, :, :75], seed[:, :, :75])
+    assert torch.equal(tokens.codes[:, :, :75], prompt[:, :, :75])
     sidecar = json.loads(outputs(root, "greedy")[".json"].read_text())
     assert sidecar["scale_sources"] == ["default 1.0", "default 1.0"]  # no scales anywhere: 1.0, with a warning
+    assert sidecar["parameters"]["prompt_tokens"] == str(tmp_path / "prompt.th")
     assert "no scale for generated chunks" in capsys.readouterr().err
     torch.save(torch.zeros(1, 8, 150, dtype=torch.int16), tmp_path / "q8.th")
-    assert in_process(root, "--seed-tokens", tmp_path / "q8.th", "--name", "bad") == 2
+    assert in_process(root, "--prompt-tokens", tmp_path / "q8.th", "--name", "bad") == 2
     error = capsys.readouterr().err
     assert "q8.th: the prompt has Q = 8 codebooks" in error and "Q = 4" in error
+
+
+def test_seed_tokens_still_works_for_one_release_with_a_warning(transformer_module, in_process, tmp_path, capsys):
+    root = make_root(tmp_path, transformer_module, "delay")
+    prompt = torch.randint(0, CODEBOOK_SIZE, (1, 4, 200), dtype=torch.int16)
+    torch.save(prompt, tmp_path / "prompt.th")
+    assert in_process(root, "--seed-tokens", tmp_path / "prompt.th", "--prompt-seconds", 0.5, "--seconds", 1.2,
+                      "--temperature", 0, "--name", "old_spelling") == 0
+    assert "--seed-tokens is deprecated" in capsys.readouterr().err
+    tokens = load_token_file(outputs(root, "old_spelling")[".th"])
+    assert torch.equal(tokens.codes[:, :, :75], prompt[:, :, :75])
+
+
+def test_help_shows_each_default_once_and_hides_the_developer_options(stage5):
+    help_text = stage5.build_parser().format_help()
+    text = " ".join(help_text.split())
+    assert "(default: best.pt, then last.pt)" in text and not re.search(r"\(default:[^)]*\) \(default:", text)
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: 10.0)" in text  # --seconds: a real default is still shown
+    for hidden in ("--seed-tokens", "--engine", "--no-cache"):
+        assert hidden not in text  # deprecated, or reference paths for tests and benchmarks (docs/stage5.md)
+    sections = {section.split(":", 1)[0]: section for section in help_text.split("\n\n")}
+    assert all(option in sections["prompt"] for option in ("--prompt-tokens", "--prompt-audio", "--prompt-seconds"))
 
 
 def test_missing_checkpoint_and_bad_window_exit_2(transformer_module, in_process, tmp_path, capsys):

@@ -15,6 +15,8 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from conftest import STAGE5_ARTIST as ARTIST, sine_tone  # noqa: E402
+from pipeline import pieces  # noqa: E402
+from pipeline.request import GenerationRequest  # noqa: E402
 from pipeline.studio import Studio, create_app  # noqa: E402
 from test_stage5_cli import make_root  # noqa: E402
 
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
-def studio(stage5, random_codec, transformer_module, monkeypatch, tmp_path):
+def studio(random_codec, transformer_module, monkeypatch, tmp_path):
     """A studio over a root holding one tiny model (`demo`), loading codecs as the session's random one."""
     loads = []
 
@@ -30,7 +32,7 @@ def studio(stage5, random_codec, transformer_module, monkeypatch, tmp_path):
         loads.append(spec)
         return random_codec
 
-    monkeypatch.setattr(stage5, "load_codec", load_codec)
+    monkeypatch.setattr(pieces, "load_codec", load_codec)
     running = Studio(make_root(tmp_path, transformer_module, "delay"), max_upload_bytes=200_000)
     running.codec_loads = loads
     yield running
@@ -215,11 +217,11 @@ def test_ids_that_are_not_one_get_404(client, path):
     assert client.get(path).status_code == 404
 
 
-def test_the_page_and_the_openapi_document(client, stage5):
+def test_the_page_and_the_openapi_document(client):
     page = client.get("/")
     assert page.status_code == 200 and "Generate" in page.text and "<script>" in page.text
     assert not re.search(r'(src|href)="(https?:)?//', page.text)  # works offline: nothing fetched from elsewhere
-    defaults = stage5.build_parser().parse_args(["--artist", ARTIST])
+    defaults = GenerationRequest()
     for option in ("seconds", "temperature", "top_k", "top_p", "repetition_penalty", "num_samples"):
         shown = re.search(rf'id="{option}"[^>]*value="([^"]+)"', page.text, re.S)
         assert shown and float(shown.group(1)) == getattr(defaults, option), option  # the page shows stage 5's
@@ -256,3 +258,4 @@ def test_binding_beyond_loopback_warns(host, warned, monkeypatch, tmp_path, capl
         assert studio_cli.main(["--root", str(tmp_path), "--host", host, "--port", "8123"]) == 0
     assert served == [(host, 8123)]
     assert ("not loopback" in caplog.text) is warned
+

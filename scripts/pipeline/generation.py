@@ -1,218 +1,44 @@
-"""Stage 5's generation core: sampling, the collapse detector, the windowed token generator over the
-lean KV-cache engine, and chunked (optionally overlapped) decoding.
+"""The generation core: the windowed token generator over the lean KV-cache engine, its reference
+engines, classifier-free guidance, the artist-conditioning weights and the CPU thread plan.
 
-Front-ends (`scripts/5_MusicPrediction.py`, a local studio) build a model, settings dataclasses and
-a codec, then call `generate_frames` (or `TokenGenerator`) with an `OverlappedDecoder`'s
-`frames_final` in their progress callback, and its `finish` for the waves (`decode_chunked`
-decodes a piece at the end instead); nothing here parses options or writes files.
+Front-ends (stage 5 and the studio, both through `pipeline.pieces`) build a model, settings
+dataclasses and a codec, then call `generate_frames` (or `TokenGenerator`) with an
+`OverlappedDecoder`'s `frames_final` (`pipeline.decoding`) in their progress callback; sampling and
+the collapse detector live in `pipeline.sampling`. Nothing here parses options or writes files.
 
-Token grid: the model reads and writes "rows" of Q codebook cells. In the `parallel` pattern row s
-holds frame s; in the `delay` pattern cell (s, q) holds codebook q of frame s - q. Input position 0
-is always a BOS row and position p >= 1 holds row p - 1, so the logits at position p predict row p
-(exactly the layout `build_sequence` trains on). Cells outside the window's frames are BOS.
+Token grid: the model reads and writes "rows" of Q codebook cells, laid out by the checkpoint's
+codebook pattern (`pipeline.patterns`: codebook q of frame s sits in row s + offset[q]). Input
+position 0 is always a BOS row and position p >= 1 holds row p - 1, so the logits at position p
+predict row p (exactly the layout `build_sequence` trains on). Cells outside the window's frames
+are BOS.
 """
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import math
 import os
-import queue
-import threading
-import time
 from dataclasses import dataclass
 
 import torch
 
-from .cli import StageError
 from .contract import BOS, CODEBOOK_SIZE
 from .lean_decoder import LeanDecoder
+from .patterns import check_pattern, codebook_offsets, extra_steps
+from .sampling import (CollapseDetector, CollapseSettings, SamplingSettings, apply_repetition_penalty, entropy_bits,
+                       sample_tokens)
 
 LOG = logging.getLogger("pipeline.generation")
 UNKNOWN = -1  # a cell of the frame buffer that is neither prompt nor generated yet
 
 
-# ==== frames <-> samples ======================================================================
-def frames_for_samples(codec, audio_samples: int) -> int:
-    """Codec frames that carry `audio_samples` of audio: full chunks, then the last chunk's real frames."""
-    return (codec.n_chunks(audio_samples) - 1) * codec.chunk_frames + codec.last_chunk_frames(audio_samples)
-
-
-def samples_for_frames(codec, n_frames: int) -> int:
-    """Inverse of `frames_for_samples` (a last chunk keeps at most 149 frames: a chunk overlaps the next)."""
-    n_chunks = math.ceil(n_frames / codec.chunk_frames)
-    last_frames = n_frames - (n_chunks - 1) * codec.chunk_frames
-    return (n_chunks - 1) * codec.chunk_stride + min(last_frames * codec.hop_length, codec.chunk_stride)
-
-
-# ==== sampling ================================================================================
-@dataclass
-class SamplingSettings:
-    temperature: float = 1.0  # 0 = greedy (argmax)
-    top_k: int = 250  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    repetition_penalty: float = 1.0  # 1 = off
-    repetition_window: int = 150
-
-
-def mask_special(logits: torch.Tensor) -> torch.Tensor:
-    """BOS and PAD are never sampled: their logits become -inf."""
-    logits = logits.clone()
-    logits[..., CODEBOOK_SIZE:] = float("-inf")
-    return logits
-
-
-def apply_repetition_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Lower every token seen in `recent` `[B, W, Q]` (UNKNOWN = none) by log(penalty) in logit space.
-
-    Subtracting a constant always lowers that token's probability, whatever the logit's sign
-    (dividing a negative logit by the penalty, as the original did, raises it instead).
-    """
-    batch, n_codebooks, vocab = logits.shape
-    index = recent.transpose(1, 2).clone()  # [B, W, Q] -> [B, Q, W]
-    index[index < 0] = vocab  # a spare column collects the empty cells
-    seen = logits.new_zeros(batch, n_codebooks, vocab + 1).scatter_(2, index, 1.0)[..., :vocab]  # [B, Q, V]
-    return logits - math.log(penalty) * seen
-
-
-def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy in bits of softmax(logits) over the last axis: `[..., V]` -> `[...]`."""
-    return torch.special.entr(torch.softmax(logits, dim=-1)).sum(dim=-1) / math.log(2)
-
-
-def keep_nucleus(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Logits sorted in descending order `[..., K]`: drop the tail beyond mass `top_p` (the top one always stays)."""
-    if top_p >= 1.0:
-        return sorted_logits
-    probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
-    return sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-
-
-def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, settings: SamplingSettings,
-                  generator: torch.Generator | None, all_greedy: bool | None = None) -> torch.Tensor:
-    """Masked logits `[B, Q, V]` and per-piece temperatures `[B]` -> tokens `[B, Q]` (temperature 0 = greedy).
-
-    `all_greedy`, when the caller knows it, says whether every piece is greedy (True) or none is
-    (False); None reads it from `temperatures` (on a GPU, a wait for the device).
-
-    All B*Q distributions at once: top-k (sorted only when top-p needs the order), top-p over the k
-    candidates, then one uniform number per distribution through the inverse CDF. Random numbers
-    are the costly part of sampling on a CPU: one per row instead of one per candidate.
-    """
-    if all_greedy:
-        return logits.argmax(dim=-1)  # [B, Q]
-    greedy_pieces = None if all_greedy is False else temperatures <= 0  # [B]
-    if greedy_pieces is not None and bool(greedy_pieces.all()):
-        return logits.argmax(dim=-1)  # [B, Q]
-    scaled = logits / temperatures.clamp_min(1e-6).view(-1, 1, 1)  # [B, Q, V]
-    nucleus = settings.top_p < 1.0
-    if 0 < settings.top_k < min(scaled.shape[-1], CODEBOOK_SIZE):  # k >= 1024 keeps every code: off
-        candidates, token_ids = torch.topk(scaled, settings.top_k, dim=-1, sorted=nucleus)  # [B, Q, k]
-    elif nucleus:
-        candidates, token_ids = torch.sort(scaled, dim=-1, descending=True)  # [B, Q, V]
-    else:
-        candidates, token_ids = scaled, None
-    probs = torch.softmax(keep_nucleus(candidates, settings.top_p), dim=-1).flatten(0, 1)  # [B*Q, k]
-    choice = draw_categorical(probs, generator)  # [B*Q, 1] index among the candidates
-    if token_ids is None:
-        drawn = choice.view(logits.shape[:2])  # [B*Q, 1] -> [B, Q]
-    else:
-        drawn = token_ids.flatten(0, 1).gather(1, choice).view(logits.shape[:2])  # [B*Q, 1] -> [B, Q]
-    if greedy_pieces is not None and bool(greedy_pieces.any()):
-        return torch.where(greedy_pieces.view(-1, 1), logits.argmax(dim=-1), drawn)
-    return drawn
-
-
-def draw_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row of `probs` `[R, K]` (rows sum to 1) -> indices `[R, 1]`, by the inverse CDF."""
-    cdf = torch.cumsum(probs, dim=-1)  # [R, K]
-    uniform = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
-    choice = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)  # [R, 1]; a zero-mass candidate never
-    return choice.clamp_max(probs.shape[-1] - 1)  # rounding at the top end stays in range
-
-
-# ==== collapse detector =======================================================================
-@dataclass
-class CollapseSettings:
-    bits: float = 0.5  # 0 = off
-    window: int = 150  # rows (about frames) over which the entropy is averaged
-    boost: float = 1.5
-    boost_frames: int = 150
-    max_temperature: float = 2.0
-
-
-class CollapseDetector:
-    """Per piece and codebook, the mean entropy of the model's sampling distributions over a sliding
-    window; a mean below `bits` (a loop or a stuck note) boosts that piece's temperature.
-
-    The entropy is measured at temperature 1, before the boost, so the boost cannot hide the
-    collapse it answers. After a trigger the piece's window restarts, so one collapse is one event.
-    """
-
-    def __init__(self, settings: CollapseSettings, batch: int, n_codebooks: int, device: str):
-        self.settings = settings
-        self.history = torch.zeros(batch, n_codebooks, settings.window, device=device)  # [B, Q, W]
-        self.filled = torch.zeros(batch, n_codebooks, dtype=torch.long, device=device)  # [B, Q]
-        self.boost_left = [0] * batch
-        self.events: list[dict] = []
-        self._unboosted: torch.Tensor | None = None
-        self._unboosted_base: float | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return self.settings.bits > 0
-
-    def temperatures(self, base: float) -> torch.Tensor:
-        """Per-piece temperature `[B]`: boosted pieces decay linearly back to `base`."""
-        if not any(self.boost_left):  # the usual case: reuse one tensor instead of building one per step
-            if self._unboosted is None or self._unboosted_base != base:  # no device read: no GPU sync
-                self._unboosted = torch.full((len(self.boost_left),), base, device=self.history.device)
-                self._unboosted_base = base
-            return self._unboosted
-        extra = [(self.settings.boost - 1.0) * left / self.settings.boost_frames for left in self.boost_left]
-        ceiling = max(base, self.settings.max_temperature)
-        return torch.tensor([min(base * (1.0 + e), ceiling) for e in extra], device=self.history.device)
-
-    def observe(self, entropy: torch.Tensor, sampled: torch.Tensor, frame: int, base_temperature: float) -> None:
-        """Record `entropy` `[B, Q]` for the codebooks that were `sampled` `[Q]` at this row."""
-        self.boost_left = [max(0, left - 1) for left in self.boost_left]
-        if not self.enabled:
-            return
-        slot = (self.filled % self.settings.window).unsqueeze(-1)  # [B, Q, 1]
-        current = self.history.gather(2, slot).squeeze(-1)  # [B, Q]
-        new = torch.where(sampled.view(1, -1), entropy, current)  # [B, Q]
-        self.history.scatter_(2, slot, new.unsqueeze(-1))
-        self.filled += sampled.view(1, -1).long()
-        mean = self.history.mean(dim=-1)  # [B, Q, W] -> [B, Q]
-        low = (self.filled >= self.settings.window) & (mean < self.settings.bits)  # [B, Q]
-        if bool(low.any()):
-            self._trigger(low, mean, frame, base_temperature)
-
-    def _trigger(self, low: torch.Tensor, mean: torch.Tensor, frame: int, base_temperature: float) -> None:
-        for piece in torch.nonzero(low.any(dim=1)).flatten().tolist():
-            codebooks = torch.nonzero(low[piece]).flatten().tolist()
-            self.boost_left[piece] = self.settings.boost_frames
-            self.filled[piece] = 0
-            temperature = float(self.temperatures(base_temperature)[piece])
-            event = {"sample": piece, "frame": frame, "codebooks": codebooks,
-                     "mean_entropy_bits": [round(float(mean[piece, q]), 4) for q in codebooks],
-                     "threshold_bits": self.settings.bits, "temperature": round(temperature, 4),
-                     "boost_frames": self.settings.boost_frames}
-            self.events.append(event)
-            LOG.warning("collapse in piece %d at frame %d: codebook(s) %s averaged %s bits < %g; temperature "
-                        "boosted to %.3g for %d frames", piece, frame, codebooks, event["mean_entropy_bits"],
-                        self.settings.bits, temperature, self.settings.boost_frames)
-
-
-# ==== generation ==============================================================================
-ENGINES = ("lean", "transformers")
+# ==== settings and engines ====================================================================
+ENGINES = ("lean", "transformers")  # "transformers" (and use_cache=False) are reference paths for tests and benches
 
 
 @dataclass
 class GenerationSettings:
-    pattern: str = "parallel"
+    pattern: str  # the checkpoint's codebook pattern (`LoadedModel.pattern`); required: it must be training's
     context_frames: int = 1500
     stride_frames: int = 750
     use_cache: bool = True  # False: recompute the whole window every step (the reference path)
@@ -223,6 +49,9 @@ class GenerationSettings:
     # last; a label is one-hot, a blend sums to 1); None = "no artist". Unconditioned models ignore both.
     artist_weights: tuple | None = None
     cfg_coef: float = 1.0  # classifier-free guidance: uncond + cfg_coef * (cond - uncond); 1 = off
+
+    def __post_init__(self):
+        check_pattern(self.pattern)
 
 
 class GenerationCancelled(RuntimeError):
@@ -326,6 +155,7 @@ def forward_at(model, tokens: torch.Tensor, first_position: int, cache, use_cach
                  position_ids=positions.unsqueeze(0).expand(batch, -1), **conditioning)  # [T] -> [B, T]
 
 
+# ==== artist conditioning =====================================================================
 def n_artists_of(model) -> int:
     """The artist labels a model knows (0: an unconditioned model, or one written before labels existed)."""
     return int(getattr(model.args, "n_artists", 0))
@@ -358,6 +188,7 @@ def blend_weights(blend: dict, artists: list[str]) -> tuple:
     return tuple([blend.get(name, 0.0) / total for name in artists] + [0.0])
 
 
+# ==== the windowed generator ==================================================================
 class WindowPlan:
     """One window's grid: for each row and codebook, its frame, whether it lies in the window, whether it is open."""
 
@@ -398,17 +229,18 @@ class TokenGenerator:
         self.generator = generator
         self.device = device
         self.n_codebooks = int(model.args.n_codebooks)
-        delayed = generation.pattern == "delay"
-        self.offsets = torch.arange(self.n_codebooks) if delayed else torch.zeros(self.n_codebooks, dtype=torch.long)
-        self.extra_rows = self.n_codebooks - 1 if delayed else 0
+        self.offsets = codebook_offsets(generation.pattern, self.n_codebooks)  # [Q] rows each codebook runs late
+        self.extra_rows = extra_steps(generation.pattern, self.n_codebooks)
         if generation.context_frames + self.extra_rows > int(model.args.n_positions):
             raise ValueError(f"a {generation.context_frames}-frame window needs "
                              f"{generation.context_frames + self.extra_rows} positions, the model has "
                              f"{model.args.n_positions}")
         self.max_position = 0  # the largest position any forward pass used (tests check the window bound)
         self.codebook_index = torch.arange(self.n_codebooks, device=device)
-        self._temperatures = None
+        self._temperatures: torch.Tensor | None = None  # [B] the base temperature, reused while B and it hold
+        self._temperatures_key: tuple | None = None  # (batch, base) of `_temperatures`
         self.steps = None
+        self._steps_batch: int | None = None  # the batch `steps` was built for
 
     def make_steps(self, batch: int):
         """The cached engine the settings ask for, or the recompute path; guided (CFG) when asked."""
@@ -451,7 +283,7 @@ class TokenGenerator:
             self.codes[:, :length] = prompt[:, :length].to(self.device)  # [1, L, Q] -> [B, L, Q]
             self.known[:length] = True
         self.progress, self.cancel = progress, cancel
-        if self.steps is None or getattr(self, "_steps_batch", None) != batch:
+        if self.steps is None or self._steps_batch != batch:
             self.steps, self._steps_batch = self.make_steps(batch), batch
         self._report(int(self.known.all(dim=1).long().cumprod(0).sum()))  # the prompt's frames are final
         while not bool(self.known.all()):
@@ -527,8 +359,10 @@ class TokenGenerator:
             self._report(plan.row_last_frame[row] + 1)
 
     def _base_temperatures(self, batch: int, base: float, device) -> torch.Tensor:
-        if self._temperatures is None:
+        """`[batch]` filled with `base`: one tensor reused while the batch and the base stay (no device read)."""
+        if self._temperatures_key != (batch, base):
             self._temperatures = torch.full((batch,), base, device=device)
+            self._temperatures_key = (batch, base)
         return self._temperatures
 
     def _recent(self, frames: torch.Tensor) -> torch.Tensor:
@@ -540,6 +374,7 @@ class TokenGenerator:
         return values.masked_fill((index < 0).to(self.device).unsqueeze(0), UNKNOWN)  # [B, W, Q]
 
 
+# ==== threads and the entry point =============================================================
 @contextlib.contextmanager
 def cpu_threads(count: int | None):
     """Run a block with `count` torch CPU threads (None: leave them), then restore the previous count.
@@ -600,166 +435,3 @@ def generate_frames(model, prompt: torch.Tensor | None, total_frames: int, gener
     with cpu_threads(threads):
         frames = engine.generate(prompt, total_frames, progress=progress, cancel=cancel)  # [B, N, Q]
     return frames, detector
-
-
-# ==== decoding ================================================================================
-def free_accelerator_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def decode_chunked(codec, codes: torch.Tensor, scales: torch.Tensor, audio_samples: int, chunks_per_pass: int,
-                   notes: list | None = None) -> torch.Tensor:
-    """codes `[1, Q, T]` -> wave `[2, audio_samples]`, decoding `chunks_per_pass` codec chunks at a time.
-
-    Each chunk decodes on its own exactly, so the groups only bound memory; the overlap-add runs
-    once over all chunks. On a CUDA out-of-memory error: free memory, halve the group, and at one
-    chunk a pass move the codec to the CPU. Every fallback is logged and appended to `notes`.
-    """
-    n_chunks = codec.n_chunks(audio_samples)
-    group = max(1, min(chunks_per_pass, n_chunks))
-    waves: list[torch.Tensor] = []
-    while len(waves) < n_chunks:
-        first = len(waves)
-        try:
-            waves.extend(codec.decode_chunks(codes, scales, audio_samples, first, first + group))
-        except torch.cuda.OutOfMemoryError:
-            free_accelerator_memory()
-            group = _after_out_of_memory(codec, group, notes if notes is not None else [])
-    return codec.overlap_add(waves, audio_samples)
-
-
-def _after_out_of_memory(codec, group: int, notes: list) -> int:
-    if group > 1:
-        message = f"decoding ran out of memory on {codec.device} with {group} chunks a pass; retrying with {group // 2}"
-        group //= 2
-    elif codec.device != "cpu":
-        message = f"decoding ran out of memory on {codec.device} even one chunk at a time; falling back to the CPU"
-        codec.move_to("cpu")
-    else:
-        raise StageError("decoding ran out of memory on the CPU, one chunk at a time")
-    LOG.warning("%s", message)
-    notes.append(message)
-    return group
-
-
-def chunk_scales(prompt_scales: torch.Tensor | None, n_chunks: int, median_scale: float | None,
-                 median_source: str) -> tuple[torch.Tensor, list[str]]:
-    """Per-chunk scales: the prompt's first, then the median scale, else 1.0 -> (`[n_chunks]`, sources)."""
-    scales, sources = [], []
-    for index in range(n_chunks):
-        if prompt_scales is not None and index < prompt_scales.numel():
-            scales.append(float(prompt_scales[index]))
-            sources.append("prompt")
-        elif median_scale is not None:
-            scales.append(float(median_scale))
-            sources.append(median_source)
-        else:
-            scales.append(1.0)
-            sources.append("default 1.0")
-    return torch.tensor(scales, dtype=torch.float32), sources
-
-
-def frames_to_chunk_codes(codec, frames: torch.Tensor, audio_samples: int) -> torch.Tensor:
-    """One piece's frames `[1, N, Q]` -> codes `[1, Q, n_chunks*150]`, the last chunk padded with zeros."""
-    n_chunks = codec.n_chunks(audio_samples)
-    codes = torch.zeros(1, n_chunks * codec.chunk_frames, frames.shape[2], dtype=torch.long)  # [1, T, Q]
-    codes[:, :frames.shape[1]] = frames
-    return codes.transpose(1, 2)  # [1, T, Q] -> [1, Q, T]
-
-
-class OverlappedDecoder:
-    """Decodes each piece's codec chunks on a worker thread while the next frames are generated.
-
-    Feed it `frames_final(final_frames, frames)` (the `TokenGenerator` progress signature): each
-    chunk whose frames are all final is copied and queued at once, so decoding trails generation by
-    about one chunk (1 s of audio). Chunks decode independently (`Codec.decode_chunk`), so the audio
-    equals decoding at the end; the overlap-add runs in `finish`. `chunks_per_pass` bounds the
-    groups of a decoding redone at the end. The worker uses `threads` torch threads (its own
-    count; the generating thread keeps its own). A failure in the worker (a CUDA out-of-memory error, say)
-    is kept, and `finish` decodes that piece again at the end with `decode_chunked`'s fallbacks.
-    """
-
-    def __init__(self, codec, scales: torch.Tensor, audio_samples: int, batch: int, chunks_per_pass: int,
-                 threads: int | None = None):
-        self.codec, self.scales, self.audio_samples, self.batch = codec, scales, audio_samples, batch
-        self.n_chunks = codec.n_chunks(audio_samples)
-        self.chunks_per_pass = max(1, min(chunks_per_pass, self.n_chunks))
-        self.chunk_frames = [codec.chunk_frames] * (self.n_chunks - 1) + [codec.last_chunk_frames(audio_samples)]
-        self.queued = 0  # chunks handed to the worker so far
-        self.waves = [[None] * self.n_chunks for _ in range(batch)]  # per piece, per chunk: [2, L]
-        self.error: BaseException | None = None
-        self.busy_seconds = 0.0
-        self.jobs: queue.Queue = queue.Queue()
-        self.worker = threading.Thread(target=self._work, args=(threads,), name="stage5-decoder", daemon=True)
-        self.worker.start()
-
-    def _frames_needed(self, stop_chunk: int) -> int:
-        """Final frames that chunks `0..stop_chunk-1` need."""
-        return (stop_chunk - 1) * self.codec.chunk_frames + self.chunk_frames[stop_chunk - 1]
-
-    def frames_final(self, final_frames: int, frames: torch.Tensor) -> None:
-        """Queue every chunk the first `final_frames` frames of `frames` `[B, N, Q]` cover."""
-        while self.queued < self.n_chunks:
-            stop = self.queued + 1
-            if final_frames < self._frames_needed(stop):
-                return
-            first_frame = self.queued * self.codec.chunk_frames
-            codes = frames[:, first_frame:self._frames_needed(stop)].to("cpu", copy=True)  # [B, F, Q]
-            self.jobs.put((self.queued, stop, codes))
-            self.queued = stop
-
-    def _work(self, threads: int | None) -> None:
-        if threads is not None:
-            torch.set_num_threads(threads)  # this thread's own count
-        on_gpu = str(self.codec.device).startswith("cuda")
-        # on a GPU, a stream of its own lets decoding run beside the generation steps instead of between them
-        with torch.cuda.stream(torch.cuda.Stream(self.codec.device)) if on_gpu else contextlib.nullcontext():
-            self._work_through_jobs()
-
-    def _work_through_jobs(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if self.error is not None:
-                continue
-            first, stop, codes = job
-            started = time.perf_counter()
-            try:
-                self._decode_group(first, stop, codes)
-            except Exception as error:  # noqa: BLE001 - kept for finish(), which decodes again with fallbacks
-                self.error = error
-            self.busy_seconds += time.perf_counter() - started
-
-    @torch.inference_mode()
-    def _decode_group(self, first: int, stop: int, codes: torch.Tensor) -> None:
-        """Chunks `first..stop-1` of every piece from their frames `codes` `[B, F, Q]`."""
-        for piece in range(self.batch):
-            offset = 0
-            for chunk in range(first, stop):
-                length = self.chunk_frames[chunk]
-                chunk_codes = codes[piece, offset:offset + length].T  # [F, Q] -> [Q, F]
-                self.waves[piece][chunk] = self.codec.decode_chunk(chunk_codes, self.scales[chunk])
-                offset += self.codec.chunk_frames
-
-    def close(self) -> None:
-        """Stop the worker after the chunks already queued (after a cancelled generation, say)."""
-        if self.worker.is_alive():
-            self.jobs.put(None)
-            self.worker.join()
-
-    def finish(self, frames: torch.Tensor, notes: list | None = None) -> list[torch.Tensor]:
-        """All frames `[B, N, Q]` final -> one wave `[2, audio_samples]` per piece."""
-        self.frames_final(frames.shape[1], frames)
-        self.close()
-        if self.error is not None:
-            LOG.warning("overlapped decoding failed (%s: %s): decoding again at the end",
-                        type(self.error).__name__, self.error)
-        waves = []
-        for piece in range(self.batch):
-            if self.error is None and all(wave is not None for wave in self.waves[piece]):
-                waves.append(self.codec.overlap_add(self.waves[piece], self.audio_samples))
-            else:
-                codes = frames_to_chunk_codes(self.codec, frames[piece:piece + 1].cpu(), self.audio_samples)
-                waves.append(decode_chunked(self.codec, codes, self.scales, self.audio_samples, self.chunks_per_pass,
-                                            notes))
-        return waves

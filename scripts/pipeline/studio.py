@@ -1,17 +1,17 @@
-"""The local studio's web app: a page and a JSON API over stage 5 (`scripts/studio.py` serves it).
+"""The local studio's web app: a page and a JSON API over stage 5's piece writing (`scripts/studio.py`
+serves it).
 
-No generation code of its own: a request becomes stage 5's options (parsed by stage 5's own
-parser, so the defaults and limits are the command line's), and a single worker thread runs
-stage 5's `write_pieces` with a model kept in memory per model name, reporting progress through
-the core's progress callback and stopping through its cancel check. Pieces land where stage 5
-writes them (`music_transformer/<artist>/<name>.{wav,th,png,json}`), so the command line and the
-studio share one history.
+No generation code of its own: a request becomes a `GenerationRequest` (`pipeline.request`, the
+same one stage 5's options become, with its defaults and limits), and a single worker thread runs
+`pipeline.pieces.write_pieces` with a model kept in memory per model name, reporting progress
+through the core's progress callback and stopping through its cancel check. Pieces land where
+stage 5 writes them (`music_transformer/<artist>/<name>.{wav,th,png,json}`), so the command line
+and the studio share one history.
 
 Nothing from a request is used as a filesystem path: models, artists, prompts and pieces are
 looked up by id in what the server found on disk or stored itself.
 """
 
-import argparse
 import json
 import logging
 import queue
@@ -26,21 +26,23 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from . import runs
 from .cli import StageError, error_reason
 from .codec import UNTRAINED_WARNING, parse_random_spec
+from .decoding import DecodingOutOfMemory
 from .files import is_temporary
 from .generation import GenerationCancelled
-from . import runs
-from .stages import load_stage
+from .pieces import is_complete, load_model_and_codec, write_pieces
+from .request import GenerationRefused, GenerationRequest, InvalidRequest, check_request
 
 LOG = logging.getLogger("pipeline.studio")
 PAGE = Path(__file__).with_name("studio_page.html")
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # an audio prompt: a few minutes of WAV; larger uploads get 413
 MAX_SECONDS = 600.0  # the longest piece a request may ask for (the command line has no such limit)
-# stage 5's options a request may set (field name = option name with '-' as '_'); `artist`, `blend`
-# and the prompt are checked against the catalog first
-STAGE5_FIELDS = ("seconds", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "num_samples",
-                 "prompt_seconds", "cfg_coef")
+# the GenerationRequest fields a request may set directly; `model`, `artist`, `blend` and the prompt
+# are checked against the catalog first
+REQUEST_FIELDS = ("seconds", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "num_samples",
+                  "prompt_seconds", "cfg_coef")
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:-]{0,200}$")
 
 
@@ -62,8 +64,8 @@ def refuse_unsafe_id(value: str, what: str) -> None:
 class Catalog:
     """The models under `model_results/` and the pieces under `music_transformer/`, found by listing."""
 
-    def __init__(self, root: Path, stage5):
-        self.root, self.stage5 = root, stage5
+    def __init__(self, root: Path):
+        self.root = root
         self._facts: dict = {}  # (path, mtime) -> the checkpoint's codec spec and artist labels
 
     def models(self) -> dict[str, Path]:
@@ -104,7 +106,7 @@ class Catalog:
         for sidecar in sorted(folder.glob("*/*.json")) if folder.is_dir() else []:
             if is_temporary(sidecar) or sidecar.parent.name.startswith("."):
                 continue
-            if self.stage5.is_complete(sidecar.parent, sidecar.stem):
+            if is_complete(sidecar.parent, sidecar.stem):
                 found[piece_id(sidecar.parent.name, sidecar.stem)] = sidecar.with_suffix("")
         return found
 
@@ -131,36 +133,9 @@ def piece_summary(identifier: str, stem: Path) -> dict:
             "audio": f"{base}/audio", "spectrogram": f"{base}/spectrogram", "sidecar": base}
 
 
-# ==== stage 5's options =======================================================================
-def stage5_args(stage5, settings: dict, root: Path, artist: str | None, checkpoint: Path, name: str,
-                prompt: Path | None, joint_model: str | None = None, blend: dict | None = None):
-    """The request's settings as stage 5's parsed options: its parser's defaults and limits (422 otherwise).
-    `joint_model`: the name of a model trained on several artists (`--model`; `artist` is then its label);
-    `blend`: {artist: weight} of a joint model, instead of `artist` (`--blend`)."""
-    labels = ["--artist", artist] if blend is None else ["--blend", blend_text(blend)]
-    argv = ["--root", str(root), *labels, "--checkpoint", str(checkpoint), "--name", name,
-            "--log-level", "WARNING", *(["--model", joint_model] if joint_model else [])]
-    for key in STAGE5_FIELDS:
-        if settings.get(key) is not None:
-            argv += [f"--{key.replace('_', '-')}", str(settings[key])]
-    if prompt is not None:
-        argv += ["--prompt-audio", str(prompt)]
-    parser = stage5.build_parser()
-
-    def refuse(message: str):  # "argument --top-p: 0.0 must be > 0.0" -> "top_p: 0.0 must be > 0.0"
-        raise StudioError(422, re.sub(r"argument --([a-z-]+)", lambda m: m.group(1).replace("-", "_"), message))
-
-    parser.error = refuse  # argparse would exit the process
-    return parser.parse_args(argv)
-
-
-def blend_text(blend: dict) -> str:
-    """{artist: weight} -> stage 5's --blend text "A=0.7,B=0.3" (its parser checks the weights)."""
-    return ",".join(f"{artist}={weight!r}" for artist, weight in blend.items())
-
-
-class GenerateRequest(BaseModel):
-    """Stage 5's options by name; an omitted one takes stage 5's default."""
+# ==== requests ================================================================================
+class GenerateBody(BaseModel):
+    """The JSON body of `POST /api/generate`: stage 5's settings by name; an omitted one takes stage 5's default."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: str | None = None
@@ -178,13 +153,24 @@ class GenerateRequest(BaseModel):
     prompt_seconds: float | None = None
 
 
+def generation_request(settings: dict, root: Path, model: str, artist: str | None, blend: dict | None,
+                       checkpoint: Path, name: str, prompt: Path | None) -> GenerationRequest:
+    """A request's settings as stage 5's `GenerationRequest`, within its limits (422 naming the field)."""
+    given = {key: settings[key] for key in REQUEST_FIELDS if settings.get(key) is not None}
+    request = GenerationRequest(root=root, model=model, artist=artist, blend=blend, checkpoint=checkpoint,
+                                name=name, prompt_audio=prompt, **given)
+    try:
+        return check_request(request)
+    except InvalidRequest as error:  # "top_p: 0.0 must be > 0.0"
+        raise StudioError(422, str(error)) from None
+
+
 # ==== jobs ====================================================================================
 @dataclass
 class Job:
     id: str
     model: str
-    args: argparse.Namespace
-    label: str  # the artist, or the blend's label: the pieces' folder under music_transformer/
+    request: GenerationRequest
     state: str = "queued"
     progress: float = 0.0
     frames_per_second: float | None = None
@@ -198,13 +184,13 @@ class Job:
     def as_dict(self) -> dict:
         return {"job": self.id, "state": self.state, "progress": round(self.progress, 4),
                 "frames_per_second": self.frames_per_second, "error": self.error, "pieces": list(self.pieces),
-                "model": self.model, "artist": self.label, "warning": self.warning}
+                "model": self.model, "artist": self.request.label, "warning": self.warning}
 
     def on_frames(self, done: int, total: int) -> None:
         self.progress = done / max(total, 1)
         elapsed = time.perf_counter() - self.started
         if elapsed > 0:
-            self.frames_per_second = round(done * self.args.num_samples / elapsed, 1)
+            self.frames_per_second = round(done * self.request.num_samples / elapsed, 1)
 
 
 class Studio:
@@ -213,12 +199,11 @@ class Studio:
     def __init__(self, root: Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_seconds: float = MAX_SECONDS):
         self.root = Path(root)
         self.max_seconds = max_seconds
-        self.stage5 = load_stage("5_MusicPrediction")
-        self.catalog = Catalog(self.root, self.stage5)
+        self.catalog = Catalog(self.root)
         self.max_upload_bytes = max_upload_bytes
         self.prompt_folder = Path(tempfile.mkdtemp(prefix="studio-prompts-"))
         self.prompts: dict[str, Path] = {}
-        self.models: dict = {}  # model name -> stage 5's Preloaded, loaded on first use
+        self.models: dict = {}  # model name -> a `pipeline.pieces.Preloaded`, loaded on first use
         self.jobs: dict[str, Job] = {}
         self.queue: queue.Queue = queue.Queue()
         self.worker = threading.Thread(target=self._work, name="studio-worker", daemon=True)
@@ -268,10 +253,26 @@ class Studio:
 
     def submit(self, settings: dict) -> Job:
         """Check a generation request (4xx, nothing changed) and queue it."""
-        model, artist = settings.get("model"), settings.get("artist")
         if settings.get("seconds") is not None and settings["seconds"] > self.max_seconds:
             raise StudioError(422, f"seconds: {settings['seconds']:g} is over this studio's limit of "
                                    f"{self.max_seconds:g} s (scripts/studio.py --max-seconds)")
+        model, checkpoint = self.checked_model(settings.get("model"), settings.get("artist"))
+        blend = self.checked_blend(model, settings.get("artist"), settings.get("blend"))
+        artist = settings.get("artist")
+        artist = artist if artist is not None or blend else self.catalog.artists_of(model)[0]
+        if artist is not None and artist not in self.catalog.artists_of(model):
+            raise StudioError(404, f"model {model!r} knows no artist {artist!r}")
+        identifier = uuid.uuid4().hex[:12]
+        name = f"studio-{time.strftime('%Y%m%d-%H%M%S')}-{identifier}"
+        request = generation_request(settings, self.root, model, artist, blend, checkpoint, name,
+                                     self.checked_prompt(settings.get("prompt_id")))
+        job = Job(id=identifier, model=model, request=request)
+        self.jobs[identifier] = job
+        self.queue.put(job)
+        return job
+
+    def checked_model(self, model: str | None, artist: str | None) -> tuple[str, Path]:
+        """The model a request names (else its artist's) and its checkpoint; 404 for an unknown one."""
         if model is None and artist is None:
             raise StudioError(422, "name a model or an artist")
         model = model if model is not None else artist
@@ -279,26 +280,17 @@ class Studio:
         checkpoint = self.catalog.models().get(model)
         if checkpoint is None:
             raise StudioError(404, f"no model {model!r} under model_results/")
-        blend = self.checked_blend(model, artist, settings.get("blend"))
-        artist = artist if artist is not None or blend else self.catalog.artists_of(model)[0]
-        if artist is not None and artist not in self.catalog.artists_of(model):
-            raise StudioError(404, f"model {model!r} knows no artist {artist!r}")
-        prompt = None
-        if settings.get("prompt_id") is not None:
-            prompt = self.prompts.get(settings["prompt_id"])
-            if prompt is None:
-                raise StudioError(404, f"no prompt {settings['prompt_id']!r} (upload one to /api/prompts)")
-        identifier = uuid.uuid4().hex[:12]
-        name = f"studio-{time.strftime('%Y%m%d-%H%M%S')}-{identifier}"
-        joint = model if self.catalog.is_joint(model) else None
-        args = stage5_args(self.stage5, settings, self.root, artist, checkpoint, name, prompt, joint, blend)
-        job = Job(id=identifier, model=model, args=args, label=self.stage5.output_label(args))
-        self.jobs[identifier] = job
-        self.queue.put(job)
-        return job
+        return model, checkpoint
+
+    def checked_prompt(self, prompt_id: str | None) -> Path | None:
+        if prompt_id is None:
+            return None
+        if prompt_id not in self.prompts:
+            raise StudioError(404, f"no prompt {prompt_id!r} (upload one to /api/prompts)")
+        return self.prompts[prompt_id]
 
     def checked_blend(self, model: str, artist: str | None, blend: dict | None) -> dict | None:
-        """A request's blend, checked against the model (stage 5's parser then checks the weights)."""
+        """A request's blend, checked against the model (`check_request` then checks the weights)."""
         if blend is None:
             return None
         if not blend:
@@ -336,22 +328,20 @@ class Studio:
                 self._run(job)
             except GenerationCancelled:
                 job.state = "cancelled"
-            except StageError as error:  # stage 5's plain refusal (a prompt too long for the piece, say)
-                job.state, job.error = "failed", error_reason(error)
+            except (GenerationRefused, StageError, DecodingOutOfMemory) as error:  # a plain refusal (a prompt
+                job.state, job.error = "failed", error_reason(error)  # longer than the piece, say): its reason
             except Exception as error:  # noqa: BLE001 - a job's failure must not stop the worker
                 LOG.exception("job %s failed", job.id)
                 job.state, job.error = "failed", f"{type(error).__name__}: {error_reason(error)}"
 
     def _run(self, job: Job) -> None:
-        stage5 = self.stage5
         if job.model not in self.models:
-            self.models[job.model] = stage5.load_model_and_codec(job.args)
+            self.models[job.model] = load_model_and_codec(job.request)
         preloaded = self.models[job.model]
         job.started = time.perf_counter()  # frames/s counts generation, not the model's first load
         job.warning = None if preloaded.codec.pretrained else UNTRAINED_WARNING
-        report = stage5.write_pieces(job.args, preloaded, on_frames=job.on_frames,
-                                     cancel=job.cancel_requested.is_set)
-        job.pieces = [piece_id(job.label, name) for name in report.done]
+        report = write_pieces(job.request, preloaded, on_frames=job.on_frames, cancel=job.cancel_requested.is_set)
+        job.pieces = [piece_id(job.request.label, name) for name in report.done]
         if report.failed:
             job.state, job.error = "failed", "; ".join(failure["reason"] for failure in report.failed)
         else:
@@ -361,16 +351,32 @@ class Studio:
 # ==== the HTTP app ============================================================================
 def create_app(studio: Studio):
     """The FastAPI app: `GET /` (the page), `/api/...` (JSON, documented at `/docs`)."""
-    from fastapi import FastAPI, File, Request, UploadFile
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+    from fastapi import FastAPI
+
     app = FastAPI(title="MusicTransformer studio", version="1",
                   description="Generate pieces with stage 5 and listen to them. Uploads over "
                               f"{studio.max_upload_bytes} bytes get 413.")
     app.state.studio = studio
+    add_error_handler(app)
+    add_generation_routes(app, studio)
+    add_piece_routes(app, studio)
+    return app
+
+
+def add_error_handler(app) -> None:
+    """A `StudioError` as its status and reason."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
 
     @app.exception_handler(StudioError)
     async def refused(_request: Request, error: StudioError):
         return JSONResponse({"detail": error.reason}, status_code=error.status)
+
+
+def add_generation_routes(app, studio: Studio) -> None:
+    """The page, the models, prompt uploads and the jobs."""
+    from fastapi import File, UploadFile
+    from fastapi.responses import HTMLResponse
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
@@ -390,7 +396,7 @@ def create_app(studio: Studio):
     @app.post("/api/generate", status_code=202, summary="Queue a generation -> {job}",
               responses={404: {"description": "unknown model, artist or prompt"},
                          422: {"description": "a setting out of stage 5's range (the reason says which)"}})
-    def generate(request: GenerateRequest):
+    def generate(request: GenerateBody):
         return {"job": studio.submit(request.model_dump()).id}
 
     @app.get("/api/jobs/{job_id}", summary="A job's state, progress (0..1), frames/s, error and pieces")
@@ -400,6 +406,11 @@ def create_app(studio: Studio):
     @app.delete("/api/jobs/{job_id}", summary="Cancel a queued or running job")
     def cancel(job_id: str):
         return studio.cancel(job_id).as_dict()
+
+
+def add_piece_routes(app, studio: Studio) -> None:
+    """The finished pieces: the list, each sidecar, its audio and its spectrogram."""
+    from fastapi.responses import FileResponse
 
     @app.get("/api/pieces", summary="Every finished piece, newest first")
     def pieces():
@@ -418,5 +429,3 @@ def create_app(studio: Studio):
     @app.get("/api/pieces/{piece_id}/spectrogram", summary="A piece's spectrogram (PNG)")
     def spectrogram(piece_id: str):
         return FileResponse(studio.catalog.piece(piece_id).with_suffix(".png"), media_type="image/png")
-
-    return app
