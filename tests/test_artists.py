@@ -427,7 +427,7 @@ def test_the_studio_plays_each_artist_a_blend_and_guidance_of_a_joint_model(join
     from test_studio_api import wait_for
 
     monkeypatch.setattr(pieces, "load_codec", lambda spec, device="cpu": random_codec)
-    studio = Studio(joint_root)
+    studio = Studio(joint_root, allowed_hosts=("testserver",))  # the test client's Host
     try:
         with TestClient(create_app(studio)) as client:
             models = {model["name"]: model for model in client.get("/api/models").json()}

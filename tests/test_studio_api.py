@@ -17,10 +17,13 @@ from fastapi.testclient import TestClient  # noqa: E402
 from conftest import STAGE5_ARTIST as ARTIST, sine_tone  # noqa: E402
 from pipeline import pieces  # noqa: E402
 from pipeline.request import GenerationRequest  # noqa: E402
-from pipeline.studio import Studio, create_app  # noqa: E402
+from pipeline.studio import Studio, create_app, served_hosts  # noqa: E402
 from test_stage5_cli import make_root  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+TEST_HOST = "testserver"  # the Host header of FastAPI's test client
 
 
 @pytest.fixture
@@ -33,7 +36,8 @@ def studio(random_codec, transformer_module, monkeypatch, tmp_path):
         return random_codec
 
     monkeypatch.setattr(pieces, "load_codec", load_codec)
-    running = Studio(make_root(tmp_path, transformer_module, "delay"), max_upload_bytes=200_000)
+    running = Studio(make_root(tmp_path, transformer_module, "delay"), max_upload_bytes=200_000,
+                     allowed_hosts=(TEST_HOST,))
     running.codec_loads = loads
     yield running
     running.close()
@@ -259,3 +263,71 @@ def test_binding_beyond_loopback_warns(host, warned, monkeypatch, tmp_path, capl
     assert served == [(host, 8123)]
     assert ("not loopback" in caplog.text) is warned
 
+
+# ---- who may ask, and how much -------------------------------------------------------------------
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", ""])
+def test_a_foreign_host_header_is_refused(client, studio, host):
+    """DNS rebinding: a web page whose name resolves to 127.0.0.1 reaches the studio with its own Host."""
+    for method, path in (("GET", "/api/models"), ("GET", "/"), ("POST", "/api/generate")):
+        response = client.request(method, path, headers={"Host": host}, json={"artist": ARTIST})
+        assert response.status_code == 403, (method, path, response.text)
+        assert "is not this studio's address" in response.json()["detail"]
+    assert studio.jobs == {}
+
+
+def test_only_the_served_address_is_answered(studio):
+    hosts = served_hosts("127.0.0.1", 8123)
+    assert hosts == ["127.0.0.1:8123", "localhost:8123", "[::1]:8123"]
+    assert "studio.lan:8123" in served_hosts("studio.lan", 8123) and "[::1]" in served_hosts("::1", 0)
+    served = Studio(studio.root, allowed_hosts=hosts)
+    try:
+        with TestClient(create_app(served), base_url="http://localhost:8123") as local:
+            assert local.get("/api/models").status_code == 200
+            assert local.get("/api/models", headers={"Host": "[::1]:8123"}).status_code == 200
+            assert local.get("/api/models", headers={"Host": "localhost:8000"}).status_code == 403  # another port
+            assert local.get("/api/models", headers={"Host": TEST_HOST}).status_code == 403
+    finally:
+        served.close()
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "http://127.0.0.1.evil.example", "null",
+                                    "http://localhost:9999"])
+def test_a_state_changing_request_from_a_foreign_origin_is_refused(client, studio, origin):
+    response = client.post("/api/generate", json={"artist": ARTIST, "seconds": 0.5}, headers={"Origin": origin})
+    assert response.status_code == 403 and "not this studio's page" in response.json()["detail"]
+    assert studio.jobs == {}
+    upload = client.post("/api/prompts", files={"file": ("a.wav", b"RIFF", "audio/wav")}, headers={"Origin": origin})
+    assert upload.status_code == 403 and studio.prompts == {}
+    assert client.get("/api/models", headers={"Origin": origin}).status_code == 200  # reading changes nothing
+
+
+def test_the_studios_own_page_may_post_and_cancel(client, studio):
+    own = {"Origin": f"http://{TEST_HOST}"}
+    response = client.post("/api/generate", json={"artist": ARTIST, "seconds": 60.0, "seed": 1}, headers=own)
+    assert response.status_code == 202, response.text
+    job = response.json()["job"]
+    refused = client.delete(f"/api/jobs/{job}", headers={"Origin": "http://evil.example"})
+    assert refused.status_code == 403 and client.get(f"/api/jobs/{job}").json()["state"] in ("queued", "running")
+    assert client.delete(f"/api/jobs/{job}", headers=own).status_code == 200
+    assert wait_for(client, job)["state"] == "cancelled"
+
+
+def test_an_oversized_job_is_refused_with_the_limit(client, studio):
+    response = client.post("/api/generate", json={"artist": ARTIST, "num_samples": 100_000})
+    assert response.status_code == 422
+    assert "100000 pieces is over this studio's limit of 32 pieces per job" in response.json()["detail"]
+    assert studio.jobs == {}
+
+
+def test_a_job_over_the_memory_limit_is_refused_with_the_limit(studio):
+    small = Studio(studio.root, max_job_bytes=50 * 2**20, allowed_hosts=(TEST_HOST,))
+    try:
+        with TestClient(create_app(small)) as client:
+            response = client.post("/api/generate", json={"artist": ARTIST, "num_samples": 8, "seconds": 300})
+            assert response.status_code == 422
+            detail = response.json()["detail"]
+            assert "8 pieces of 300 s need about" in detail and "over this studio's limit of 50 MiB per job" in detail
+            assert small.jobs == {}
+            assert client.post("/api/generate", json={"artist": ARTIST, "seconds": 0.5}).status_code == 202
+    finally:
+        small.close()

@@ -9,7 +9,9 @@ stage 5 writes them (`music_transformer/<artist>/<name>.{wav,th,png,json}`), so 
 and the studio share one history.
 
 Nothing from a request is used as a filesystem path: models, artists, prompts and pieces are
-looked up by id in what the server found on disk or stored itself.
+looked up by id in what the server found on disk or stored itself. The studio answers only requests
+addressed to its own host and port (a web page cannot reach it through DNS rebinding), refuses
+state-changing requests sent from another origin, and refuses jobs larger than the machine can hold.
 """
 
 import json
@@ -23,6 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
@@ -33,16 +36,21 @@ from .decoding import DecodingOutOfMemory
 from .files import is_temporary
 from .generation import GenerationCancelled
 from .pieces import is_complete, load_model_and_codec, write_pieces
-from .request import GenerationRefused, GenerationRequest, InvalidRequest, check_request
+from .request import (GenerationRefused, GenerationRequest, InvalidRequest, check_request, estimated_job_bytes,
+                      physical_memory_bytes)
 
 LOG = logging.getLogger("pipeline.studio")
 PAGE = Path(__file__).with_name("studio_page.html")
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # an audio prompt: a few minutes of WAV; larger uploads get 413
 MAX_SECONDS = 600.0  # the longest piece a request may ask for (the command line has no such limit)
+MAX_PIECES = 32  # pieces one job may ask for (the command line has no such limit)
+MEMORY_SHARE = 0.5  # a job may use this share of the machine's memory (by `estimated_job_bytes`)
 # the GenerationRequest fields a request may set directly; `model`, `artist`, `blend` and the prompt
 # are checked against the catalog first
 REQUEST_FIELDS = ("seconds", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "num_samples",
                   "prompt_seconds", "cfg_coef")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:-]{0,200}$")
 
 
@@ -66,7 +74,7 @@ class Catalog:
 
     def __init__(self, root: Path):
         self.root = root
-        self._facts: dict = {}  # (path, mtime) -> the checkpoint's codec spec and artist labels
+        self._facts: dict = {}  # (path, mtime) -> the checkpoint's codec spec, artist labels, model_args, contract
 
     def models(self) -> dict[str, Path]:
         """Model name -> checkpoint (best.pt, else last.pt) for every folder of `model_results/`."""
@@ -86,17 +94,19 @@ class Catalog:
         return self.checkpoint_facts(checkpoint)["codec"]
 
     def checkpoint_facts(self, checkpoint: Path) -> dict:
-        """The checkpoint's codec spec and artist labels, read once per file version (memory-mapped:
-        the weights stay on disk)."""
+        """The checkpoint's codec spec, artist labels, model_args and token contract, read once per file
+        version (memory-mapped: the weights stay on disk)."""
         key = (checkpoint, checkpoint.stat().st_mtime_ns)
         if key not in self._facts:
             try:
                 saved = runs.read_checkpoint(checkpoint, mmap=True)
                 self._facts[key] = {"codec": str(saved["token_contract"]["codec"]),
-                                    "artists": [str(a) for a in saved.get("artists") or []]}
+                                    "artists": [str(a) for a in saved.get("artists") or []],
+                                    "model_args": dict(saved["model_args"]),
+                                    "contract": dict(saved["token_contract"])}
             except Exception as error:  # noqa: BLE001 - a listing must not fail on one odd file
                 LOG.warning("%s: cannot read it (%s)", checkpoint, error_reason(error))
-                self._facts[key] = {"codec": None, "artists": []}
+                self._facts[key] = {"codec": None, "artists": [], "model_args": None, "contract": None}
         return self._facts[key]
 
     def pieces(self) -> dict[str, Path]:
@@ -196,9 +206,16 @@ class Job:
 class Studio:
     """The models in memory, the uploaded prompts and the job queue, run by one worker thread."""
 
-    def __init__(self, root: Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_seconds: float = MAX_SECONDS):
+    def __init__(self, root: Path, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_seconds: float = MAX_SECONDS,
+                 max_pieces: int = MAX_PIECES, max_job_bytes: int | None = None, allowed_hosts=None):
+        """`max_job_bytes`: the memory one job may use (default: MEMORY_SHARE of the machine's);
+        `allowed_hosts`: the Host values it answers ("name:port", or "name" for any port; default:
+        the loopback names on any port, see `served_hosts`)."""
         self.root = Path(root)
-        self.max_seconds = max_seconds
+        self.max_seconds, self.max_pieces = max_seconds, max_pieces
+        self.max_job_bytes, self.memory_limit_note = ((max_job_bytes, "set for this studio")
+                                                      if max_job_bytes is not None else default_job_bytes())
+        self.allowed_hosts = [split_host(host) for host in (allowed_hosts or LOOPBACK_NAMES)]
         self.catalog = Catalog(self.root)
         self.max_upload_bytes = max_upload_bytes
         self.prompt_folder = Path(tempfile.mkdtemp(prefix="studio-prompts-"))
@@ -266,6 +283,7 @@ class Studio:
         name = f"studio-{time.strftime('%Y%m%d-%H%M%S')}-{identifier}"
         request = generation_request(settings, self.root, model, artist, blend, checkpoint, name,
                                      self.checked_prompt(settings.get("prompt_id")))
+        self.check_size(request, checkpoint)
         job = Job(id=identifier, model=model, request=request)
         self.jobs[identifier] = job
         self.queue.put(job)
@@ -288,6 +306,21 @@ class Studio:
         if prompt_id not in self.prompts:
             raise StudioError(404, f"no prompt {prompt_id!r} (upload one to /api/prompts)")
         return self.prompts[prompt_id]
+
+    def check_size(self, request: GenerationRequest, checkpoint: Path) -> None:
+        """Refuse (422, with the limit) a job of more pieces, or more memory, than this studio allows."""
+        if request.num_samples > self.max_pieces:
+            raise StudioError(422, f"num_samples: {request.num_samples} pieces is over this studio's limit of "
+                                   f"{self.max_pieces} pieces per job (scripts/studio.py --max-pieces)")
+        facts = self.catalog.checkpoint_facts(checkpoint)
+        if facts["model_args"] is None or self.max_job_bytes is None:
+            return
+        needed = estimated_job_bytes(request, facts["model_args"], facts["contract"])
+        if needed > self.max_job_bytes:
+            raise StudioError(422, f"num_samples: {request.num_samples} pieces of {request.seconds:g} s need about "
+                                   f"{human_bytes(needed)} of memory, over this studio's limit of "
+                                   f"{human_bytes(self.max_job_bytes)} per job ({self.memory_limit_note}): ask for "
+                                   "fewer pieces or fewer seconds")
 
     def checked_blend(self, model: str, artist: str | None, blend: dict | None) -> dict | None:
         """A request's blend, checked against the model (`check_request` then checks the weights)."""
@@ -348,6 +381,73 @@ class Studio:
             job.state, job.progress = "done", 1.0
 
 
+# ==== limits ==================================================================================
+def default_job_bytes() -> tuple[int | None, str]:
+    """(MEMORY_SHARE of this machine's memory, where that limit comes from); None where the system does
+    not say: no memory limit."""
+    memory = physical_memory_bytes()
+    if memory is None:
+        return None, "unknown machine memory"
+    return int(memory * MEMORY_SHARE), f"{MEMORY_SHARE:.0%} of this machine's {human_bytes(memory)}"
+
+
+def human_bytes(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
+
+
+# ==== who may ask =============================================================================
+def served_hosts(host: str, port: int) -> list[str]:
+    """The Host values a studio serving on `host`:`port` answers: the loopback names and `host`, with
+    the port (any port when `port` is 0: the system picks it)."""
+    names = [*LOOPBACK_NAMES, f"[{host}]" if ":" in host and not host.startswith("[") else host]
+    return [name if port == 0 else f"{name}:{port}" for name in dict.fromkeys(names)]
+
+
+def split_host(value: str) -> tuple[str, int | None]:
+    """"name[:port]" (a Host header, an allowed host) -> (name in lower case, port or None); an IPv6
+    literal keeps its brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, _, rest = value.partition("]")
+        name, port = name + "]", rest[1:] if rest.startswith(":") else ""
+    else:
+        name, _, port = value.partition(":")
+    return name, int(port) if port.isdigit() else None
+
+
+def is_allowed(name: str, port: int | None, allowed: list[tuple[str, int | None]]) -> bool:
+    """Whether `name:port` is one of `allowed` (an allowed entry without a port accepts any port)."""
+    return bool(name) and any(name == known and known_port in (None, port) for known, known_port in allowed)
+
+
+def host_allowed(host: str | None, allowed: list[tuple[str, int | None]]) -> bool:
+    if not host:
+        return False
+    name, port = split_host(host)
+    return is_allowed(name, port if port is not None else 80, allowed)
+
+
+def foreign_request(method: str, host: str | None, origin: str | None,
+                    allowed: list[tuple[str, int | None]]) -> tuple[int, str] | None:
+    """(status, reason) for a request the studio must refuse, else None."""
+    if not host_allowed(host, allowed):
+        return 403, f"refused: the Host {host!r} is not this studio's address"
+    if method in STATE_CHANGING and origin is not None and not origin_allowed(origin, allowed):
+        return 403, f"refused: a {method} from the origin {origin!r}, not this studio's page"
+    return None
+
+
+def origin_allowed(origin: str, allowed: list[tuple[str, int | None]]) -> bool:
+    """An Origin header ("http://host:port", or "null") names one of the allowed hosts."""
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:
+        return False
+    name = parts.hostname or ""
+    return is_allowed(f"[{name}]" if ":" in name else name, port, allowed)
+
+
 # ==== the HTTP app ============================================================================
 def create_app(studio: Studio):
     """The FastAPI app: `GET /` (the page), `/api/...` (JSON, documented at `/docs`)."""
@@ -357,16 +457,27 @@ def create_app(studio: Studio):
                   description="Generate pieces with stage 5 and listen to them. Uploads over "
                               f"{studio.max_upload_bytes} bytes get 413.")
     app.state.studio = studio
-    add_error_handler(app)
+    add_guards(app, studio)
     add_generation_routes(app, studio)
     add_piece_routes(app, studio)
     return app
 
 
-def add_error_handler(app) -> None:
-    """A `StudioError` as its status and reason."""
+def add_guards(app, studio: Studio) -> None:
+    """The Host and Origin checks before every route, and a `StudioError` as its status and reason."""
     from fastapi import Request
     from fastapi.responses import JSONResponse
+
+    @app.middleware("http")
+    async def only_this_studio(request: Request, call_next):
+        """Refuse a request addressed to another host (DNS rebinding) and a state-changing one from
+        another origin (a foreign web page posting to the studio)."""
+        refusal = foreign_request(request.method, request.headers.get("host"), request.headers.get("origin"),
+                                  studio.allowed_hosts)
+        if refusal is not None:
+            LOG.warning("refused %s %s: %s", request.method, request.url.path, refusal[1])
+            return JSONResponse({"detail": refusal[1]}, status_code=refusal[0])
+        return await call_next(request)
 
     @app.exception_handler(StudioError)
     async def refused(_request: Request, error: StudioError):
@@ -395,7 +506,8 @@ def add_generation_routes(app, studio: Studio) -> None:
 
     @app.post("/api/generate", status_code=202, summary="Queue a generation -> {job}",
               responses={404: {"description": "unknown model, artist or prompt"},
-                         422: {"description": "a setting out of stage 5's range (the reason says which)"}})
+                         422: {"description": "a setting out of stage 5's range, or a job over this studio's "
+                                              "limits of pieces or memory (the reason says which)"}})
     def generate(request: GenerateBody):
         return {"job": studio.submit(request.model_dump()).id}
 
