@@ -28,7 +28,7 @@ import torch
 from _result import Missing, finish
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from pipeline import generation  # noqa: E402
+from pipeline import decoding, generation, sampling  # noqa: E402
 from pipeline.codec import load_codec  # noqa: E402
 from pipeline.contract import CODEBOOK_SIZE, SAMPLE_RATE  # noqa: E402
 from pipeline.lean_decoder import LeanDecoder  # noqa: E402
@@ -61,9 +61,9 @@ def generate(model, batch: int, frames: int, context: int, cuda_graph: bool, sam
     (the CUDA graph is captured once, in the warm-up)."""
     settings = generation.GenerationSettings(pattern="delay", context_frames=context, stride_frames=context // 2,
                                              num_samples=batch, cuda_graph=cuda_graph)
-    sampling = generation.SamplingSettings() if sampled else generation.SamplingSettings(temperature=0.0)
-    detector = generation.CollapseDetector(generation.CollapseSettings(bits=0.5 if sampled else 0.0), batch, 4, DEVICE)
-    engine = generation.TokenGenerator(model, settings, sampling, detector,
+    draw = sampling.SamplingSettings() if sampled else sampling.SamplingSettings(temperature=0.0)
+    detector = sampling.CollapseDetector(sampling.CollapseSettings(bits=0.5 if sampled else 0.0), batch, 4, DEVICE)
+    engine = generation.TokenGenerator(model, settings, draw, detector,
                                        torch.Generator(device=DEVICE).manual_seed(0), DEVICE)
     engine.generate(None, 16)  # warm-up: cache allocation, graph capture
     torch.cuda.synchronize()
@@ -106,9 +106,9 @@ def main() -> dict:
 
     codec = load_codec("random:0", DEVICE)
     audio_samples = 10 * SAMPLE_RATE
-    total = generation.frames_for_samples(codec, audio_samples)
+    total = decoding.frames_for_samples(codec, audio_samples)
     scales = torch.full((codec.n_chunks(audio_samples),), 0.05)
-    decoder = generation.OverlappedDecoder(codec, scales, audio_samples, 1, 2)
+    decoder = decoding.OverlappedDecoder(codec, scales, audio_samples, 1, 2)
     generate_s, codes = generate(fp32, 1, total, context, True, progress=decoder.frames_final)
     started = time.perf_counter()
     decoder.finish(codes)
