@@ -641,7 +641,8 @@ def test_a_checkpoint_of_the_earlier_code_loads_and_generates_the_same_greedy_to
     """tests/fixtures/stage4_tiny.pt was trained by stage 4 before its engine moved into pipeline/,
     with the greedy frames it generated then (tests/fixtures/make_stage4_checkpoint.py)."""
     from conftest import REPO
-    from pipeline.generation import GenerationSettings, SamplingSettings, generate_frames
+    from pipeline.generation import GenerationSettings, generate_frames
+    from pipeline.sampling import SamplingSettings
     from pipeline.model_io import load_model
 
     fixtures = REPO / "tests" / "fixtures"
