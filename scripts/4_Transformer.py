@@ -25,9 +25,10 @@ from pipeline.cli import (EXIT_OK, EXIT_RUN_FAILED, StageError, StageReport, art
 from pipeline.contract import PAD, VOCAB_SIZE  # noqa: E402
 from pipeline.dist import DistInfo, dist_info, finish_process_group, init_process_group  # noqa: E402
 from pipeline.files import remove_stale_temporaries  # noqa: E402
+from pipeline.originality import write_training_index  # noqa: E402
 from pipeline.patterns import PATTERNS, extra_steps  # noqa: E402
 from pipeline.requirements import check_transformers  # noqa: E402
-from pipeline.runs import clear_outputs, epoch_checkpoints, model_dir, read_checkpoint  # noqa: E402
+from pipeline.runs import TRAINING_INDEX, clear_outputs, epoch_checkpoints, model_dir, read_checkpoint  # noqa: E402
 from pipeline.train_data import load_artists  # noqa: E402
 from pipeline.trainer import Trainer  # noqa: E402
 from pipeline.training import TrainingDiverged  # noqa: E402
@@ -462,6 +463,13 @@ def check_artist_labels(checkpoint: dict | None, artists: list[str]) -> None:
                          f"{', '.join(saved)} (in this order, the label ids); resume with the same --artist list")
 
 
+def ensure_training_index(data, folder: Path, fresh: bool, info: DistInfo, log) -> None:
+    """Rank 0 indexes the train split's frames next to the model (what stage 5's originality report looks
+    pieces up in): on a fresh run, and on a resumed one whose folder lacks the index."""
+    if info.is_main and (fresh or not (folder / TRAINING_INDEX).is_file()):
+        write_training_index(data.store, folder, float(data.token_contract["frame_rate"]), log)
+
+
 def train_from_command_line(namespace, explicit: set[str], info: DistInfo, device: str, log) -> int:
     artists = list(namespace.artist)
     name = model_name(artists, namespace.name)
@@ -487,6 +495,7 @@ def train_from_command_line(namespace, explicit: set[str], info: DistInfo, devic
     model_args = build_model_args(args, data.store.n_codebooks, checkpoint,
                                   n_artists=len(artists) if len(artists) > 1 else 0)
     args.update(tie_heads=model_args.tie_heads, embed_init=model_args.embed_init)  # an old checkpoint's: the original's
+    ensure_training_index(data, folder, checkpoint is None, info, log)
     model = new_model(model_args, args["seed"])
     if checkpoint is not None:
         check_state_dict(model, checkpoint["model"], checkpoint.get("loaded_from", "the checkpoint"))

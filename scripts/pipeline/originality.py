@@ -17,15 +17,20 @@ found window means the same audio.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .files import atomic_path
+from .runs import TRAINING_INDEX
 
-INDEX_FILE = "training_index.npz"
+LOG = logging.getLogger("pipeline.originality")
+INDEX_FILE = TRAINING_INDEX
 INDEX_FORMAT = 1
 WINDOW_FRAMES = 38  # ~0.25 s at 150 frames/s
 _MASK64 = (1 << 64) - 1
@@ -172,3 +177,50 @@ def _longest_run(flags: np.ndarray) -> tuple[int, int]:
     starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
     best = int(np.argmax(stops - starts))
     return int(starts[best]), int(stops[best] - starts[best])
+
+
+# ---- writing the index of a run ---------------------------------------------------------------
+def write_training_index(store, folder: Path, frame_rate: float, log: logging.Logger = LOG) -> Path:
+    """Index the train split of a stage-4 `TokenStore` (its real frames, files as the manifests name
+    them) into `folder/training_index.npz`; logs its size and build time."""
+    started = time.perf_counter()
+    clips = [int(clip) for clip in store.clips("train")]
+    index = TrainingIndex.build([store.clip_codes(clip) for clip in clips], [store.names[clip] for clip in clips],
+                                frame_rate)
+    path = Path(folder) / INDEX_FILE
+    index.save(path)
+    frames = sum(int(store.lengths[clip]) for clip in clips)
+    log.info("training index: %d windows of %d train clips (%.2f h of frames), %.1f MB, built in %.2f s -> %s",
+             len(index.full.hashes), len(clips), frames / frame_rate / 3600, path.stat().st_size / 1e6,
+             time.perf_counter() - started, path)
+    return path
+
+
+def main(argv=None) -> int:
+    """`python -m pipeline.originality --model model_results/NAME`: (re)build a trained model's index
+    from the manifests of the artists its checkpoint names (for runs made before stage 4 wrote one)."""
+    from .cli import StageError, setup_logging
+    from .runs import checkpoint_artists, preferred_checkpoint, read_checkpoint
+    from .train_data import load_artists
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split(":", 1)[1].strip())
+    parser.add_argument("--model", type=Path, required=True, help="the model folder, model_results/NAME")
+    parser.add_argument("--root", type=Path, help="the project root (default: the folder above model_results/)")
+    parser.add_argument("--allow-outside-root", action="store_true", help="trust manifest paths outside --root")
+    args = parser.parse_args(argv)
+    log = setup_logging("INFO", "originality")
+    checkpoint_path = preferred_checkpoint(args.model)
+    if checkpoint_path is None:
+        raise SystemExit(f"{args.model} holds no best.pt or last.pt: train the model with stage 4 first")
+    checkpoint = read_checkpoint(checkpoint_path, mmap=True)
+    root = args.root or args.model.resolve().parent.parent
+    try:
+        data, _ = load_artists(root, checkpoint_artists(checkpoint), args.allow_outside_root, log)
+    except StageError as error:
+        raise SystemExit(f"cannot read the training data of {checkpoint_path}: {error}") from None
+    write_training_index(data.store, args.model, float(checkpoint["token_contract"].get("frame_rate", 150)), log)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
