@@ -69,10 +69,12 @@ def choose_loop_end(model, frames: torch.Tensor, intended_end: int, search_frame
 
 def mean_piece_nll_bits(model, frames: torch.Tensor, end: int, pattern: str, context: int,
                         artist: torch.Tensor | None = None) -> float:
-    """Mean NLL (bits/frame) of the loop's frames 1..end-1 under the model, window by window."""
+    """Mean NLL (bits/frame) of the loop's frames 1..end-1 under the model, window by window: each window
+    of at most `context` frames scores its last `context - context // 2` frames after the others."""
     totals, count = 0.0, 0
-    for start in range(0, end, context):
-        window = frames[:, max(0, start - context // 2):min(end, start + context)]  # overlap: some context
+    step = context - context // 2
+    for start in range(0, end, step):
+        window = frames[:, max(0, start - context // 2):min(end, start + step)]  # [1, <= context, Q]
         nll = frame_nll_bits(model, window, pattern, artist)[0]  # [W]
         skip = start - max(0, start - context // 2)
         if start == 0:
