@@ -255,7 +255,7 @@ def test_checkpoint_layout_loads_with_weights_only_into_a_plain_model(stage4, tm
     assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "2", "--keep-last", "1"]) == 0
     folder = results(tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt", "loss.png", "metrics.jsonl",
-                                                        "music_transformer_ep2.pt"]
+                                                        "music_transformer_ep2.pt", "training_index.npz"]
     checkpoint = load(folder / "music_transformer_ep2.pt")
     for key in ("format", "model", "model_args", "token_contract", "artist", "optimizer", "scheduler", "scaler",
                 "rng", "epoch", "step", "train_args", "best_nll_bits_per_frame", "best_nll_split", "metrics"):
