@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Issue 12's goals: is one model of two artists better than each artist's own model, does the label
+"""One model for several artists: is one model of two artists better than each artist's own model, does the label
 carry information, and what does classifier-free guidance cost per frame?
 
     python bench/bench_artists.py                                # Debian's muldjord + sectoid songs, the goals

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline import threads  # noqa: E402
 from pipeline.audio import AudioDecodeError, read_audio  # noqa: E402
 from pipeline.cli import (StageError, StageReport, make_parser, positive_int, resolve_device,  # noqa: E402
                           run_main, setup_logging)
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
     info = dist_info()
     label = f"{STAGE}[rank {info.rank}/{info.world_size}]" if info.is_distributed else STAGE
     log = setup_logging(args.log_level, label)
+    threads.configure(log)  # only the cores other processes leave free
     report = tokenize_artist(args.root, args.artist, codec_spec=args.codec, bandwidth=args.bandwidth,
                              device=args.device, batch_size=args.batch_size, overwrite=args.overwrite,
                              info=info, log=log)

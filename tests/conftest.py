@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,20 +12,18 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 sys.path.insert(0, str(SCRIPTS))
+sys.path.insert(0, str(REPO / "tests"))
+
+from helpers import STAGE5_ARTIST  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+# Tiny models on a shared 2-core machine: one thread each (a second one spin-waits for a busy core), and
+# no stage spends time sampling how busy the machine is (pipeline.threads leaves a chosen count alone).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # A suite started in the background (`nohup ... &`) inherits an ignored SIGINT; the Ctrl-C tests need
 # Python's own handler, as in a terminal (a process that ignores SIGINT rightly goes on when sent one).
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def finished_files(folder: Path, suffix: str) -> list[Path]:
-    """Files under a final name with `suffix`, at any depth below `folder` (never a temporary of an
-    atomic write, whose hidden name a `*.pt` / `*.th` glob would also match)."""
-    from pipeline.files import is_temporary
-
-    return sorted(path for path in folder.rglob("*") if path.suffix == suffix and not is_temporary(path))
 
 
 @pytest.fixture(autouse=True)
@@ -70,9 +67,6 @@ def stage5():
     return load_stage("5_MusicPrediction")
 
 
-STAGE5_ARTIST = "demo"
-
-
 @pytest.fixture
 def in_process(stage5, random_codec, monkeypatch):
     """Stage 5's `main` in this process, through run_main's exit codes, with the session's random codec."""
@@ -87,6 +81,12 @@ def in_process(stage5, random_codec, monkeypatch):
     return run
 
 
+@pytest.fixture
+def stage4(transformer_module):
+    """scripts/4_Transformer.py (the name stage-4 tests use)."""
+    return transformer_module
+
+
 @pytest.fixture(scope="session")
 def transformer_module():
     """scripts/4_Transformer.py imported as a module."""
@@ -94,21 +94,3 @@ def transformer_module():
 
     return load_stage("4_Transformer")
 
-
-def sine_tone(seconds: float, rate: int = 48_000, channels: int = 2, freq: float = 440.0,
-              amplitude: float = 0.3) -> np.ndarray:
-    """A deterministic `[n, channels]` float32 tone."""
-    t = np.arange(int(round(seconds * rate))) / rate
-    tone = amplitude * np.sin(2 * np.pi * freq * t)
-    return np.repeat(tone[:, None], channels, axis=1).astype(np.float32)
-
-
-def run_script(script: str, *args, cwd=None, check: bool = False, env=None, timeout: float = 600):
-    """Run `scripts/<script>` in a subprocess; returns the CompletedProcess (text output)."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    result = subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)], cwd=cwd,
-                            capture_output=True, text=True, env=full_env, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{script} exited {result.returncode}\nstdout:\n{result.stdout}\n"
-                             f"stderr:\n{result.stderr}")
-    return result

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 RELATIVE_PATH = re.compile(r"(?<![\w.])((?:\.\./)+[\w.-][\w./-]*)")
 FOREIGN_NAMES = re.compile(r"shared/(?:CONTRACT|NOTES)\.md|\bNOTES\.md\b|(?<![\w/])/(?:work|home|Users|root)/")

@@ -20,7 +20,7 @@ import pyloudnorm
 import pytest
 import soundfile as sf
 
-from conftest import SCRIPTS, sine_tone
+from helpers import SCRIPTS, sine_tone
 
 ARTIST = "Test Band"
 CLIP_SECONDS = 1.0

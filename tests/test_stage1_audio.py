@@ -8,7 +8,7 @@ import pyloudnorm
 import pytest
 import soundfile as sf
 
-from conftest import sine_tone
+from helpers import sine_tone
 from pipeline import audio
 
 

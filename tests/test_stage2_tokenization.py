@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import SCRIPTS, finished_files, run_script, sine_tone
+from helpers import SCRIPTS, finished_files, run_script, sine_tone
 from pipeline.contract import CHUNK_FRAMES, load_token_file
 from pipeline.dist import DistInfo
 from pipeline.stages import load_stage

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import run_script, sine_tone
+from helpers import run_script, sine_tone
 from pipeline.contract import TokenFile, save_token_file
 from pipeline.manifest import MANIFEST_KEYS, manifest_path, read_manifest
 from pipeline.stages import load_stage

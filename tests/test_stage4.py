@@ -12,61 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import finished_files
+from helpers import TINY, assert_same_weights, finished_files, load, results, write_dataset
 from pipeline import patterns, runs, train_data, trainer, training
 from pipeline.cli import StageError, run_main
-from pipeline.contract import BOS, PAD, TokenFile, save_token_file
+from pipeline.contract import BOS, PAD
 
-BANDWIDTH = {2: 3.0, 4: 6.0, 8: 12.0}
-TINY = ["--preset", "tiny", "--context-frames", "32", "--batch-size", "2", "--log-level", "WARNING"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster on one thread (no OpenMP spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def stage4(transformer_module):
-    return transformer_module
-
-
-def write_tokens(root, rel, frames, q=4, seed=0, bandwidth=None):
-    generator = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 1024, (1, q, frames), generator=generator, dtype=torch.int16)
-    token_file = TokenFile(codes=codes, scales=torch.ones(1), num_samples=frames * 320,
-                           bandwidth=bandwidth or BANDWIDTH[q], codec="random:0", chunk_frames=frames)
-    save_token_file(token_file, root / rel)
-    return token_file
-
-
-def write_dataset(root, artist="A", lengths=(100, 70, 50), q=4, valid=1, entry_overrides=None):
-    """Token files of the given lengths (the last `valid` in the valid split) and their manifest."""
-    lines = []
-    for index, frames in enumerate(lengths):
-        rel = f"encoded_tokens/{artist}/clip_{index}.th"
-        write_tokens(root, rel, frames, q=q, seed=index)
-        line = {"audio": rel, "duration": frames / 150, "sample_rate": 48000, "frames": frames, "codebooks": q,
-                "bandwidth": BANDWIDTH[q], "codec": "random:0", "source": f"data_processed/{artist}/{index}.wav",
-                "track": f"track{index}", "split": "valid" if index >= len(lengths) - valid else "train",
-                "median_scale": 1.0 + index}
-        line.update((entry_overrides or {}).get(index, {}))
-        lines.append(line)
-    path = root / f"metadata_clean_{artist}.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
-
-
-def results(root, artist="A"):
-    return root / "model_results" / artist
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster
 
 
 def tiny_model(stage4, q=4, context=40, dropout=0.0, **overrides):
@@ -254,8 +205,9 @@ def test_checkpoint_layout_loads_with_weights_only_into_a_plain_model(stage4, tm
     write_dataset(tmp_path)
     assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "2", "--keep-last", "1"]) == 0
     folder = results(tmp_path)
-    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt", "loss.png", "metrics.jsonl",
-                                                        "music_transformer_ep2.pt", "training_index.npz"]
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt", "loss.png", "loss_by_position.png",
+                                                        "metrics.jsonl", "music_transformer_ep2.pt",
+                                                        "training_index.npz"]
     checkpoint = load(folder / "music_transformer_ep2.pt")
     for key in ("format", "model", "model_args", "token_contract", "artist", "optimizer", "scheduler", "scaler",
                 "rng", "epoch", "step", "train_args", "best_nll_bits_per_frame", "best_nll_split", "metrics"):
@@ -313,12 +265,6 @@ def state_after(stage4, root, *extra):
     status = stage4.main(["--artist", "A", "--root", root, *TINY, "--grad-accum", "2", "--epochs", "2",
                           "--dropout", "0.1", *extra])
     return status, load(results(root) / "last.pt")
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.fixture(scope="module")
@@ -446,6 +392,58 @@ def test_epoch_totals_pack_into_the_checkpoints_layout_and_back():
     assert packed.tolist()[0] == 2.0  # unpacked totals are copies: adding leaves the packed tensor alone
 
 
+
+# ---- what a validation records: positions, the best count model, the early stop ----------------
+def test_bucket_sums_place_each_cell_at_its_frames_position():
+    buckets = training.position_buckets(32)  # context 32: [0, 10), [10, 32)
+    assert buckets == [(0, 10), (10, 32)]
+    assert training.position_buckets(1500)[-1] == (750, 1500)
+    nll = torch.ones(1, 34, 3)  # [B, S, Q]: delay over 32 frames and Q = 3 -> S = 34 rows
+    weights = torch.ones(1, 34, 3)
+    offsets = patterns.codebook_offsets("delay", 3)
+    sums = training.bucket_sums(nll, weights, offsets, buckets)  # [2, K]
+    # each codebook sees frames -offset .. 33 - offset; only frames 0..31 fall in a bucket
+    in_first = sum(len([f for f in range(-q, 34 - q) if 0 <= f < 10]) for q in range(3))
+    in_second = sum(len([f for f in range(-q, 34 - q) if 10 <= f < 32]) for q in range(3))
+    assert sums.tolist() == [[in_first, in_second], [in_first, in_second]]
+    record = training.bits_by_position(sums, buckets, 3)
+    assert list(record) == ["0-10", "10-32"] and record["0-10"] == pytest.approx(3 / math.log(2))
+
+
+def test_every_validation_records_the_positions_and_the_gain_over_the_best_count_model(stage4, tmp_path):
+    write_dataset(tmp_path)
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "1"]) == 0
+    baselines, epoch = [json.loads(line) for line in (results(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    assert baselines["best_count_bits_per_frame"] == min(baselines["unigram_bits_per_frame"],
+                                                         baselines["interpolated_bigram_bits_per_frame"])
+    assert epoch["gain_over_best_count_bits_per_frame"] == pytest.approx(
+        baselines["best_count_bits_per_frame"] - epoch["valid_nll_bits_per_frame"])
+    assert list(epoch["valid_nll_by_position"]) == ["0-10", "10-32"]
+    assert all(math.isfinite(bits) and bits > 0 for bits in epoch["valid_nll_by_position"].values())
+    assert (results(tmp_path) / "loss_by_position.png").is_file()
+
+
+@pytest.mark.slow
+def test_patience_stops_a_run_that_stopped_improving_and_best_pt_keeps_the_best(stage4, tmp_path, capfd):
+    write_dataset(tmp_path, lengths=(200, 200, 60))  # random tokens: memorised, never generalised
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY[:-2], "--epochs", "30", "--patience", "2",
+                        "--lr", "1e-2"]) == 0
+    log = capfd.readouterr().err
+    records = [json.loads(line) for line in (results(tmp_path) / "metrics.jsonl").read_text().splitlines()][1:]
+    best = min(records, key=lambda r: r["valid_nll_bits_per_frame"])
+    assert len(records) < 30 and records[-1]["epoch"] == best["epoch"] + 2
+    assert "stopping early" in log and "started to overfit" in log
+    assert load(results(tmp_path) / "best.pt")["epoch"] == best["epoch"]
+
+
+def test_max_steps_inside_an_epoch_validates_before_it_stops(stage4, stopped_run):
+    records = [json.loads(line) for line in (results(stopped_run) / "metrics.jsonl").read_text().splitlines()]
+    partial = records[-1]
+    assert partial["partial_epoch"] and partial["epoch"] == 1 and partial["step"] == 1
+    assert partial["valid_nll_bits_per_frame"] > 0 and partial["valid_nll_by_position"]
+    best, last = load(results(stopped_run) / "best.pt"), load(results(stopped_run) / "last.pt")
+    assert best["step"] == last["step"] == 1 and last["epoch_batches_done"] > 0  # still resumable mid-epoch
+
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_train_and_write_one_loadable_checkpoint(stage4, tmp_path):
     import subprocess
@@ -546,7 +544,7 @@ RESUME_CASES = {
     "dropout": ("0.2", 0.2), "epochs": ("3", 3), "lr": ("0.001", 0.001), "min_lr_frac": ("0.5", 0.5),
     "warmup_frac": ("0.5", 0.5), "weight_decay": ("0.05", 0.05), "max_grad_norm": ("0.5", 0.5),
     "label_smoothing": ("0.2", 0.2), "frame_dropout": ("0.1", 0.1), "seed": ("3", 3), "keep_last": ("1", 1),
-    "max_steps": ("2", 2), "device": ("cpu", "cpu"), "grad_checkpointing": (None, True), "compile": (None, True),
+    "max_steps": ("2", 2), "patience": ("7", 7), "device": ("cpu", "cpu"), "grad_checkpointing": (None, True), "compile": (None, True),
     "artist_alpha": ("0.3", 0.3), "cond_dropout": ("0.1", 0.1),
 }
 

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-from conftest import STAGE5_ARTIST as ARTIST, run_script, sine_tone
+from helpers import ARTIST, make_root, outputs, run_script, sine_tone
 from pipeline.contract import CODEBOOK_SIZE, load_token_file
 from pipeline.files import atomic_torch_save
 
@@ -18,25 +17,7 @@ from pipeline.files import atomic_torch_save
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def make_root(tmp_path, transformer_module, pattern, median_scale=0.05, context_frames=120):
-    """A project root holding only a hand-built checkpoint (stage 5 needs no training data)."""
-    torch.manual_seed(0)
-    args = transformer_module.model_args_for("tiny", 4, context_frames)
-    model = transformer_module.MusicTransformer(args)
-    contract = {"n_codebooks": 4, "bandwidth": 6.0, "codec": "random:0", "pattern": pattern, "frame_rate": 150,
-                "sample_rate": 48000, "context_frames": context_frames, "median_scale": median_scale}
-    atomic_torch_save({"format": 1, "model": model.state_dict(), "model_args": asdict(args),
-                       "token_contract": contract, "artist": ARTIST, "epoch": 2, "step": 9,
-                       "optimizer": {"state": {}, "param_groups": []}},
-                      tmp_path / "model_results" / ARTIST / "best.pt")
-    return tmp_path
-
-
-def outputs(root, name):
-    folder = root / "music_transformer" / ARTIST
-    return {suffix: folder / f"{name}{suffix}" for suffix in (".wav", ".th", ".json", ".png")}
-
-
+@pytest.mark.slow
 def test_script_writes_every_output_and_skips_finished_pieces(transformer_module, tmp_path):
     root = make_root(tmp_path, transformer_module, "delay")
     args = ("--artist", ARTIST, "--root", root, "--seconds", 1.2, "--num-samples", 2, "--seed", 3, "--threads", 1,
@@ -189,7 +170,7 @@ def test_overlapped_decoding_writes_the_same_audio_as_decoding_at_the_end(transf
 
 
 def test_bfloat16_generation_and_the_transformers_engine_run_end_to_end(transformer_module, in_process, tmp_path):
-    """(The engines' tokens are compared on a model with spread logits in test_generation_engine.py.)"""
+    """(The engines' tokens are compared on a model with spread logits in test_stage5_engine.py.)"""
     root = make_root(tmp_path, transformer_module, "delay")
     assert in_process(root, "--seconds", 1.2, "--seed", 2, "--dtype", "bfloat16", "--name", "bf16") == 0
     assert in_process(root, "--seconds", 1.2, "--seed", 2, "--temperature", 0, "--engine", "transformers",

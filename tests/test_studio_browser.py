@@ -17,8 +17,7 @@ import urllib.request
 import pytest
 import soundfile as sf
 
-from conftest import SCRIPTS, STAGE5_ARTIST as ARTIST
-from test_stage5_cli import make_root
+from helpers import ARTIST, SCRIPTS, make_root
 
 JOINT = "mix"  # a hand-built model of two artists, listed after ARTIST
 
@@ -155,6 +154,8 @@ def test_generate_in_the_page_then_play_the_wav(server, browser, tmp_path):
     assert browser.find_element(By.ID, "status").text.startswith("done 100%")
     wait.until(lambda driver: any(ARTIST in item.text for item in driver.find_elements(By.CSS_SELECTOR, "#history li")))
     assert browser.find_element(By.ID, "error").text == ""
+    originality = browser.find_element(By.CSS_SELECTOR, "#results .originality").text  # beside the piece
+    assert originality.startswith("No originality report") and "pipeline.originality" in originality
     screenshot = tmp_path / "studio.png"
     assert browser.save_screenshot(str(screenshot)) and screenshot.read_bytes()[:4] == b"\x89PNG"
 

@@ -27,6 +27,7 @@ from .lean_decoder import LeanDecoder
 from .patterns import check_pattern, codebook_offsets, extra_steps
 from .sampling import (CollapseDetector, CollapseSettings, SamplingSettings, apply_repetition_penalty, entropy_bits,
                        sample_tokens)
+from .threads import free_cores, threads_were_chosen, usable_cores
 
 LOG = logging.getLogger("pipeline.generation")
 UNKNOWN = -1  # a cell of the frame buffer that is neither prompt nor generated yet
@@ -406,15 +407,18 @@ def thread_plan(device: str, requested: int = 0) -> ThreadPlan:
     on the shared 2-core machine two threads for either phase were 7-16x slower than one, because
     OpenMP threads spin-wait for a core another process holds. `requested` > 0 (`--threads N`)
     uses N for both phases, and decoding waits for the end when N threads already fill the cores
-    (an overlapping decoder would oversubscribe them).
+    (an overlapping decoder would oversubscribe them). Only the cores other processes leave free
+    count (`pipeline.threads`): with one free core, decoding waits for the end.
     """
     if requested:
         fills_the_cores = requested > 1 and requested >= (os.cpu_count() or 1)
         return ThreadPlan(generate=requested, decode=requested, overlap=not fills_the_cores)
     if device != "cpu":
         return ThreadPlan(generate=None, decode=None)
-    cores = os.cpu_count() or 1
-    return ThreadPlan(generate=1, decode=max(1, cores - 1))
+    cores = usable_cores() if threads_were_chosen() else free_cores()  # other processes' cores are not ours
+    if cores < 2:  # one free core: generation and decoding would take turns on it anyway
+        return ThreadPlan(generate=1, decode=1, overlap=False)
+    return ThreadPlan(generate=1, decode=cores - 1)
 
 
 def generate_frames(model, prompt: torch.Tensor | None, total_frames: int, generation: GenerationSettings,

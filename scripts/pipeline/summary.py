@@ -13,8 +13,8 @@ from pathlib import Path
 from . import runs
 from .files import is_temporary
 
-COLUMNS = ("artist", "clips", "token frames", "best valid NLL (bits/frame)", "gain vs bigram", "outputs", "elapsed",
-           "status")
+COLUMNS = ("artist", "clips", "token frames", "best valid NLL (bits/frame)", "gain vs best count model", "outputs",
+           "elapsed", "status")
 
 
 def count_clips(root: Path, artist: str) -> int:
@@ -47,9 +47,10 @@ def used_valid_nll(root: Path, artist: str) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
 
 
-def gain_over_bigram(root: Path, artist: str) -> str:
-    """Bits per frame the model is below its bigram baseline (negative: above it)."""
-    value = (used_epoch_record(root, artist) or {}).get("gain_over_bigram_bits_per_frame")
+def gain_over_best_count(root: Path, artist: str) -> str:
+    """Bits per frame the model is below the best count model (negative: above it); older runs: the bigram."""
+    record = used_epoch_record(root, artist) or {}
+    value = record.get("gain_over_best_count_bits_per_frame", record.get("gain_over_bigram_bits_per_frame"))
     return f"{value:+.2f}" if isinstance(value, (int, float)) else "-"
 
 
@@ -60,7 +61,7 @@ def output_files(root: Path, artist: str) -> list[Path]:
 
 def rows(root: Path, results: list[tuple[str, str, float]]) -> list[tuple]:
     return [(artist, str(count_clips(root, artist)), str(token_frames(root, artist)), used_valid_nll(root, artist),
-             gain_over_bigram(root, artist), str(len(output_files(root, artist))), f"{elapsed:.0f} s", status)
+             gain_over_best_count(root, artist), str(len(output_files(root, artist))), f"{elapsed:.0f} s", status)
             for artist, status, elapsed in results]
 
 

@@ -25,12 +25,16 @@ import torch
 from .cli import EXIT_INTERRUPTED, EXIT_OK
 from .dist import DistInfo
 from .files import atomic_torch_save
-from .runs import append_metrics, epoch_checkpoint_path, prune_epochs, store_baselines
+from .patterns import codebook_offsets
+from .runs import (LOSS_PLOT, METRICS_FILE, POSITIONS_PLOT, append_metrics, epoch_checkpoint_path, prune_epochs,
+                   store_baselines)
+from .threads import SpeedWatch
 from .train_data import (Dataset, balanced_epoch_windows, epoch_windows, fit_baselines, make_batch, rank_share,
                          train_windows_per_rank, valid_windows)
-from .training import (Precision, StopRequest, TrainingDiverged, bits_per_frame, build_optimizer,
-                       copy_atomically, count_parameters, current_lr, micro_batch_seed, plain, plot_losses,
-                       restore_rng_states, rng_states, sequence_losses, set_schedule, to_cpu)
+from .training import (Precision, StopRequest, TrainingDiverged, bits_by_position, bits_per_frame, bucket_sums,
+                       build_optimizer, copy_atomically, count_parameters, current_lr, micro_batch_seed, plain,
+                       plot_losses, plot_positions, position_buckets, restore_rng_states, rng_states,
+                       sequence_losses, set_schedule, to_cpu, token_nll)
 
 CHECKPOINT_FORMAT = 1
 LOG = logging.getLogger("pipeline.stage4")
@@ -43,6 +47,7 @@ class Progress:
     epoch_batches_done: int = 0  # micro-batches of the unfinished epoch already trained (mid-epoch save)
     best_nll: float | None = None  # the lowest epoch NLL so far, bits per frame, measured on `best_split`
     best_split: str = "valid"  # "valid", or "train" when the manifest has no valid clip
+    best_epoch: int = 0  # the epoch whose NLL is best_nll (for --patience)
     elapsed_s: float = 0.0  # training time over every run so far
 
 
@@ -118,6 +123,10 @@ class Trainer:
         self.progress = Progress()
         self.epoch_totals: EpochTotals | None = None  # partial sums of an unfinished epoch
         self.baselines: dict | None = None  # unigram / bigram scores, set when the run starts
+        self.buckets = position_buckets(args["context_frames"])  # [start, stop) frames into a window
+        self.offsets = codebook_offsets(args["pattern"], data.store.n_codebooks)  # [Q]: row of frame f = f + offset
+        self.overfit_reported = False  # the log says once when valid rises while train falls
+        self.speed = SpeedWatch("training", "frames", log)
         per_rank = train_windows_per_rank(self.store, self.train_clips, args["context_frames"], info.world_size)
         self.micro_per_epoch = math.ceil(per_rank / args["batch_size"])
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / args["grad_accum"])
@@ -161,6 +170,7 @@ class Trainer:
                                  epoch_batches_done=int(checkpoint.get("epoch_batches_done", 0)),
                                  best_nll=checkpoint.get("best_nll_bits_per_frame", checkpoint.get("best_valid_nll")),
                                  best_split=checkpoint.get("best_nll_split", "valid"),
+                                 best_epoch=int(checkpoint.get("best_epoch", checkpoint["epoch"])),
                                  elapsed_s=float(checkpoint.get("elapsed_s", 0.0)))
         self.epoch_totals = self._restored_totals(checkpoint.get("epoch_totals"))
         planned = self.scheduler.lr_lambdas[0].total_steps
@@ -201,6 +211,8 @@ class Trainer:
                 finished = self.train_epoch(stop)
                 if finished:
                     self.end_epoch()
+                elif self.max_steps_reached() and not stop.signal_number:
+                    self.end_partial_epoch()  # validate the last steps, so best.pt is never stale
                 else:
                     self.save_last()  # every rank: the partial totals are summed before rank 0 writes
                 if stop.signal_number:
@@ -211,16 +223,29 @@ class Trainer:
                 if self.max_steps_reached():
                     self.log.info("--max-steps %d reached; resume with --resume", self.args["max_steps"])
                     return EXIT_OK
+                if self.patience_ran_out():
+                    return EXIT_OK
         return EXIT_OK
+
+    def patience_ran_out(self) -> bool:
+        """--patience N: the valid NLL has not improved for N epochs (best.pt keeps the best)."""
+        patience, waited = int(self.args.get("patience") or 0), self.progress.epoch - self.progress.best_epoch
+        if patience <= 0 or waited < patience or self.progress.best_split != "valid":
+            return False
+        self.log.info("stopping early: the valid NLL has not improved for %d epochs (--patience %d); best.pt holds "
+                      "epoch %d (%.3f bits/frame)", waited, patience, self.progress.best_epoch, self.progress.best_nll)
+        return True
 
     def report_baselines(self) -> None:
         """Fit the unigram and bigram on the train split, log them, and store them in metrics.jsonl."""
         eval_clips = self.valid_clips if len(self.valid_clips) else self.train_clips
         scores = fit_baselines(self.store, self.train_clips, eval_clips)
         self.baselines = {**scores.as_record(), "scored_on": "valid" if len(self.valid_clips) else "train"}
-        self.log.info("baselines on the %s split: unigram %.2f, bigram %.2f bits/frame; a model that learned "
-                      "more than token frequencies ends below both", self.baselines["scored_on"],
-                      scores.unigram_bits_per_frame, scores.bigram_bits_per_frame)
+        self.log.info("baselines on the %s split: unigram %.2f, bigram %.2f, bigram + unigram %.2f bits/frame; "
+                      "the best count model (%s, %.2f) is the yardstick: a model that learned more than a count "
+                      "table can ends below it", self.baselines["scored_on"], scores.unigram_bits_per_frame,
+                      scores.bigram_bits_per_frame, scores.interpolated_bits_per_frame, scores.best_count_model,
+                      scores.best_count_bits_per_frame)
         if self.info.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
             store_baselines(self.folder / "metrics.jsonl", self.baselines)
@@ -260,6 +285,7 @@ class Trainer:
                 continue
             stop_now = self.optimizer_step(group_loss, stop, epoch)
             group_loss = 0.0
+            self.speed.observe(group_size * self.args["batch_size"] * self.args["context_frames"])
             self._update_bar(bar, totals, started)
             if stop_now and micro + 1 < len(batches):
                 self._close_epoch_part(totals, started, bar, batches_done=micro + 1)
@@ -364,12 +390,43 @@ class Trainer:
         self.progress.epoch_batches_done = 0
         self.progress.elapsed_s += totals.seconds
         self.epoch_totals = None
-        improved = self._track_best(metrics)
         metrics.update(epoch=self.progress.epoch, step=self.progress.step, elapsed_s=self.progress.elapsed_s)
+        improved = self._track_best(metrics)
         if self.info.is_main:
             self.write_epoch(metrics, improved)
         self._log_epoch(metrics)
+        self._report_overfitting(metrics)
         return metrics
+
+    def end_partial_epoch(self) -> dict:
+        """--max-steps inside an epoch: validate the steps trained so far and record them (a line of
+        metrics.jsonl marked `partial_epoch`, which the finished epoch replaces on resume), so best.pt
+        is never older than the last step; then save the resumable last.pt (every rank)."""
+        totals = self.epoch_totals.summed_over_ranks() if self.info.is_distributed else self.epoch_totals
+        metrics = self.epoch_metrics(totals)
+        metrics.update(epoch=self.progress.epoch + 1, partial_epoch=True, step=self.progress.step,
+                       elapsed_s=self.progress.elapsed_s + totals.seconds)
+        improved = self._track_best(metrics)
+        self.save_last(metrics)
+        if self.info.is_main:
+            if improved:
+                copy_atomically(self.folder / "last.pt", self.folder / "best.pt")
+            self._write_metrics(metrics)
+        self._log_epoch(metrics)
+        return metrics
+
+    def _report_overfitting(self, metrics: dict) -> None:
+        """Once per run: the valid NLL rose above its best while the train NLL went on falling."""
+        valid = metrics["valid_nll_bits_per_frame"]
+        if self.overfit_reported or valid is None or self.progress.best_split != "valid":
+            return
+        if valid > self.progress.best_nll + 0.05 and self.progress.epoch > self.progress.best_epoch:
+            self.overfit_reported = True
+            self.log.warning("the model has started to overfit: valid NLL %.3f rose above its best %.3f (epoch %d) "
+                             "while the train NLL fell to %.3f; best.pt keeps epoch %d. More music, --dropout, "
+                             "--patience or a smaller --preset help (docs/stage4.md, 'Overfitting and the early stop')", valid,
+                             self.progress.best_nll, self.progress.best_epoch,
+                             metrics["train_nll_bits_per_frame"], self.progress.best_epoch)
 
     def _track_best(self, metrics: dict) -> bool:
         """Whether this epoch's NLL (valid, else train) is the best so far; if so it becomes the best."""
@@ -379,23 +436,28 @@ class Trainer:
                     or score < self.progress.best_nll)
         if improved:
             self.progress.best_nll, self.progress.best_split = score, split
+            self.progress.best_epoch = metrics["epoch"]
         return improved
 
     def _log_epoch(self, metrics: dict) -> None:
-        gain = metrics["gain_over_bigram_bits_per_frame"]
+        gain = metrics["gain_over_best_count_bits_per_frame"]
         valid = metrics["valid_nll_bits_per_frame"]
-        self.log.info("epoch %d/%d: train loss %.4f, train NLL %.3f bits/frame, valid NLL %s bits/frame "
-                      "(%.2f %s the bigram), LR %.3g, %.0f frames/s", self.progress.epoch, self.args["epochs"],
+        self.log.info("epoch %s/%d: train loss %.4f, train NLL %.3f bits/frame, valid NLL %s bits/frame "
+                      "(%.2f %s the best count model), LR %.3g, %.0f frames/s",
+                      f"{metrics['epoch']}{' (partial)' if metrics.get('partial_epoch') else ''}", self.args["epochs"],
                       metrics["train_loss"], metrics["train_nll_bits_per_frame"],
                       "n/a" if valid is None else f"{valid:.3f}", abs(gain), "below" if gain >= 0 else "above",
                       metrics["lr"], metrics["frames_per_s"])
+        if metrics.get("valid_nll_by_position"):
+            self.log.info("  valid NLL by frames into the window: %s", ", ".join(
+                f"{bucket} {bits:.2f}" for bucket, bits in metrics["valid_nll_by_position"].items()))
         for artist, bits in metrics.get("valid_nll_by_artist", {}).items():
             self.log.info("  %s: valid NLL %.3f bits/frame with its label, %.3f with 'no artist'", artist, bits,
                           metrics["valid_nll_no_artist_by_artist"][artist])
 
     def epoch_metrics(self, totals: EpochTotals) -> dict:
         train_bits, train_per_codebook = bits_per_frame(totals.nll, totals.counts)
-        own = self.valid_sums("own" if self.conditioned else None) if len(self.valid_clips) else None  # [A, 2Q]
+        own, positions = self.valid_sums("own" if self.conditioned else None) if len(self.valid_clips) else (None, None)
         valid = self.sums_bits(own.sum(dim=0)) if own is not None else None  # [A, 2Q] -> [2Q] -> bits
         by_artist = self.validate_by_artist(own) if self.conditioned and own is not None else {}
         return {"train_loss": totals.mean_loss(),
@@ -405,12 +467,17 @@ class Trainer:
                 "lr": current_lr(self.optimizer), "frames": int(totals.frames),
                 "frames_per_s": float(totals.frames / max(totals.seconds, 1e-9)),
                 "epoch_time_s": totals.seconds, "pattern": self.args["pattern"],
+                "valid_nll_by_position": (bits_by_position(positions, self.buckets, self.store.n_codebooks)
+                                          if positions is not None else None),
                 **by_artist, **self.gains(valid[0] if valid else train_bits)}
 
     def gains(self, model_bits: float) -> dict:
         """How far below the baselines the model is (bits/frame; positive = better than the baseline)."""
+        best_count = self.baselines.get("best_count_bits_per_frame",
+                                        min(self.baselines["unigram_bits_per_frame"], self.baselines["bigram_bits_per_frame"]))
         return {"gain_over_unigram_bits_per_frame": self.baselines["unigram_bits_per_frame"] - model_bits,
-                "gain_over_bigram_bits_per_frame": self.baselines["bigram_bits_per_frame"] - model_bits}
+                "gain_over_bigram_bits_per_frame": self.baselines["bigram_bits_per_frame"] - model_bits,
+                "gain_over_best_count_bits_per_frame": best_count - model_bits}
 
     def sums_bits(self, sums: torch.Tensor) -> tuple[float, list]:
         """NLL sums and counts `[2Q]` (as `valid_sums` keeps them) -> (bits per frame, bits per codebook)."""
@@ -418,9 +485,10 @@ class Trainer:
         return bits_per_frame(sums[:q], sums[q:])
 
     @torch.no_grad()
-    def valid_sums(self, label_mode: str | int | None) -> torch.Tensor:
+    def valid_sums(self, label_mode: str | int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """NLL sums and counts of the valid split per artist `[A, 2Q]` (A = 1 for an unconditioned model):
-        row a holds artist a's NLL sums `[:Q]` then its target counts `[Q:]`, summed over the ranks.
+        row a holds artist a's NLL sums `[:Q]` then its target counts `[Q:]`; and per position bucket
+        `[2, K]` (NLL sum, cell count: `training.bucket_sums`); both summed over the ranks.
 
         `label_mode`: "own" (each clip's artist), an int (that label for every clip: "no artist" is
         n_artists) or None (no label given: an unconditioned model)."""
@@ -428,6 +496,7 @@ class Trainer:
         windows = rank_share(valid_windows(self.store, self.valid_clips, self.args["context_frames"]),
                              self.info, pad=False)
         sums = torch.zeros(max(1, self.model_args.n_artists), 2 * q, dtype=torch.float64, device=self.device)
+        positions = torch.zeros(2, len(self.buckets), dtype=torch.float64, device=self.device)
         self.local_model.eval()
         for start in range(0, len(windows), size):
             batch = windows[start:start + size]  # [B, 2]
@@ -437,21 +506,23 @@ class Trainer:
                 owners if label_mode == "own" else np.full_like(owners, label_mode)))
             with self.precision.autocast():
                 logits, _ = self.local_model(self._to_device(inputs), artist=artist)  # [B, S, Q] -> [B, S, Q, V]
+            nll, weights, _ = token_nll(logits, self._to_device(targets))  # [B, S, Q] x2
+            positions += bucket_sums(nll, weights, self.offsets, self.buckets)
             for owner in np.unique(owners):
                 rows = torch.from_numpy(np.flatnonzero(owners == owner)).to(self.device)  # [b]
-                _, nll_sums, counts = sequence_losses(logits[rows], self._to_device(targets)[rows])  # [Q], [Q]
-                sums[owner, :q] += nll_sums.double()
-                sums[owner, q:] += counts.double()
+                sums[owner, :q] += (nll[rows] * weights[rows]).sum(dim=(0, 1)).double()  # [Q]
+                sums[owner, q:] += weights[rows].sum(dim=(0, 1)).double()  # [Q]
         self.synced_model.train()
         if self.info.is_distributed:
             torch.distributed.all_reduce(sums)
-        return sums
+            torch.distributed.all_reduce(positions)
+        return sums, positions
 
     def validate_by_artist(self, own: torch.Tensor) -> dict:
         """A joint model's valid NLL per artist with its own label (`own`, `[A, 2Q]` from `valid_sums`)
         and with "no artist": what the label is worth."""
         q = self.store.n_codebooks
-        unlabelled = self.valid_sums(self.model_args.n_artists)  # [A, 2Q]
+        unlabelled, _ = self.valid_sums(self.model_args.n_artists)  # [A, 2Q]
         record = {"valid_nll_by_artist": {}, "valid_nll_no_artist_by_artist": {},
                   "valid_nll_no_artist_bits_per_frame": self.sums_bits(unlabelled.sum(0))[0]}
         for label, name in enumerate(self.artists):
@@ -485,6 +556,7 @@ class Trainer:
             "train_args": plain(self.args),
             "best_nll_bits_per_frame": self.progress.best_nll,
             "best_nll_split": self.progress.best_split,
+            "best_epoch": self.progress.best_epoch,
             "metrics": metrics,
         })
 
@@ -495,10 +567,14 @@ class Trainer:
         if improved:
             copy_atomically(path, self.folder / "best.pt")
         prune_epochs(self.folder, self.args["keep_last"])
-        records = append_metrics(self.folder / "metrics.jsonl", metrics)
-        plot_losses(records, self.folder / "loss.png")
+        self._write_metrics(metrics)
 
-    def save_last(self) -> None:
+    def _write_metrics(self, metrics: dict) -> None:
+        records = append_metrics(self.folder / METRICS_FILE, metrics)
+        plot_losses(records, self.folder / LOSS_PLOT)
+        plot_positions(records, self.folder / POSITIONS_PLOT)
+
+    def save_last(self, metrics: dict | None = None) -> None:
         """A mid-epoch checkpoint (Ctrl-C, --max-steps): last.pt only, resumable exactly. Call it on
         every rank: the epoch's partial totals are summed over the ranks (rank 0 keeps its own seconds),
         so the resumed epoch counts each rank's share once; on resume rank 0 starts from the sums and
@@ -509,7 +585,7 @@ class Trainer:
                 self.epoch_totals = summed
         if not self.info.is_main:
             return
-        atomic_torch_save(self.checkpoint(None), self.folder / "last.pt")
+        atomic_torch_save(self.checkpoint(metrics), self.folder / "last.pt")
         self.log.info("saved a resumable checkpoint %s (epoch %d, %d batches into it, step %d)",
                       self.folder / "last.pt", self.progress.epoch + 1, self.progress.epoch_batches_done,
                       self.progress.step)

@@ -32,21 +32,61 @@ class TrainingDiverged(Exception):
 
 
 # ---- loss ---------------------------------------------------------------------------------------
-def sequence_losses(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0):
-    """logits `[B, S, Q, V]`, targets `[B, S, Q]` -> (smoothed mean loss, NLL sums `[Q]` in nats, counts `[Q]`).
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits `[B, S, Q, V]`, targets `[B, S, Q]` -> (NLL in nats `[B, S, Q]`, 1.0 where a real target `[B, S, Q]`,
+    log-probabilities `[B, S, Q, 1024]`).
 
     The softmax runs over the 1024 real codes only: BOS and PAD are never targets and never sampled,
-    so the NLL reported is that of the distribution stage 5 samples from. PAD targets are ignored.
+    so the NLL reported is that of the distribution stage 5 samples from. PAD targets weigh 0.
     """
     log_probs = F.log_softmax(logits[..., :CODEBOOK_SIZE].float(), dim=-1)  # [B, S, Q, 1024]
     valid = targets != PAD  # [B, S, Q]
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).long()
     nll = -log_probs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)  # [B, S, Q]
+    return nll, valid.float(), log_probs
+
+
+def sequence_losses(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0):
+    """logits `[B, S, Q, V]`, targets `[B, S, Q]` -> (smoothed mean loss, NLL sums `[Q]` in nats, counts `[Q]`)."""
+    nll, weights, log_probs = token_nll(logits, targets)  # [B, S, Q] x2, [B, S, Q, 1024]
     smoothed = (1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(dim=-1)  # [B, S, Q]
-    weights = valid.float()
     loss = (smoothed * weights).sum() / weights.sum().clamp(min=1.0)
     nll_sums = (nll.detach() * weights).sum(dim=(0, 1))  # [Q]
     return loss, nll_sums, weights.sum(dim=(0, 1))
+
+
+# Where in its window a frame stands: the valid NLL per bucket shows whether the model listens back.
+POSITION_EDGES = (0, 10, 50, 150, 300, 750, 1500)
+
+
+def position_buckets(context_frames: int) -> list[tuple[int, int]]:
+    """The buckets [start, stop) of POSITION_EDGES that a window of `context_frames` frames reaches."""
+    edges = [edge for edge in POSITION_EDGES if edge < context_frames] + [min(context_frames, POSITION_EDGES[-1])]
+    return [(start, stop) for start, stop in zip(edges[:-1], edges[1:]) if stop > start]
+
+
+def bucket_sums(nll: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor,
+                buckets: list[tuple[int, int]]) -> torch.Tensor:
+    """NLL `[B, S, Q]` (nats) and weights of sequence cells -> `[2, K]` float64: per position bucket, the
+    NLL summed over its cells, and its cell count. Cell (s, q) holds frame s - offsets[q] of the window."""
+    rows = torch.arange(nll.shape[1], device=nll.device)[:, None] - offsets.to(nll.device)[None, :]  # [S, Q]
+    edges = torch.tensor([stop for _, stop in buckets], device=nll.device)  # [K]
+    index = torch.bucketize(rows, edges, right=True)  # [S, Q] in 0..K (K: past the last bucket)
+    index = torch.where(rows < buckets[0][0], len(buckets), index)  # before the window's first frame: none
+    sums = torch.zeros(2, len(buckets) + 1, dtype=torch.float64, device=nll.device)
+    flat = index.expand_as(nll).reshape(-1)  # [B*S*Q]
+    sums[0].index_add_(0, flat, (nll * weights).reshape(-1).double())
+    sums[1].index_add_(0, flat, weights.reshape(-1).double())
+    return sums[:, :-1]
+
+
+def bits_by_position(sums: torch.Tensor, buckets: list[tuple[int, int]], n_codebooks: int) -> dict:
+    """`[2, K]` bucket sums -> {"0-10": bits per frame, ...} (buckets without a frame left out)."""
+    record = {}
+    for (start, stop), total, cells in zip(buckets, sums[0].tolist(), sums[1].tolist()):
+        if cells > 0:
+            record[f"{start}-{stop}"] = total / LN2 / (cells / n_codebooks)
+    return record
 
 
 def bits_per_frame(nll_sums: torch.Tensor, counts: torch.Tensor) -> tuple[float, list]:
@@ -183,7 +223,7 @@ def plain(value):
 
 # ---- outputs: metrics and the loss plot ---------------------------------------------------------------
 def plot_losses(records: list[dict], path: Path) -> None:
-    """Train and valid NLL (bits per frame) against epoch."""
+    """Train and valid NLL (bits per frame) against epoch, with the count models' lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,15 +238,55 @@ def plot_losses(records: list[dict], path: Path) -> None:
     if valid:
         axis.plot(*zip(*valid), "s-", label="valid NLL")
     if baselines:
-        where = baselines.get("scored_on", "valid")
-        axis.axhline(baselines["unigram_bits_per_frame"], color="tab:red", linestyle="--",
-                     label=f"unigram ({where}): token frequencies only")
-        axis.axhline(baselines["bigram_bits_per_frame"], color="tab:purple", linestyle=":",
-                     label=f"bigram ({where}): previous token only")
+        _draw_baselines(axis, baselines)
     axis.set_xlabel("epoch")
     axis.set_ylabel("bits per frame")
     axis.grid(alpha=0.3)
     axis.legend()
+    _save_figure(figure, path)
+
+
+def _draw_baselines(axis, baselines: dict) -> None:
+    where = baselines.get("scored_on", "valid")
+    axis.axhline(baselines["unigram_bits_per_frame"], color="tab:red", linestyle="--",
+                 label=f"unigram ({where}): token frequencies only")
+    mixed = baselines.get("interpolated_bigram_bits_per_frame")
+    if mixed is not None:
+        axis.axhline(mixed, color="tab:purple", linestyle=":",
+                     label=f"bigram + unigram ({where}): previous token, weight fitted on train")
+    else:
+        axis.axhline(baselines["bigram_bits_per_frame"], color="tab:purple", linestyle=":",
+                     label=f"bigram ({where}): previous token only")
+
+
+def plot_positions(records: list[dict], path: Path) -> None:
+    """Valid NLL by the frame's position in its window (the first, best and last validations): a model
+    that listens back gets better further into the window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [r for r in epoch_records(records) if r.get("valid_nll_by_position")]
+    if not scored:
+        return
+    best = min(scored, key=lambda r: r["valid_nll_bits_per_frame"])
+    chosen = {id(r): r for r in (scored[0], best, scored[-1])}.values()
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for record in chosen:
+        labels = list(record["valid_nll_by_position"])
+        tag = " (best)" if record is best else ""
+        axis.plot(labels, list(record["valid_nll_by_position"].values()), "o-", label=f"epoch {record['epoch']}{tag}")
+    axis.set_xlabel("frames into the window (position bucket)")
+    axis.set_ylabel("valid NLL, bits per frame")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    _save_figure(figure, path)
+
+
+def _save_figure(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=100)

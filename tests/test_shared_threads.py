@@ -73,3 +73,16 @@ def test_a_steady_run_says_nothing(two_cores, caplog):
             clock.now += 1
             watch.observe(500 * (0.8 if clock.now % 2 else 1.0))
     assert not caplog.records and not watch.warned
+
+
+def test_generation_plans_its_threads_on_the_free_cores(monkeypatch):
+    from pipeline import generation
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(generation, "free_cores", lambda: 1)
+    plan = generation.thread_plan("cpu")
+    assert (plan.generate, plan.decode, plan.overlap) == (1, 1, False)  # one free core: decode at the end
+    monkeypatch.setattr(generation, "free_cores", lambda: 4)
+    plan = generation.thread_plan("cpu")
+    assert (plan.generate, plan.decode, plan.overlap) == (1, 3, True)
+    assert generation.thread_plan("cpu", requested=2).generate == 2  # --threads wins

@@ -1,4 +1,4 @@
-"""Issue 12: one model for several artists — the artist label embedding, condition dropout, balanced
+"""One model for several artists — the artist label embedding, condition dropout, balanced
 window sampling, joint training (stage 4), and generation with a label, a blend and CFG (stage 5)."""
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import BANDWIDTH, TINY, load, results, write_dataset, write_tokens
 from pipeline import train_data
 from pipeline.cli import StageError, run_main
 from pipeline.contract import save_token_file
 from pipeline.dist import DistInfo
 from pipeline.trainer import Trainer
-from test_stage4 import BANDWIDTH, TINY, load, results, write_dataset, write_tokens
-from test_stage4 import one_thread, stage4  # noqa: F401 - fixtures: one torch thread (autouse), the module
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster
 
 
 def tiny_args(stage4, n_artists=0, q=4):
@@ -286,7 +286,7 @@ def joint_root(transformer_module, tmp_path_factory):
     torch.set_num_threads(1)
     try:
         status = transformer_module.main(["--artist", "Low", "--artist", "High", "--name", "Both", "--root", root,
-                                          *TINY, "--epochs", "30", "--lr", "1e-2"])
+                                          *TINY, "--epochs", "30", "--lr", "1e-2", "--patience", "0"])  # all 30 epochs
     finally:
         torch.set_num_threads(threads)
     assert status == 0

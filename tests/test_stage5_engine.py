@@ -109,6 +109,7 @@ def greedy_run(model, pattern, use_cache, total_frames=1500, context=100, stride
     return frames, engine.steps.logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", ["parallel", "delay"])
 def test_lean_greedy_equals_recompute_over_1500_frames(transformer_module, pattern):
     model = spread_model(transformer_module, context_frames=100)

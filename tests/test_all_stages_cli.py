@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_script
+from helpers import run_script
 from pipeline.stages import load_stage
 
 STAGES = ["1_audio_preprocessing", "2_Tokenization", "3_data_preparation", "4_Transformer", "5_MusicPrediction"]

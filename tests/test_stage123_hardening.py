@@ -1,7 +1,7 @@
-"""Hardening of stages 1-3 (issue 6): odd inputs, extreme audio, untrusted files, SIGINT/SIGTERM.
+"""Hardening of stages 1-3: odd inputs, extreme audio, untrusted files, SIGINT/SIGTERM.
 
 Only what the stage tests do not already show is here; HARDENING.md maps every
-case of issue 6 for these stages to the test that shows it, here or in the stage's own file.
+hardening case for these stages to the test that shows it, here or in the stage's own file.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import SCRIPTS, finished_files, sine_tone
+from helpers import SCRIPTS, finished_files, sine_tone
 from pipeline.contract import TokenFile, load_token_file, save_token_file
 from pipeline.files import is_temporary
 from pipeline.manifest import manifest_path
@@ -432,6 +432,7 @@ def stage2_reference(stage2, saved_codec, tmp_path_factory):
     return file_bytes(root / "encoded_tokens" / ARTIST, ".th")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", SIGNALS)
 def test_stage2_interrupted_exits_cleanly_and_a_rerun_finishes_identically(stage2, saved_codec, stage2_reference,
                                                                            tmp_path, sig):
