@@ -26,7 +26,9 @@ from pipeline.contract import PAD, VOCAB_SIZE  # noqa: E402
 from pipeline.dist import DistInfo, dist_info, finish_process_group, init_process_group  # noqa: E402
 from pipeline.files import remove_stale_temporaries  # noqa: E402
 from pipeline.originality import write_training_index  # noqa: E402
+from pipeline.model_io import find_init_source, initialise_from  # noqa: E402
 from pipeline.patterns import PATTERNS, extra_steps  # noqa: E402
+from pipeline import threads  # noqa: E402
 from pipeline.requirements import check_transformers  # noqa: E402
 from pipeline.runs import TRAINING_INDEX, clear_outputs, epoch_checkpoints, model_dir, read_checkpoint  # noqa: E402
 from pipeline.train_data import load_artists  # noqa: E402
@@ -238,14 +240,14 @@ TRAIN_DEFAULTS = dict(
     preset="base", d_embed=None, d_model=None, n_layer=None, n_head=None, dropout=None, tie_heads=False,
     embed_init="match", pattern="delay", context_frames=1500, epochs=20, batch_size=8, grad_accum=1, lr=None,
     min_lr_frac=0.1, warmup_frac=0.05, weight_decay=0.1, max_grad_norm=1.0, label_smoothing=0.0,
-    frame_dropout=0.0, seed=0, keep_last=3, max_steps=0, device="auto", compile=False,
-    grad_checkpointing=False, artist_alpha=0.5, cond_dropout=0.3,
+    frame_dropout=0.0, seed=0, keep_last=3, max_steps=0, patience=4, device="auto", compile=False,
+    grad_checkpointing=False, artist_alpha=0.5, cond_dropout=0.3, init_from=None,
 )
 # Peak learning rate of each preset when --lr is not given (docs/stage4.md, "The recipe").
 PRESET_LR = {"tiny": 3e-3, "small": 1e-3, "base": 6e-4}
 # These fix the model or the meaning of its tokens: a resumed run must keep them.
 LOCKED_ON_RESUME = ("preset", "d_embed", "d_model", "n_layer", "n_head", "tie_heads", "embed_init", "pattern",
-                    "context_frames")
+                    "context_frames", "init_from")
 
 
 # ---- command line -------------------------------------------------------------------------------------------
@@ -306,7 +308,11 @@ def build_parser():
     train.add_argument("--seed", type=non_negative_int, default=d["seed"], help="seed of every random draw")
     train.add_argument("--max-steps", type=non_negative_int, default=d["max_steps"],
                        help="stop this run after this many optimizer steps in all (0: no limit); the LR "
-                            "schedule still spans --epochs, so --resume continues it")
+                            "schedule still spans --epochs, so --resume continues it; the last steps are "
+                            "validated before it stops")
+    train.add_argument("--patience", type=non_negative_int, default=d["patience"],
+                       help="stop early when the valid NLL has not improved for N epochs (0: never); best.pt "
+                            "keeps the best epoch")
     joint = parser.add_argument_group("several artists (one conditioned model)")
     joint.add_argument("--artist-alpha", type=non_negative_float, default=d["artist_alpha"],
                        help="draw each artist's training windows with probability proportional to its frames ** "
@@ -317,6 +323,10 @@ def build_parser():
     run = parser.add_argument_group("run")
     run.add_argument("--resume", nargs="?", const="last", default=None, metavar="PATH",
                      help="continue from model_results/<artist>/last.pt, or from PATH")
+    run.add_argument("--init-from", metavar="MODEL|PATH", default=d["init_from"],
+                     help="start from the weights of another run (a model name under model_results/, e.g. a joint "
+                          "model of all your artists, or a checkpoint file) and fine-tune them; the model keeps "
+                          "that run's size, pattern and context (docs/stage4.md, 'Starting from another model')")
     run.add_argument("--keep-last", type=non_negative_int, default=d["keep_last"],
                      help="keep only the newest K epoch checkpoints (0: keep all; best.pt and last.pt stay)")
     run.add_argument("--device", default=d["device"], help="auto, cpu, cuda or cuda:N")
@@ -356,17 +366,21 @@ def resolve_train_args(namespace, explicit: set[str], checkpoint: dict | None) -
                 raise StageError(f"--{key.replace('_', '-')} {given[key]} differs from the checkpoint's {saved[key]}, "
                                  f"which stopped inside epoch {checkpoint['epoch'] + 1}: the rest of that epoch "
                                  "is counted in its batches; resume without it (it may change at an epoch end)")
-    runtime = ("device", "compile", "grad_checkpointing", "max_steps", "keep_last")
+    runtime = ("device", "compile", "grad_checkpointing", "max_steps", "keep_last", "patience")
     return {key: given[key] if key in explicit or key in runtime else saved[key] for key in TRAIN_DEFAULTS}
 
 
-def build_model_args(args: dict, n_codebooks: int, checkpoint: dict | None, n_artists: int = 0) -> ModelArgs:
-    """The model's constructor arguments: the checkpoint's on resume, else the preset's with the flags'."""
+def build_model_args(args: dict, n_codebooks: int, checkpoint: dict | None, n_artists: int = 0,
+                     fresh_labels: bool = False) -> ModelArgs:
+    """The model's constructor arguments: the checkpoint's on resume (or --init-from's, with this run's
+    artist labels when `fresh_labels`), else the preset's with the flags'."""
     if checkpoint is not None:
         model_args = model_args_from(checkpoint["model_args"], checkpoint.get("loaded_from", "the checkpoint"))
         if model_args.n_codebooks != n_codebooks:
             raise StageError(f"the checkpoint's model reads {model_args.n_codebooks} codebooks, the manifest's "
                              f"tokens have {n_codebooks}")
+        if fresh_labels:
+            model_args.n_artists = n_artists
         if model_args.n_artists != n_artists:
             raise StageError(f"the checkpoint's model knows {model_args.n_artists} artist labels, this run gives "
                              f"{n_artists} (0: one artist, no labels); resume with the artists it was trained on")
@@ -424,6 +438,8 @@ def main(argv=None) -> int:
     info = dist_info()
     log = setup_logging(namespace.log_level if info.is_main else "WARNING", "stage4")
     device = resolve_device(namespace.device)
+    if device == "cpu":
+        threads.configure(log)  # only the cores other processes leave free
     if info.is_distributed:
         init_process_group(device)
         if device.startswith("cuda"):
@@ -470,6 +486,23 @@ def ensure_training_index(data, folder: Path, fresh: bool, info: DistInfo, log) 
         write_training_index(data.store, folder, float(data.token_contract["frame_rate"]), log)
 
 
+def init_source(root: Path, args: dict, checkpoint: dict | None, log) -> dict | None:
+    """--init-from on a fresh run: the source checkpoint, its architecture and pattern adopted (recorded in
+    `args`); None without it or on resume (a resumed run continues its own weights)."""
+    if checkpoint is not None or not args["init_from"]:
+        return None
+    path = find_init_source(root, args["init_from"])
+    source = read_checkpoint(path)
+    saved = {**TRAIN_DEFAULTS, **source.get("train_args", {})}
+    pattern = source.get("token_contract", {}).get("pattern", saved["pattern"])
+    if pattern != args["pattern"]:
+        log.info("--init-from %s: using its %s pattern (this run asked for %s)", path, pattern, args["pattern"])
+    model_args = source["model_args"]
+    args.update(pattern=pattern, preset=saved["preset"],
+                **{key: model_args.get(key) for key in ("d_embed", "d_model", "n_layer", "n_head")})
+    return source
+
+
 def train_from_command_line(namespace, explicit: set[str], info: DistInfo, device: str, log) -> int:
     artists = list(namespace.artist)
     name = model_name(artists, namespace.name)
@@ -492,13 +525,17 @@ def train_from_command_line(namespace, explicit: set[str], info: DistInfo, devic
     report.failed.extend({"path": audio, "reason": reason} for audio, reason in data.skipped)  # logged already
     if len(data.store.clips("valid")) == 0:
         log.warning("no 'valid' clips in the manifest: best.pt follows the training NLL instead")
-    model_args = build_model_args(args, data.store.n_codebooks, checkpoint,
-                                  n_artists=len(artists) if len(artists) > 1 else 0)
+    source = init_source(namespace.root, args, checkpoint, log)
+    model_args = build_model_args(args, data.store.n_codebooks, checkpoint or source,
+                                  n_artists=len(artists) if len(artists) > 1 else 0, fresh_labels=source is not None)
     args.update(tie_heads=model_args.tie_heads, embed_init=model_args.embed_init)  # an old checkpoint's: the original's
     ensure_training_index(data, folder, checkpoint is None, info, log)
     model = new_model(model_args, args["seed"])
     if checkpoint is not None:
         check_state_dict(model, checkpoint["model"], checkpoint.get("loaded_from", "the checkpoint"))
+    elif source is not None:
+        log.info("starting from the weights of %s (epoch %s); %s", source["loaded_from"], source.get("epoch"),
+                 initialise_from(source, model, artists))
     trainer = Trainer(args, model, data, folder, name, info, device, log, artists=artists, manifests=manifests)
     if checkpoint is not None:
         trainer.restore(checkpoint, args["lr"] if "lr" in explicit else None, explicit)

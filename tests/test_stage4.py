@@ -544,8 +544,9 @@ RESUME_CASES = {
     "dropout": ("0.2", 0.2), "epochs": ("3", 3), "lr": ("0.001", 0.001), "min_lr_frac": ("0.5", 0.5),
     "warmup_frac": ("0.5", 0.5), "weight_decay": ("0.05", 0.05), "max_grad_norm": ("0.5", 0.5),
     "label_smoothing": ("0.2", 0.2), "frame_dropout": ("0.1", 0.1), "seed": ("3", 3), "keep_last": ("1", 1),
-    "max_steps": ("2", 2), "patience": ("7", 7), "device": ("cpu", "cpu"), "grad_checkpointing": (None, True), "compile": (None, True),
-    "artist_alpha": ("0.3", 0.3), "cond_dropout": ("0.1", 0.1),
+    "max_steps": ("2", 2), "patience": ("7", 7), "device": ("cpu", "cpu"), "grad_checkpointing": (None, True),
+    "compile": (None, True), "artist_alpha": ("0.3", 0.3), "cond_dropout": ("0.1", 0.1),
+    "init_from": ("Other", "refused"),
 }
 
 
@@ -651,3 +652,42 @@ def test_a_checkpoint_of_the_earlier_code_loads_and_generates_the_same_greedy_to
                                 GenerationSettings(**expected["generation"]), SamplingSettings(temperature=0.0),
                                 None, expected["seed"], "cpu")
     assert frames[0].tolist() == expected["frames"]
+
+
+# ---- --init-from: starting from another run's weights ---------------------------------------------
+def test_a_joint_models_weights_start_a_one_artist_model_that_plays_like_its_label(stage4):
+    from pipeline.model_io import initialise_from
+
+    joint = tiny_model(stage4, n_artists=2)
+    torch.nn.init.normal_(joint.artist_table.weight, std=0.5)  # labels that matter
+    source = {"model": joint.state_dict(), "artists": ["A", "B"], "loaded_from": "joint.pt"}
+    tokens = torch.randint(0, 1024, (2, 20, 4))
+    for artist, label in (("B", 1), ("C", 2)):  # C: unknown to the joint model -> its "no artist" row
+        single = tiny_model(stage4)
+        note = initialise_from(source, single, [artist])
+        assert "folded into the input bias" in note
+        expected, _ = joint(tokens, artist=torch.full((2,), label))
+        got, _ = single(tokens)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    both = tiny_model(stage4, n_artists=3)  # a new joint model: A and B keep their rows, D starts fresh
+    note = initialise_from(source, both, ["B", "D", "A"])
+    assert torch.equal(both.artist_table.weight[0], joint.artist_table.weight[1])
+    assert torch.equal(both.artist_table.weight[2], joint.artist_table.weight[0])
+    assert torch.equal(both.artist_table.weight[3], joint.artist_table.weight[2])  # "no artist"
+    assert "B, A" in note
+
+
+def test_init_from_a_model_name_trains_on_from_its_weights_and_records_it(stage4, tmp_path, capfd):
+    write_dataset(tmp_path, "A")
+    write_dataset(tmp_path, "B")
+    assert stage4.main(["--artist", "A", "--artist", "B", "--name", "Both", "--root", tmp_path, *TINY,
+                        "--epochs", "1"]) == 0
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY[:-2], "--epochs", "1", "--init-from", "Both",
+                        "--preset", "small"]) == 0  # the source's size wins over --preset
+    log = capfd.readouterr().err
+    assert "starting from the weights of" in log and "Both" in log and "folded into the input bias" in log
+    checkpoint = load(results(tmp_path) / "last.pt")
+    assert checkpoint["train_args"]["init_from"] == "Both" and checkpoint["train_args"]["preset"] == "tiny"
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--resume", "--epochs", "2"]) == 0
+    with pytest.raises(StageError, match="no best.pt or last.pt"):
+        stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--init-from", "nothing_here", "--overwrite"])

@@ -84,3 +84,50 @@ def check_contract(model_args: dict, contract: dict, path: Path) -> None:
                          f"model_args says n_codebooks = {model_args.get('n_codebooks')}")
     if contract["pattern"] not in PATTERNS:
         raise StageError(f"{path}: unknown codebook pattern {contract['pattern']!r}")
+
+
+# ---- starting a run from another run's weights (stage 4's --init-from) ----------------------------
+def find_init_source(root: Path, source: str) -> Path:
+    """`--init-from`: a checkpoint file, or the name of a model under `model_results/` (its best.pt, else last.pt)."""
+    from .runs import find_checkpoint
+
+    path = Path(source)
+    if path.suffix == ".pt" or path.is_file():
+        if not path.is_file():
+            raise StageError(f"--init-from {source}: {path} does not exist")
+        return path
+    return find_checkpoint(root, source)
+
+
+def initialise_from(source: dict, model: torch.nn.Module, artists: list[str]) -> str:
+    """Load `source`'s weights into `model` (the same architecture but for its artist labels) and say how
+    the labels were carried over.
+
+    A joint source into a one-artist model: that artist's label embedding (or "no artist" when the
+    source does not know it) is added to the input projection's bias, which is exactly what the joint
+    model added at every position. Into a joint model: each artist the source knows keeps its row,
+    "no artist" keeps its row, new artists start fresh."""
+    state = dict(source["model"])
+    source_table = state.pop("artist_table.weight", None)  # [n_source + 1, d_model] or None
+    known = checkpoint_artists(source) if source_table is not None else []
+    if model.args.n_artists == 0:
+        note = "no artist labels in either model"
+        if source_table is not None:
+            row = known.index(artists[0]) if artists[0] in known else source_table.shape[0] - 1
+            state["input_proj.bias"] = state["input_proj.bias"] + source_table[row]  # [d_model]
+            note = (f"the source's label {artists[0]!r}" if artists[0] in known else "the source's 'no artist' label") \
+                + " folded into the input bias"
+    else:
+        table = model.state_dict()["artist_table.weight"].clone()  # [n_artists + 1, d_model], fresh
+        carried = []
+        if source_table is not None:
+            for label, name in enumerate(artists):
+                if name in known:
+                    table[label] = source_table[known.index(name)]
+                    carried.append(name)
+            table[-1] = source_table[-1]  # "no artist"
+        state["artist_table.weight"] = table
+        note = f"labels carried over: {', '.join(carried) or 'none'}; new labels start fresh"
+    model_module().check_state_dict(model, state, source.get("loaded_from", "--init-from"))
+    model.load_state_dict(state)
+    return note
