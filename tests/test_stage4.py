@@ -543,7 +543,7 @@ RESUME_CASES = {
     "batch_size": ("1", "refused"), "grad_accum": ("1", "refused"),
     "dropout": ("0.2", 0.2), "epochs": ("3", 3), "lr": ("0.001", 0.001), "min_lr_frac": ("0.5", 0.5),
     "warmup_frac": ("0.5", 0.5), "weight_decay": ("0.05", 0.05), "max_grad_norm": ("0.5", 0.5),
-    "label_smoothing": ("0.2", 0.2), "frame_dropout": ("0.1", 0.1), "seed": ("3", 3), "keep_last": ("1", 1),
+    "label_smoothing": ("0.2", 0.2), "frame_dropout": ("0.1", 0.1), "seed": ("3", 3), "keep_last": ("2", 2),
     "max_steps": ("2", 2), "patience": ("7", 7), "device": ("cpu", "cpu"), "grad_checkpointing": (None, True),
     "compile": (None, True), "artist_alpha": ("0.3", 0.3), "cond_dropout": ("0.1", 0.1),
     "init_from": ("Other", "refused"),
