@@ -70,6 +70,17 @@ def test_checkpoint_choice_best_then_last_then_epoch(tmp_path):
         find_checkpoint(tmp_path, "demo", None, 7)
 
 
+def test_a_missing_model_points_at_the_demo_root_when_the_demo_holds_it(tmp_path):
+    demo = tmp_path / "demo_run" / "model_results" / "demo_sunny_arps"
+    demo.mkdir(parents=True)
+    (demo / "best.pt").write_bytes(b"x")
+    with pytest.raises(StageError, match=r"demo_run holds one: pass --root .*demo_run"):
+        find_checkpoint(tmp_path, "demo_sunny_arps", None, None)
+    with pytest.raises(StageError) as refused:
+        find_checkpoint(tmp_path, "someone_else", None, None)
+    assert "demo_run" not in str(refused.value)
+
+
 def test_prefixed_weights_load_and_match(transformer_module, tmp_path):
     model = tiny_model(transformer_module)
     prefixed = {f"module._orig_mod.{key}": value for key, value in model.state_dict().items()}
