@@ -86,3 +86,14 @@ def test_generation_plans_its_threads_on_the_free_cores(monkeypatch):
     plan = generation.thread_plan("cpu")
     assert (plan.generate, plan.decode, plan.overlap) == (1, 3, True)
     assert generation.thread_plan("cpu", requested=2).generate == 2  # --threads wins
+
+
+def test_generation_progress_passes_through_the_speed_watch(monkeypatch):
+    from pipeline import generation
+
+    seen, observed = [], []
+    monkeypatch.setattr(generation.SpeedWatch, "observe", lambda self, amount: observed.append(amount))
+    reported = generation.watch_speed(lambda final, frames: seen.append(final))
+    for final in (10, 25, 25, 40):
+        reported(final, None)
+    assert seen == [10, 25, 25, 40] and observed == [10, 15, 0, 15]

@@ -27,7 +27,7 @@ from .lean_decoder import LeanDecoder
 from .patterns import check_pattern, codebook_offsets, extra_steps
 from .sampling import (CollapseDetector, CollapseSettings, SamplingSettings, apply_repetition_penalty, entropy_bits,
                        sample_tokens)
-from .threads import free_cores, threads_were_chosen, usable_cores
+from .threads import SpeedWatch, free_cores, threads_were_chosen, usable_cores
 
 LOG = logging.getLogger("pipeline.generation")
 UNKNOWN = -1  # a cell of the frame buffer that is neither prompt nor generated yet
@@ -436,6 +436,21 @@ def generate_frames(model, prompt: torch.Tensor | None, total_frames: int, gener
     detector = CollapseDetector(collapse or CollapseSettings(bits=0.0), generation.num_samples,
                                 int(model.args.n_codebooks), device)
     engine = TokenGenerator(model, generation, sampling, detector, generator, device)
+    watched = watch_speed(progress) if device == "cpu" else progress
     with cpu_threads(threads):
-        frames = engine.generate(prompt, total_frames, progress=progress, cancel=cancel)  # [B, N, Q]
+        frames = engine.generate(prompt, total_frames, progress=watched, cancel=cancel)  # [B, N, Q]
     return frames, detector
+
+
+def watch_speed(progress):
+    """`progress` wrapped so that a CPU generation that falls far below its own speed (another program
+    took a core) drops to the free cores and says so once (`pipeline.threads.SpeedWatch`)."""
+    watch, done = SpeedWatch("generation", "frames", LOG), [0]
+
+    def reported(final_frames: int, frames: torch.Tensor) -> None:
+        watch.observe(final_frames - done[0])
+        done[0] = final_frames
+        if progress is not None:
+            progress(final_frames, frames)
+
+    return reported
