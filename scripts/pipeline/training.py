@@ -224,14 +224,9 @@ def plain(value):
 # ---- outputs: metrics and the loss plot ---------------------------------------------------------------
 def plot_losses(records: list[dict], path: Path) -> None:
     """Train and valid NLL (bits per frame) against epoch, with the count models' lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     baselines, records = baseline_record(records), epoch_records(records)
     epochs = [r["epoch"] for r in records]
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = _new_figure()
     axis.plot(epochs, [r["train_nll_bits_per_frame"] for r in records], "o-", label="train NLL")
     valid = [(r["epoch"], r["valid_nll_bits_per_frame"]) for r in records
              if r.get("valid_nll_bits_per_frame") is not None]
@@ -239,11 +234,7 @@ def plot_losses(records: list[dict], path: Path) -> None:
         axis.plot(*zip(*valid), "s-", label="valid NLL")
     if baselines:
         _draw_baselines(axis, baselines)
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("bits per frame")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    _save_figure(figure, path)
+    _save_figure(figure, axis, "epoch", "bits per frame", path)
 
 
 def _draw_baselines(axis, baselines: dict) -> None:
@@ -262,31 +253,37 @@ def _draw_baselines(axis, baselines: dict) -> None:
 def plot_positions(records: list[dict], path: Path) -> None:
     """Valid NLL by the frame's position in its window (the first, best and last validations): a model
     that listens back gets better further into the window."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     scored = [r for r in epoch_records(records) if r.get("valid_nll_by_position")]
     if not scored:
         return
     best = min(scored, key=lambda r: r["valid_nll_bits_per_frame"])
     chosen = {id(r): r for r in (scored[0], best, scored[-1])}.values()
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = _new_figure()
     for record in chosen:
         labels = list(record["valid_nll_by_position"])
         tag = " (best)" if record is best else ""
         axis.plot(labels, list(record["valid_nll_by_position"].values()), "o-", label=f"epoch {record['epoch']}{tag}")
-    axis.set_xlabel("frames into the window (position bucket)")
-    axis.set_ylabel("valid NLL, bits per frame")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    _save_figure(figure, path)
+    _save_figure(figure, axis, "frames into the window (position bucket)", "valid NLL, bits per frame", path)
 
 
-def _save_figure(figure, path: Path) -> None:
+def _new_figure():
+    """(figure, axis) of a 7 x 4 inch plot, drawn without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(7, 4))
+
+
+def _save_figure(figure, axis, xlabel: str, ylabel: str, path: Path) -> None:
+    """Label, grid and legend the axis, then write the figure atomically as `path`."""
+    import matplotlib.pyplot as plt
+
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend()
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=100)
