@@ -1,6 +1,7 @@
-"""Stage 4's training data: every token file read once into one int16 array, and the windows cut from it.
+"""Stage 4's training data: every token file read once into one int16 array (memory-mapped from each
+artist's packed cache, pipeline.token_cache), and the windows cut from it.
 
-    manifests -> `load_dataset` -> `Dataset` (a `TokenStore` of all clips back to back, the token
+    manifests -> `load_artists` -> `Dataset` (a `TokenStore` of all clips back to back, the token
     contract the checkpoint records, the files skipped) -> windows `[N, 2]` of (clip, start) ->
     `make_batch` -> (inputs, targets) `[B, S, Q]` in the codebook pattern's layout.
 
@@ -15,6 +16,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -117,7 +119,7 @@ def load_artists(root: Path, artists: list[str], allow_outside_root: bool = Fals
 
     Every artist needs at least one usable clip in the train split."""
     entries, labels, manifests = read_artist_manifests(root, artists, allow_outside_root)
-    data = load_dataset(entries, log, entry_labels=labels if len(artists) > 1 else None)
+    data = load_packed_dataset(root, artists, entries, labels, log)
     train_labels = set(data.store.clip_labels(data.store.clips("train")).tolist())
     for label, artist in enumerate(artists):
         if label not in train_labels:
@@ -125,8 +127,39 @@ def load_artists(root: Path, artists: list[str], allow_outside_root: bool = Fals
     return data, manifests
 
 
+def load_packed_dataset(root: Path, artists: list[str], entries: list[dict], entry_labels: list[int],
+                        log: logging.Logger = LOG) -> Dataset:
+    """The dataset of the pooled `entries` (artist `entry_labels`), each artist's frames memory-mapped from
+    its packed cache (pipeline.token_cache: packed on first use, rebuilt when a token file changes)."""
+    from .token_cache import ConcatenatedCodes, packed_tokens
+
+    packs, used, skipped = [], [], []  # per artist's PackedTokens; pooled entries packed / skipped, in order
+    for label, artist in enumerate(artists):
+        numbers = [number for number, own in enumerate(entry_labels) if own == label]  # this artist's entries
+        packs.append(packed_tokens(root, artist, [entries[n] for n in numbers], load_token_file,
+                                   check_entry_matches, log))
+        for number, record in zip(numbers, packs[-1].records):
+            if "frames" in record:
+                used.append((number, record))
+            else:
+                skipped.append((entries[number]["audio"], record["skipped"]))
+    codebook_counts = {int(pack.codes.shape[1]) for pack in packs}
+    if len(codebook_counts) > 1:
+        raise StageError(f"token files mix codebook counts {sorted(codebook_counts)}; "
+                         "re-tokenize the artist with one --bandwidth")
+    lengths = np.array([record["frames"] for _, record in used], dtype=np.int64)  # [n_clips]
+    store = TokenStore(codes=packs[0].codes if len(packs) == 1 else ConcatenatedCodes([p.codes for p in packs]),
+                       offsets=np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64), lengths=lengths,
+                       splits=[entries[n].get("split", "train") for n, _ in used],
+                       names=[entries[n]["audio"] for n, _ in used],
+                       labels=None if len(artists) == 1 else np.array([entry_labels[n] for n, _ in used], dtype=np.int64))
+    files = [SimpleNamespace(**record["file"]) for _, record in used]  # what token_contract_of reads of a file
+    return Dataset(store=store, token_contract=token_contract_of(files, entries), skipped=skipped)
+
+
 def load_dataset(entries: list[dict], log: logging.Logger = LOG, entry_labels: list[int] | None = None) -> Dataset:
-    """Read every token file once (int16) into a TokenStore; unusable files are named and skipped.
+    """Read every token file once (int16) into an in-memory TokenStore; unusable files are named and skipped.
+    (Stage 4 maps each artist's packed cache instead: `load_packed_dataset`.)
 
     `entry_labels`: the artist label of each entry (a joint model's pooled manifests)."""
     chunks, lengths, splits, names, skipped, files, labels = [], [], [], [], [], [], []
