@@ -54,6 +54,23 @@ def join_nll_bits(model, frames: torch.Tensor, end: int, pattern: str, context: 
     return float(frame_nll_bits(model, joined, pattern, artist)[0, -join_frames:].mean())
 
 
+def join_nll_bits_of_ends(model, frames: torch.Tensor, ends: list[int], pattern: str, context: int, join_frames: int,
+                          artist: torch.Tensor | None = None, batch: int = 16) -> dict[int, float]:
+    """`join_nll_bits` of every end in `ends` -> {end: bits}. The ends with a full `context` before the join
+    are scored `batch` at a time (one forward each); the others, whose windows are shorter, one by one."""
+    scores = {end: join_nll_bits(model, frames, end, pattern, context, join_frames, artist)
+              for end in ends if end < context - join_frames}
+    full = [end for end in ends if end >= context - join_frames]
+    for first in range(0, len(full), batch):
+        group = full[first:first + batch]
+        joined = torch.stack([torch.cat([frames[0, end - context + join_frames:end], frames[0, :join_frames]])
+                              for end in group])  # G x [C, Q] -> [G, C, Q]
+        rows = None if artist is None else artist.expand(len(group), -1)  # [1, n] -> [G, n]
+        bits = frame_nll_bits(model, joined, pattern, rows)[:, -join_frames:].mean(dim=1)  # [G, C] -> [G]
+        scores.update(zip(group, bits.tolist()))
+    return scores
+
+
 def choose_loop_end(model, frames: torch.Tensor, intended_end: int, search_frames: int, pattern: str,
                     context: int, join_frames: int = 8, artist: torch.Tensor | None = None) -> tuple[int, float]:
     """(loop end, its join NLL): the end within `intended_end ± search_frames` (inside the generated
@@ -61,8 +78,7 @@ def choose_loop_end(model, frames: torch.Tensor, intended_end: int, search_frame
     total = frames.shape[1]
     first = max(join_frames + 1, intended_end - search_frames)
     last = min(total, intended_end + search_frames)
-    scores = {end: join_nll_bits(model, frames, end, pattern, context, join_frames, artist)
-              for end in range(first, last + 1)}
+    scores = join_nll_bits_of_ends(model, frames, list(range(first, last + 1)), pattern, context, join_frames, artist)
     best = min(scores, key=scores.get)
     return best, scores[best]
 
