@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="frames the boost decays over")
     collapse.add_argument("--max-temperature", type=LIMITS["max_temperature"], default=DEFAULTS.max_temperature,
                           help="cap of a boosted temperature")
+    add_publishing_options(parser)
     output = parser.add_argument_group("decoding and output")
     output.add_argument("--decode-chunk-seconds", type=LIMITS["decode_chunk_seconds"],
                         default=DEFAULTS.decode_chunk_seconds,
@@ -115,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="loudness of the WAV (peak capped at -1 dBFS)")
     output.add_argument("--name", default=DEFAULTS.name, help="output name; <name>_<i> when --num-samples > 1")
     return parser
+
+
+def add_publishing_options(parser: argparse.ArgumentParser) -> None:
+    publish = parser.add_argument_group("publishing: originality and loops (docs/stage5.md)")
+    publish.add_argument("--loop", action="store_true",
+                         help="make each piece a seamless loop: generated past --seconds, it ends near --seconds "
+                              "where the model finds its start most likely, the audio after the end is crossfaded "
+                              "into the start, and the WAV gets a smpl chunk with the loop points")
+    publish.add_argument("--max-copy-seconds", type=LIMITS["max_copy_seconds"], metavar="S",
+                         help="generate again (new seed) a piece that repeats more than S seconds of the training "
+                              "tokens verbatim (needs the model's training_index.npz); off when not given")
+    publish.add_argument("--max-copy-retries", type=LIMITS["max_copy_retries"], default=DEFAULTS.max_copy_retries,
+                         metavar="N",
+                         help="regenerations per piece before it is kept, with a warning, as it is")
 
 
 def parse_blend(text: str) -> dict:

@@ -17,7 +17,7 @@ import math
 import random
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +32,12 @@ from .decoding import (OverlappedDecoder, chunk_scales, decode_chunked, frames_f
 from .files import PathEscapesRoot, atomic_path, atomic_write_json, remove_stale_temporaries, resolve_inside
 from .generation import (GenerationSettings, ThreadPlan, blend_weights, cpu_threads, generate_frames, label_weights,
                          thread_plan)
+from .loops import join_step_report
 from .manifest import ManifestError, manifest_path, read_manifest
 from .model_io import LoadedModel, load_model
+from .originality import TrainingIndex
+from .publish import (INDEXES, LoopChoice, LoopPlan, choose_loop, describe_copy, longest_copy_seconds, loop_audio,
+                      loop_plan, retry_seed, write_loop_wav)
 from .request import DEFAULT_CFG_COEF, GenerationRefused, GenerationRequest, check_artist_options
 from .runs import find_checkpoint, pieces_dir
 from .sampling import CollapseDetector, CollapseSettings, SamplingSettings
@@ -236,6 +240,9 @@ class Run:
     threads: ThreadPlan
     conditioning: Conditioning
     timings: dict = field(default_factory=dict)
+    index: TrainingIndex | None = None  # the model's training index (pipeline.originality), None without one
+    index_reason: str | None = None  # why there is no index
+    loop: LoopPlan | None = None  # a loop job: where each piece should end (generated past it)
 
     @property
     def overlapped(self) -> bool:
@@ -279,12 +286,15 @@ def write_pieces(request: GenerationRequest, preloaded: Preloaded | None = None,
     run = prepare(request, preloaded or load_model_and_codec(request, codec_loader),
                   already_loaded=preloaded is not None)
     frames, detector, waves, notes = generate_and_decode(run, on_frames, cancel)
+    takes = {index: make_take(run, frames, detector, waves, index, run.seed)
+             for index, name in enumerate(names) if name in todo}
+    takes = enforce_max_copy(run, takes, notes, cancel)
     for index, name in enumerate(names):
         if name not in todo:
             report.skipped.append(name)
             continue
         try:
-            finish_piece(run, frames[index:index + 1], waves[index], detector, index, out_folder / name, notes)
+            finish_piece(run, takes[index], index, out_folder / name, notes)
             report.done.append(name)
         except (OSError, RuntimeError, ValueError) as error:  # one piece's failure must not lose the others
             report.fail(out_folder / name, f"{type(error).__name__}: {error}", LOG)
@@ -299,12 +309,10 @@ def prepare(request: GenerationRequest, preloaded: Preloaded, already_loaded: bo
     prompt_started = time.perf_counter()
     prompt = build_prompt(request, codec, loaded)
     context, stride = resolve_window(request, loaded)
-    audio_samples = round(request.seconds * SAMPLE_RATE)
-    total_frames = frames_for_samples(codec, audio_samples)
-    if prompt.n_frames >= total_frames:
-        raise GenerationRefused(f"the prompt already holds {prompt.n_frames} frames, --seconds {request.seconds:g} "
-                                f"asks for {total_frames}: nothing to generate (raise --seconds or lower "
-                                "--prompt-seconds)")
+    audio_samples, total_frames, plan = piece_length(request, codec, prompt)
+    index, index_reason = INDEXES.get(loaded.path)
+    if index is None and request.max_copy_seconds is not None:
+        raise GenerationRefused(f"--max-copy-seconds needs the model's training index: {index_reason}")
     median, median_source = median_scale_for(loaded.contract, request.root, request.artist or next(iter(request.blend)))
     scales, scale_sources = chunk_scales(prompt.scales, codec.n_chunks(audio_samples), median, median_source)
     if "default 1.0" in scale_sources:
@@ -313,10 +321,25 @@ def prepare(request: GenerationRequest, preloaded: Preloaded, already_loaded: bo
     run = Run(request=request, loaded=loaded, codec=codec, prompt=prompt, seed=seed, device=preloaded.device,
               context=context, stride=stride, total_frames=total_frames, audio_samples=audio_samples, scales=scales,
               scale_sources=scale_sources, threads=thread_plan(preloaded.device, request.threads),
-              conditioning=conditioning)
+              conditioning=conditioning, index=index, index_reason=index_reason, loop=plan)
     run.timings.update(load_s=0.0 if already_loaded else preloaded.load_seconds,
                        prompt_s=time.perf_counter() - prompt_started)
     return run
+
+
+def piece_length(request: GenerationRequest, codec, prompt: Prompt) -> tuple[int, int, LoopPlan | None]:
+    """(audio samples, frames) to generate, and a loop job's plan: a loop is generated past its length."""
+    audio_samples = round(request.seconds * SAMPLE_RATE)
+    total_frames = frames_for_samples(codec, audio_samples)
+    if prompt.n_frames >= total_frames:
+        raise GenerationRefused(f"the prompt already holds {prompt.n_frames} frames, --seconds {request.seconds:g} "
+                                f"asks for {total_frames}: nothing to generate (raise --seconds or lower "
+                                "--prompt-seconds)")
+    if not request.loop:
+        return audio_samples, total_frames, None
+    plan = loop_plan(request.seconds, total_frames, codec.frame_rate, prompt.n_frames)
+    audio_samples = round((request.seconds + plan.extra_seconds) * SAMPLE_RATE)
+    return audio_samples, frames_for_samples(codec, audio_samples), plan
 
 
 def generate_and_decode(run: Run, on_frames=None, cancel=None) -> tuple[torch.Tensor, CollapseDetector, list, list]:
@@ -394,6 +417,88 @@ def decode_pieces(run: Run, frames: torch.Tensor, decoder: OverlappedDecoder | N
     return waves
 
 
+# ==== takes: a piece as generated, its loop, its originality, and regenerations ===================
+@dataclass
+class Take:
+    """One piece as generated, with what was found about it."""
+
+    frames: torch.Tensor  # long [1, N, Q]: every generated frame (a loop's run past its end included)
+    wave: object  # its wave [2, S], or the error that stopped its decoding
+    events: list  # its collapse events
+    seed: int  # the seed of the batch that generated it
+    row: int  # its row in that batch
+    pieces: int  # the pieces of that batch
+    loop: LoopChoice | None = None
+    originality: dict | None = None
+
+    def kept_frames(self, run: Run) -> int:
+        return run.total_frames if self.loop is None else self.loop.end_frame
+
+    def kept_samples(self, run: Run) -> int:
+        return run.audio_samples if self.loop is None else samples_for_frames(run.codec, self.loop.end_frame)
+
+
+def make_take(run: Run, frames: torch.Tensor, detector: CollapseDetector, waves: list, row: int, seed: int) -> Take:
+    """Row `row` of a batch's frames `[B, N, Q]`: its loop end chosen (a loop job), its frames looked up in
+    the training index (the prompt's frames marked)."""
+    take = Take(frames=frames[row:row + 1], wave=waves[row], seed=seed, row=row, pieces=frames.shape[0],
+                events=[event for event in detector.events if event["sample"] == row])
+    if run.loop is not None:
+        with cpu_threads(run.threads.decode):  # batched forwards: large products, like decoding's
+            take.loop = choose_loop(run.loaded.model, take.frames, run.loop, run.loaded.pattern, run.context,
+                                    run.conditioning.weights, run.device)
+    if run.index is not None:
+        kept = take.frames[0, :take.kept_frames(run)].numpy()  # [1, N, Q] -> [T, Q]
+        take.originality = run.index.report(kept, prompt_frames=run.prompt.n_frames)
+    return take
+
+
+def enforce_max_copy(run: Run, takes: dict, notes: list, cancel=None) -> dict:
+    """{index: Take} with every piece whose longest copied run (all codebooks) exceeds --max-copy-seconds
+    generated again, with a new seed each round, up to --max-copy-retries rounds; a piece still over the
+    limit keeps its least copied take, with a warning in the log and in its `originality`."""
+    limit = run.request.max_copy_seconds
+    if limit is None or run.index is None:
+        return takes
+    tried = {index: [attempt_summary(take)] for index, take in takes.items()}
+    for attempt in range(1, run.request.max_copy_retries + 1):
+        over = [index for index, take in takes.items() if longest_copy_seconds(take.originality) > limit]
+        if not over:
+            break
+        seed = retry_seed(run.seed, attempt)
+        LOG.info("%d piece(s) copy more than %g s of the training tokens: generating them again with seed %d "
+                 "(round %d of %d)", len(over), limit, seed, attempt, run.request.max_copy_retries)
+        retry = replace(run, request=replace(run.request, num_samples=len(over)), seed=seed, timings={})
+        frames, detector, waves, retry_notes = generate_and_decode(retry, cancel=cancel)
+        notes.extend(retry_notes)
+        run.timings["regenerate_s"] = (run.timings.get("regenerate_s", 0.0) + retry.timings["generate_s"]
+                                       + retry.timings["decode_wait_s"])
+        for row, index in enumerate(over):
+            take = make_take(run, frames, detector, waves, row, seed)
+            tried[index].append(attempt_summary(take))
+            if longest_copy_seconds(take.originality) < longest_copy_seconds(takes[index].originality):
+                takes[index] = take
+    for index, take in takes.items():
+        take.originality.update(max_copy_seconds=limit, attempts=tried[index],
+                                warning=copy_warning(take.originality, limit, len(tried[index])))
+        if take.originality["warning"]:
+            LOG.warning("piece %d: %s", index, take.originality["warning"])
+    return takes
+
+
+def attempt_summary(take: Take) -> dict:
+    """One take of a piece, for the sidecar: how to generate it again, and how much it copied."""
+    return {"seed": take.seed, "pieces": take.pieces, "row": take.row,
+            "longest_copy_seconds": longest_copy_seconds(take.originality)}
+
+
+def copy_warning(report: dict, limit: float, takes: int) -> str | None:
+    if longest_copy_seconds(report) <= limit:
+        return None
+    return (f"{describe_copy(report)}: over --max-copy-seconds {limit:g} after {takes} takes; kept the least "
+            "copied one. Listen to the training file at that time before publishing this piece")
+
+
 # ==== outputs =================================================================================
 def piece_names(name: str, count: int) -> list[str]:
     return [name] if count == 1 else [f"{name}_{index}" for index in range(count)]
@@ -435,57 +540,81 @@ def write_spectrogram(samples: np.ndarray, path: Path, title: str, prompt_second
     plt.close(figure)
 
 
-def finish_piece(run: Run, frames: torch.Tensor, wave, detector: CollapseDetector, index: int, stem: Path,
-                 notes: list) -> None:
-    """Write one piece's WAV, tokens, spectrogram and sidecar JSON from its frames `[1, N, Q]` and wave `[2, S]`."""
-    if isinstance(wave, Exception):
-        raise wave
+def finish_piece(run: Run, take: Take, index: int, stem: Path, notes: list) -> None:
+    """Write one piece's WAV (a loop's with its `smpl` chunk), tokens, spectrogram and sidecar JSON."""
+    if isinstance(take.wave, Exception):
+        raise take.wave
     codec = run.codec
-    codes = frames_to_chunk_codes(codec, frames, run.audio_samples)  # [1, Q, n_chunks*150], padded last chunk
-    samples, gain_db = normalise(wave, run.request.target_lufs)
-    write_wav(samples, stem.with_suffix(".wav"))
-    token_file = TokenFile(codes=codes.to(torch.int16), scales=run.scales, num_samples=run.audio_samples,
-                           bandwidth=float(run.loaded.contract["bandwidth"]), codec=codec.name,
-                           source=run.prompt.source,
+    kept_frames, kept_samples = take.kept_frames(run), take.kept_samples(run)
+    codes = frames_to_chunk_codes(codec, take.frames[:, :kept_frames], kept_samples)  # [1, Q, n_chunks*150]
+    samples, gain_db, loop = piece_samples(run, take)
+    if loop is None:
+        write_wav(samples, stem.with_suffix(".wav"))
+    else:
+        write_loop_wav(samples, stem.with_suffix(".wav"), SAMPLE_RATE)
+    token_file = TokenFile(codes=codes.to(torch.int16), scales=run.scales[:codec.n_chunks(kept_samples)],
+                           num_samples=kept_samples, bandwidth=float(run.loaded.contract["bandwidth"]),
+                           codec=codec.name, source=run.prompt.source,
                            extra={"generated_by": STAGE, "prompt_frames": run.prompt.n_frames,
-                                  "pattern": run.loaded.pattern})
+                                  "pattern": run.loaded.pattern, "loop": loop is not None})
     save_token_file(token_file, stem.with_suffix(".th"))
     prompt_seconds = samples_for_frames(codec, run.prompt.n_frames) / SAMPLE_RATE if run.prompt.n_frames else 0.0
     write_spectrogram(samples, stem.with_suffix(".png"), stem.name, prompt_seconds)
-    sidecar = describe(run, index, stem.name, detector, gain_db, notes)
+    sidecar = describe(run, take, index, stem.name, gain_db, notes, loop)
     atomic_write_json(sidecar, stem.with_suffix(".json"))
-    LOG.info("wrote %s.{wav,th,png,json} (%.1f s of audio, real-time factor %.2f)", stem,
-             run.audio_samples / SAMPLE_RATE, sidecar["real_time_factor"])
+    loop_note = "" if loop is None else (
+        f"; a loop of {kept_samples} samples, join NLL {loop['join_nll_bits']:.2f} against the piece's mean "
+        f"{loop['piece_mean_nll_bits']:.2f} bits/frame, join step {'within' if loop['join_step_ok'] else 'OVER'} "
+        "the piece's 99.9th percentile")
+    LOG.info("wrote %s.{wav,th,png,json} (%.1f s of audio, real-time factor %.2f); %s%s", stem,
+             kept_samples / SAMPLE_RATE, sidecar["real_time_factor"], describe_copy(take.originality), loop_note)
 
 
-def describe(run: Run, index: int, name: str, detector: CollapseDetector, gain_db: float, notes: list) -> dict:
-    """The sidecar JSON: every parameter, the checkpoint, seeds, collapse events, timings, codec."""
-    request, audio_seconds = run.request, run.audio_samples / SAMPLE_RATE
+def piece_samples(run: Run, take: Take) -> tuple[np.ndarray, float, dict | None]:
+    """The piece's samples `[S, 2]` at the target loudness, the gain in dB, and a loop's sidecar figures:
+    a loop's audio after its end is crossfaded into its start, then cut (`pipeline.publish.loop_audio`)."""
+    if take.loop is None:
+        samples, gain_db = normalise(take.wave, run.request.target_lufs)
+        return samples, gain_db, None
+    loop_samples = take.kept_samples(run)
+    looped = loop_audio(take.wave.T.numpy().astype(np.float32), loop_samples, SAMPLE_RATE)  # [2, S] -> [L, 2]
+    samples, gain_db = normalise(torch.from_numpy(np.ascontiguousarray(looped.T)), run.request.target_lufs)
+    return samples, gain_db, take.loop.report(loop_samples, join_step_report(samples))
+
+
+def describe(run: Run, take: Take, index: int, name: str, gain_db: float, notes: list, loop: dict | None) -> dict:
+    """The sidecar JSON: every parameter, the checkpoint, seeds, collapse events, timings, codec, the
+    originality report (null without a training index, `originality_reason` says why) and a loop's figures."""
+    request = run.request
+    kept_frames, kept_samples = take.kept_frames(run), take.kept_samples(run)
     wall_seconds = run.timings["generate_s"] + run.timings["decode_wait_s"]  # the whole batch, audio ready
-    generated = run.total_frames - run.prompt.n_frames
+    generated = run.total_frames - run.prompt.n_frames  # per piece, a loop's frames past its end included
     return {
         "name": name, "artist": request.label, "sample_index": index, "stage": STAGE,
         "conditioning": run.conditioning.describe(request.model_name, run.loaded.artists),
         "parameters": request.parameters(),
         "checkpoint": {"path": str(run.loaded.path), "epoch": run.loaded.epoch, "step": run.loaded.step,
                        "model_args": run.loaded.model_args, "token_contract": run.loaded.contract},
-        "seed": run.seed, "seeding": "one torch.Generator seeded with `seed` draws every piece of the batch",
+        "seed": take.seed, "seeding": "one torch.Generator seeded with `seed` draws every piece of the batch",
         "device": run.device,
         "window": {"context_frames": run.context, "stride_frames": run.stride, "kv_cache": request.use_cache,
                    "engine": run.engine_name},
         "prompt": {"kind": run.prompt.kind, "source": run.prompt.source, "frames": run.prompt.n_frames},
-        "frames": {"total": run.total_frames, "prompt": run.prompt.n_frames, "generated": generated},
-        "duration_s": audio_seconds, "audio_samples": run.audio_samples, "sample_rate": SAMPLE_RATE, "channels": 2,
-        "scales": [round(float(s), 6) for s in run.scales], "scale_sources": run.scale_sources,
+        "frames": {"total": kept_frames, "prompt": run.prompt.n_frames, "generated": kept_frames - run.prompt.n_frames},
+        "duration_s": kept_samples / SAMPLE_RATE, "audio_samples": kept_samples, "sample_rate": SAMPLE_RATE,
+        "channels": 2, "scales": [round(float(s), 6) for s in run.scales[:run.codec.n_chunks(kept_samples)]],
+        "scale_sources": run.scale_sources[:run.codec.n_chunks(kept_samples)],
         "loudness": {"target_lufs": request.target_lufs, "gain_db": round(gain_db, 3)},
-        "collapse_events": [event for event in detector.events if event["sample"] == index],
+        "collapse_events": take.events,
         "timings": {key: round(value, 4) for key, value in run.timings.items()},
         "threads": {"generate": run.threads.generate, "decode": run.threads.decode,
                     "decode_overlapped": run.overlapped},
         "frames_per_second": round(generated * request.num_samples / max(run.timings["generate_s"], 1e-9), 2),
-        "real_time_factor": round(audio_seconds * request.num_samples / max(wall_seconds, 1e-9), 3),
+        "real_time_factor": round(kept_samples / SAMPLE_RATE * request.num_samples / max(wall_seconds, 1e-9), 3),
         "codec": {"name": run.codec.name, "pretrained": run.codec.pretrained,
                   "bandwidth": float(run.loaded.contract["bandwidth"])},
         "warning": None if run.codec.pretrained else UNTRAINED_WARNING,
         "decode_notes": notes,
+        "originality": take.originality, "originality_reason": run.index_reason,
+        "loop": loop,
     }

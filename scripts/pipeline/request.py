@@ -76,6 +76,9 @@ class GenerationRequest:
     decode_chunk_seconds: float = 10.0  # 0: all chunks in one pass
     decode_at_end: bool = False
     target_lufs: float = DEFAULT_TARGET_LUFS
+    loop: bool = False  # True: each piece ends where it flows into its start (a seamless loop, `smpl` chunk)
+    max_copy_seconds: float | None = None  # regenerate a piece that copies more of the training tokens; None: off
+    max_copy_retries: int = 3  # regenerations per piece before it is kept with a warning
     name: str = "sample"  # <name>, or <name>_<i> for several pieces
     overwrite: bool = False
 
@@ -106,6 +109,7 @@ LIMITS = {  # field -> a checker that parses text or a number and raises argpars
     "seed": non_negative_int, "num_samples": positive_int, "collapse_bits": non_negative_float,
     "collapse_window": positive_int, "boost": factor_at_least_one, "boost_frames": positive_int,
     "max_temperature": positive_float, "decode_chunk_seconds": non_negative_float, "target_lufs": loudness_target,
+    "max_copy_seconds": non_negative_float, "max_copy_retries": non_negative_int,
 }
 NAME_FIELDS = ("artist", "model")  # folder names
 
