@@ -14,11 +14,10 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from conftest import STAGE5_ARTIST as ARTIST, sine_tone  # noqa: E402
+from helpers import ARTIST, make_root, sine_tone  # noqa: E402
 from pipeline import pieces  # noqa: E402
 from pipeline.request import GenerationRequest  # noqa: E402
 from pipeline.studio import Studio, create_app, served_hosts  # noqa: E402
-from test_stage5_cli import make_root  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -331,3 +330,40 @@ def test_a_job_over_the_memory_limit_is_refused_with_the_limit(studio):
             assert client.post("/api/generate", json={"artist": ARTIST, "seconds": 0.5}).status_code == 202
     finally:
         small.close()
+
+
+def index_training_tokens(studio) -> None:
+    """model_results/demo/training_index.npz over one random training clip."""
+    from pipeline.originality import INDEX_FILE, TrainingIndex
+
+    clip = np.random.default_rng(3).integers(0, 1024, size=(600, 4))
+    TrainingIndex.build([clip], ["encoded_tokens/demo/song_0.th"]).save(studio.root / "model_results" / ARTIST /
+                                                                        INDEX_FILE)
+
+
+def test_max_copy_seconds_needs_the_models_training_index(client, studio):
+    response = client.post("/api/generate", json={"artist": ARTIST, "max_copy_seconds": 0.5})
+    assert response.status_code == 422 and "max_copy_seconds" in response.json()["detail"]
+    assert "pipeline.originality --model" in response.json()["detail"]
+    assert client.post("/api/generate", json={"artist": ARTIST, "max_copy_seconds": -1}).status_code == 422
+    assert studio.jobs == {}
+
+
+def test_a_loop_with_a_copy_limit_shows_its_figures_beside_the_piece(client, studio):
+    index_training_tokens(studio)
+    status = wait_for(client, generate(client, seconds=1.0, seed=3, loop=True, max_copy_seconds=5))
+    assert status["state"] == "done", status
+    piece = status["pieces"][0]
+    sidecar = client.get(f"/api/pieces/{piece}").json()
+    assert sidecar["parameters"]["loop"] is True and sidecar["parameters"]["max_copy_seconds"] == 5.0
+    assert sidecar["originality"]["max_copy_seconds"] == 5.0 and sidecar["originality"]["warning"] is None
+    loop = sidecar["loop"]
+    assert loop["start_sample"] == 0 and loop["end_sample"] + 1 == sidecar["audio_samples"]
+    wave, _ = sf.read(io.BytesIO(client.get(f"/api/pieces/{piece}/audio").content))
+    assert wave.shape == (sidecar["audio_samples"], 2)
+    listed = {entry["id"]: entry for entry in client.get("/api/pieces").json()}[piece]
+    assert listed["originality"] == {"longest_copy_seconds": 0.0, "training_file": None, "training_seconds": None,
+                                     "piece_seconds": None, "copied_share": 0.0, "warning": None}
+    assert listed["loop"] == loop and listed["originality_reason"] is None
+    page = client.get("/").text
+    assert re.search(r'id="loop"[^>]*type="checkbox"', page) and 'id="max_copy_seconds"' in page

@@ -48,7 +48,7 @@ MEMORY_SHARE = 0.5  # a job may use this share of the machine's memory (by `esti
 # the GenerationRequest fields a request may set directly; `model`, `artist`, `blend` and the prompt
 # are checked against the catalog first
 REQUEST_FIELDS = ("seconds", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "num_samples",
-                  "prompt_seconds", "cfg_coef")
+                  "prompt_seconds", "cfg_coef", "loop", "max_copy_seconds")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:-]{0,200}$")
@@ -133,14 +133,27 @@ def piece_id(artist: str, name: str) -> str:
 
 
 def piece_summary(identifier: str, stem: Path) -> dict:
-    """What the page lists for a piece: its id, links and a few sidecar fields."""
+    """What the page lists for a piece: its id, links and a few sidecar fields (originality and loop
+    figures included; pieces written before they existed have none)."""
     sidecar = json.loads(stem.with_suffix(".json").read_text())
     base = f"/api/pieces/{identifier}"
     return {"id": identifier, "artist": sidecar.get("artist"), "name": sidecar.get("name"),
             "duration_s": sidecar.get("duration_s"), "seed": sidecar.get("seed"),
             "created": stem.with_suffix(".json").stat().st_mtime,
             "collapse_events": sidecar.get("collapse_events", []), "warning": sidecar.get("warning"),
+            "originality": originality_summary(sidecar.get("originality")),
+            "originality_reason": sidecar.get("originality_reason"), "loop": sidecar.get("loop"),
             "audio": f"{base}/audio", "spectrogram": f"{base}/spectrogram", "sidecar": base}
+
+
+def originality_summary(report: dict | None) -> dict | None:
+    """The figures the page shows beside a piece: its longest copied run (all codebooks), where it comes
+    from, the copied share of its windows, and a --max-copy-seconds warning."""
+    if report is None:
+        return None
+    keys = ("longest_copy_seconds", "training_file", "training_seconds", "piece_seconds", "copied_share",
+            "warning")
+    return {key: report.get(key) for key in keys}
 
 
 # ==== requests ================================================================================
@@ -161,6 +174,8 @@ class GenerateBody(BaseModel):
     num_samples: int | None = None
     prompt_id: str | None = None
     prompt_seconds: float | None = None
+    loop: bool | None = None  # stage 5's --loop: each piece a seamless loop
+    max_copy_seconds: float | None = None  # stage 5's --max-copy-seconds (None: off)
 
 
 def generation_request(settings: dict, root: Path, model: str, artist: str | None, blend: dict | None,
@@ -284,6 +299,10 @@ class Studio:
         request = generation_request(settings, self.root, model, artist, blend, checkpoint, name,
                                      self.checked_prompt(settings.get("prompt_id")))
         self.check_size(request, checkpoint)
+        if request.max_copy_seconds is not None and not (checkpoint.parent / runs.TRAINING_INDEX).is_file():
+            raise StudioError(422, f"max_copy_seconds: model {model!r} has no {runs.TRAINING_INDEX} to look pieces "
+                                   "up in (trained before stage 4 wrote one): build it with `PYTHONPATH=scripts "
+                                   f"python -m pipeline.originality --model {checkpoint.parent}`")
         job = Job(id=identifier, model=model, request=request)
         self.jobs[identifier] = job
         self.queue.put(job)
