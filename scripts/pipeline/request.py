@@ -18,6 +18,7 @@ from .cli import artist_name, bounded_number, non_negative_float, non_negative_i
 from .contract import FRAME_RATE, SAMPLE_RATE, VOCAB_SIZE
 from .generation import ENGINES
 from .patterns import extra_steps
+from .publish import LOOP_EXTRA_SECONDS
 from .sampling import CollapseSettings, SamplingSettings
 
 DEFAULT_CFG_COEF = 3.0  # audiocraft's default guidance for a conditioned model
@@ -177,10 +178,11 @@ def estimated_job_bytes(request: GenerationRequest, model_args: dict, contract: 
     weights = 12 * layers * d_model ** 2 + d_model * n_codebooks * VOCAB_SIZE + positions * d_model
     kv_cache = 2 * layers * rows * capacity * d_model
     prefill = rows * capacity * (heads * capacity + 8 * d_model) + 4 * rows * n_codebooks * VOCAB_SIZE
-    frames = math.ceil(request.seconds * FRAME_RATE) + 2 * FRAME_RATE  # the codec's chunks round up
+    seconds = request.seconds + (LOOP_EXTRA_SECONDS[1] if request.loop else 0.0)  # a loop is generated past its end
+    frames = math.ceil(seconds * FRAME_RATE) + 2 * FRAME_RATE  # the codec's chunks round up
     frame_buffers = 3 * request.num_samples * frames * n_codebooks * 2  # long = two float32 words
     # every piece's chunk waves and joined wave at the end of decoding, plus one piece being written
-    waves = (2 * request.num_samples + 2) * round(request.seconds * SAMPLE_RATE) * 2
+    waves = (2 * request.num_samples + 2) * round(seconds * SAMPLE_RATE) * 2
     return 4 * (weights + kv_cache + prefill + frame_buffers + waves)
 
 
