@@ -1,7 +1,8 @@
 """The run folder: where stage 4 writes a model and stage 5 writes its pieces, and how they are read.
 
     <root>/model_results/<model>/     stage 4: music_transformer_ep<N>.pt, last.pt, best.pt,
-                                      metrics.jsonl, loss.png, training_index.npz
+                                      metrics.jsonl, loss.png, loss_by_position.png,
+                                      training_index.npz
     <root>/music_transformer/<label>/ stage 5: <piece>.{wav,th,png,json}
 
 `<model>` is the artist's name (a one-artist model) or the `--name` of a joint model. Every rule of
@@ -25,8 +26,10 @@ EPOCH_PREFIX = "music_transformer_ep"  # + "<N>.pt": a checkpoint at the end of 
 CHECKPOINT_PREFERENCE = ("best.pt", "last.pt")  # what generation uses when no checkpoint is named
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
+POSITIONS_PLOT = "loss_by_position.png"  # valid NLL by the frame's position in its window
 TRAINING_INDEX = "training_index.npz"  # the train split's token windows (pipeline.originality)
-OUTPUT_PATTERNS = (f"{EPOCH_PREFIX}*.pt", "last.pt", "best.pt", METRICS_FILE, LOSS_PLOT, TRAINING_INDEX)
+OUTPUT_PATTERNS = (f"{EPOCH_PREFIX}*.pt", "last.pt", "best.pt", METRICS_FILE, LOSS_PLOT, POSITIONS_PLOT,
+                   TRAINING_INDEX)
 BASELINE_RECORD = "baselines"  # the `record` field of metrics.jsonl's baseline line (epoch 0)
 
 
