@@ -28,6 +28,7 @@ from pipeline.files import remove_stale_temporaries  # noqa: E402
 from pipeline.originality import write_training_index  # noqa: E402
 from pipeline.model_io import find_init_source, initialise_from  # noqa: E402
 from pipeline.patterns import PATTERNS, extra_steps  # noqa: E402
+from pipeline.positions import POSITIONS, relative_forward  # noqa: E402
 from pipeline import threads  # noqa: E402
 from pipeline.requirements import check_transformers  # noqa: E402
 from pipeline.runs import TRAINING_INDEX, clear_outputs, epoch_checkpoints, model_dir, read_checkpoint  # noqa: E402
@@ -57,6 +58,8 @@ class ModelArgs:
     # input channels start at std 0.02 ("match", the position table's), 1 ("unit") or ~0.004 ("gpt2", the original's)
     embed_init: str = "match"
     n_artists: int = 0  # artist labels; 0: unconditioned (no table), N > 0: N + 1 embeddings, "no artist" last
+    # "learned" (GPT-2's table; every checkpoint written before this field), "rope" or "alibi" (pipeline.positions)
+    positions: str = "learned"
 
 
 # The original's architecture, for checkpoints written before these fields existed.
@@ -82,6 +85,8 @@ class MusicTransformer(nn.Module):
 
         if args.embed_init not in EMBED_INITS:
             raise ValueError(f"embed_init {args.embed_init!r}: choose one of {', '.join(EMBED_INITS)}")
+        if args.positions not in POSITIONS:
+            raise ValueError(f"positions {args.positions!r}: choose one of {', '.join(POSITIONS)}")
         self.args = args
         self.embeddings = nn.ModuleList(
             nn.Embedding(VOCAB_SIZE, args.d_embed, padding_idx=PAD) for _ in range(args.n_codebooks))
@@ -123,9 +128,12 @@ class MusicTransformer(nn.Module):
             nn.init.normal_(self.artist_table.weight, std=0.02)  # like GPT-2's position table
 
     def prepare_training(self, grad_checkpointing: bool = False) -> None:
-        """Freeze GPT-2's token table (unused: inputs arrive through inputs_embeds); with
-        `grad_checkpointing`, recompute the backbone's activations in the backward pass."""
+        """Freeze GPT-2's token table (unused: inputs arrive through inputs_embeds) and, with relative
+        positions, its position table (RoPE / ALiBi carry the positions); with `grad_checkpointing`,
+        recompute the backbone's activations in the backward pass."""
         self.backbone.wte.requires_grad_(False)
+        if self.args.positions != "learned":
+            self.backbone.wpe.requires_grad_(False)
         if grad_checkpointing:
             self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
@@ -177,6 +185,13 @@ class MusicTransformer(nn.Module):
         """
         if attention_mask is None and cache is None:
             attention_mask = padding_mask(tokens)
+        if self.args.positions != "learned":  # RoPE / ALiBi: GPT-2's blocks, relative scores (no cache)
+            if cache is not None or use_cache:
+                raise ValueError(f"a model with {self.args.positions} positions has no transformers cache: "
+                                 "generate with the lean engine")
+            hidden = relative_forward(self.backbone, self.embed(tokens, artist), attention_mask, self.args.positions,
+                                      position_ids)
+            return self.logits(hidden), None
         out = self.backbone(inputs_embeds=self.embed(tokens, artist), attention_mask=attention_mask, cache=cache,
                             use_cache=use_cache, position_ids=position_ids)
         return self.logits(out.last_hidden_state), (out.cache if use_cache else None)
@@ -241,13 +256,14 @@ TRAIN_DEFAULTS = dict(
     embed_init="match", pattern="delay", context_frames=1500, epochs=20, batch_size=8, grad_accum=1, lr=None,
     min_lr_frac=0.1, warmup_frac=0.05, weight_decay=0.1, max_grad_norm=1.0, label_smoothing=0.0,
     frame_dropout=0.0, seed=0, keep_last=1, max_steps=0, patience=4, device="auto", compile=False,
-    grad_checkpointing=False, artist_alpha=0.5, cond_dropout=0.3, init_from=None,
+    grad_checkpointing=False, artist_alpha=0.5, cond_dropout=0.3, init_from=None, positions="learned",
+    copy_path="ngram",
 )
 # Peak learning rate of each preset when --lr is not given (docs/stage4.md, "The recipe").
 PRESET_LR = {"tiny": 3e-3, "small": 1e-3, "base": 6e-4}
 # These fix the model or the meaning of its tokens: a resumed run must keep them.
 LOCKED_ON_RESUME = ("preset", "d_embed", "d_model", "n_layer", "n_head", "tie_heads", "embed_init", "pattern",
-                    "context_frames", "init_from")
+                    "context_frames", "init_from", "positions")
 
 
 # ---- command line -------------------------------------------------------------------------------------------
@@ -281,6 +297,9 @@ def build_parser():
                             "position table's scale) or gpt2 (the original's ~0.004)")
     model.add_argument("--pattern", choices=PATTERNS, default=d["pattern"],
                        help="parallel: all codebooks of a frame at once; delay: MusicGen's delayed codebooks")
+    model.add_argument("--positions", choices=POSITIONS, default=d["positions"],
+                       help="how the model knows where a frame is: learned (GPT-2's absolute table), rope "
+                            "(rotary queries/keys) or alibi (a distance penalty per head); docs/stage4.md")
     model.add_argument("--context-frames", type=positive_int, default=d["context_frames"],
                        help="frames per training window (150 frames = 1 s)")
     train = parser.add_argument_group("training")
@@ -305,6 +324,10 @@ def build_parser():
                        help="label smoothing of the training loss (the reported NLL is unsmoothed)")
     train.add_argument("--frame-dropout", type=fraction, default=d["frame_dropout"],
                        help="probability that an input frame is replaced by PAD (targets are kept)")
+    train.add_argument("--copy-path", choices=("ngram", "off"), default=d["copy_path"],
+                       help="ngram: a validation that improves the best valid NLL fits the in-context copy path "
+                            "(pipeline/copying.py) on held-out windows, logs the mixture's NLL and saves it in the "
+                            "checkpoint for stage 5; off: the model alone")
     train.add_argument("--seed", type=non_negative_int, default=d["seed"], help="seed of every random draw")
     train.add_argument("--max-steps", type=non_negative_int, default=d["max_steps"],
                        help="stop this run after this many optimizer steps in all (0: no limit); the LR "
@@ -393,7 +416,7 @@ def build_model_args(args: dict, n_codebooks: int, checkpoint: dict | None, n_ar
             model_args.dropout = args["dropout"]
         return model_args
     overrides = {key: args[key] for key in ("d_embed", "d_model", "n_layer", "n_head", "dropout", "tie_heads",
-                                            "embed_init")}
+                                            "embed_init", "positions")}
     model_args = model_args_for(args["preset"], n_codebooks, args["context_frames"], overrides)
     model_args.n_artists = n_artists
     if model_args.d_model % model_args.n_head:
@@ -498,7 +521,10 @@ def init_source(root: Path, args: dict, checkpoint: dict | None, log) -> dict | 
     if pattern != args["pattern"]:
         log.info("--init-from %s: using its %s pattern (this run asked for %s)", path, pattern, args["pattern"])
     model_args = source["model_args"]
-    args.update(pattern=pattern, preset=saved["preset"],
+    positions = model_args.get("positions", "learned")
+    if positions != args["positions"]:
+        log.info("--init-from %s: using its %s positions (this run asked for %s)", path, positions, args["positions"])
+    args.update(pattern=pattern, preset=saved["preset"], positions=positions,
                 **{key: model_args.get(key) for key in ("d_embed", "d_model", "n_layer", "n_head")})
     return source
 
@@ -528,7 +554,8 @@ def train_from_command_line(namespace, explicit: set[str], info: DistInfo, devic
     source = init_source(namespace.root, args, checkpoint, log)
     model_args = build_model_args(args, data.store.n_codebooks, checkpoint or source,
                                   n_artists=len(artists) if len(artists) > 1 else 0, fresh_labels=source is not None)
-    args.update(tie_heads=model_args.tie_heads, embed_init=model_args.embed_init)  # an old checkpoint's: the original's
+    # an old checkpoint's: the original's heads and init, learned positions
+    args.update(tie_heads=model_args.tie_heads, embed_init=model_args.embed_init, positions=model_args.positions)
     ensure_training_index(data, folder, checkpoint is None, info, log)
     model = new_model(model_args, args["seed"])
     if checkpoint is not None:

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="frames a full window moves on; it keeps context - stride (default: half the context)")
     length.add_argument("--no-cuda-graph", action="store_true",
                         help="on CUDA, run each lean step eagerly instead of replaying a captured CUDA graph")
+    length.add_argument("--no-copy-path", dest="copy_path", action="store_false",
+                        help="sample from the model alone, without the checkpoint's fitted in-context copy path "
+                             "(docs/stage4.md, 'Reusing what it just heard')")
     # developer-only reference paths (tests, benchmarks; docs/stage5.md): the same tokens, slower
     length.add_argument("--no-cache", action="store_true", help=argparse.SUPPRESS)
     length.add_argument("--engine", choices=ENGINES, default=DEFAULTS.engine, help=argparse.SUPPRESS)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .contract import BOS, CODEBOOK_SIZE
+from .copying import CopyPath
 from .lean_decoder import LeanDecoder
 from .patterns import check_pattern, codebook_offsets, extra_steps
 from .sampling import (CollapseDetector, CollapseSettings, SamplingSettings, apply_repetition_penalty, entropy_bits,
@@ -50,6 +51,9 @@ class GenerationSettings:
     # last; a label is one-hot, a blend sums to 1); None = "no artist". Unconditioned models ignore both.
     artist_weights: tuple | None = None
     cfg_coef: float = 1.0  # classifier-free guidance: uncond + cfg_coef * (cond - uncond); 1 = off
+    # the checkpoint's fitted copy path (`LoadedModel.copy_path`, a `pipeline.copying.CopyPath` record):
+    # every step's distribution is mixed with an in-context copy of the window's rows; None = off
+    copy_path: dict | None = None
 
     def __post_init__(self):
         check_pattern(self.pattern)
@@ -242,6 +246,9 @@ class TokenGenerator:
         self._temperatures_key: tuple | None = None  # (batch, base) of `_temperatures`
         self.steps = None
         self._steps_batch: int | None = None  # the batch `steps` was built for
+        copy_path = CopyPath.from_record(generation.copy_path)
+        self.copy_path = copy_path if copy_path is not None and copy_path.active else None
+        self.window_inputs: torch.Tensor | None = None  # the window's input rows `[B, 1+R, Q]` (the copy path reads them)
 
     def make_steps(self, batch: int):
         """The cached engine the settings ask for, or the recompute path; guided (CFG) when asked."""
@@ -268,6 +275,9 @@ class TokenGenerator:
         if not self.generation.use_cache:
             return RecomputeSteps(self.model, artist)
         if self.generation.engine == "transformers":
+            if getattr(self.model.args, "positions", "learned") != "learned":
+                raise ValueError(f"the transformers engine has no cache for {self.model.args.positions} positions: "
+                                 "use the lean engine")
             return TransformersCacheSteps(self.model, artist)
         capacity = min(self.generation.context_frames + self.extra_rows + 1, int(self.model.args.n_positions))
         return LeanSteps(self.model, rows, capacity, self.generation.cuda_graph, artist)
@@ -328,13 +338,19 @@ class TokenGenerator:
         bos = torch.full((batch, 1, self.n_codebooks), BOS, dtype=torch.long, device=self.device)
         inputs = torch.cat([bos, self._rows(plan, 0, first_row)], dim=1)  # [B, 1+S, Q]
         self.max_position = max(self.max_position, int(inputs.shape[1]) - 1)
+        if self.copy_path is not None:
+            self.window_inputs = inputs.new_full((batch, n_rows + 1, self.n_codebooks), BOS)  # [B, 1+R, Q]
+            self.window_inputs[:, :first_row + 1] = inputs
         logits = self.steps.prefill(inputs)  # [B, Q, V] at position first_row
         for row in range(first_row, n_rows):
             self._fill_row(plan, row, logits)  # logits at position `row` predict grid row `row`
             if row + 1 == n_rows:
                 break
             self.max_position = max(self.max_position, row + 1)
-            logits = self.steps.step(self._rows(plan, row, row + 1), row + 1)  # input [B, 1, Q] at position row + 1
+            next_row = self._rows(plan, row, row + 1)  # [B, 1, Q]
+            if self.copy_path is not None:
+                self.window_inputs[:, row + 1:row + 2] = next_row
+            logits = self.steps.step(next_row, row + 1)  # input [B, 1, Q] at position row + 1
         self.known[plan.frames[plan.open_cells], torch.nonzero(plan.open_cells)[:, 1]] = True
 
     def _fill_row(self, plan: "WindowPlan", row: int, logits: torch.Tensor) -> None:
@@ -342,6 +358,8 @@ class TokenGenerator:
         if not plan.row_has_open[row]:
             return
         logits = logits[..., :CODEBOOK_SIZE].float()  # [B, Q, V] -> [B, Q, 1024]: BOS and PAD are never sampled
+        if self.copy_path is not None:  # the model's distribution mixed with the copy of the window's rows
+            logits = self.copy_path.mix(logits, self.window_inputs[:, :row + 1])
         if self.sampling.repetition_penalty > 1.0:
             logits = apply_repetition_penalty(logits, self._recent(plan.frames[row]), self.sampling.repetition_penalty)
         base = self.sampling.temperature

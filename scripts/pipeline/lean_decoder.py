@@ -22,6 +22,11 @@ Two ways to step:
 - `step` (the CPU default) attends to the cache slice `[..., :length]`: no mask at all.
 - `step_static` keeps every shape fixed (the whole cache and a validity mask, the write position
   a device tensor), so a CUDA graph can capture it once and replay it every step (`GraphedStep`).
+
+Relative positions (`model.args.positions`, `pipeline.positions`): with `rope` no position row is
+added and queries and keys are rotated by their position before the keys enter the cache (the
+cache holds rotated keys); with `alibi` every head adds -slope * distance to its scores. The
+rotation tables and slopes are made once per decoder.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+
+from .positions import alibi_bias, alibi_slopes, apply_rope, rope_tables
 
 LOG = logging.getLogger("pipeline.lean_decoder")
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
@@ -97,6 +104,11 @@ class LeanDecoder:
         self.values = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in self.blocks]
         self.slots = torch.arange(capacity, device=like.device)  # [C], for step_static's validity mask
         self.length = 0
+        self.positions = getattr(model.args, "positions", "learned")
+        if self.positions == "rope":
+            self.cos, self.sin = rope_tables(self.slots, self.head_dim, like.dtype)  # [C, hd] each
+        elif self.positions == "alibi":
+            self.slopes = alibi_slopes(self.n_head).to(device=like.device, dtype=like.dtype)  # [H]
 
     # ---- building blocks --------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, layer_norm) -> torch.Tensor:
@@ -129,9 +141,21 @@ class LeanDecoder:
         return self.model.logits(hidden)[:, 0]  # [B, 1, Q, V] -> [B, Q, V]
 
     def _embed(self, tokens: torch.Tensor, positions) -> torch.Tensor:
-        """tokens `[B, T, Q]` -> rows `[B*T, d]` with the position embeddings added."""
-        x = self.model.embed(tokens, self.artist) + self.position_table[positions]  # [B, T, d] + [T, d]
+        """tokens `[B, T, Q]` -> rows `[B*T, d]` with the position embeddings added (learned positions only)."""
+        x = self.model.embed(tokens, self.artist)  # [B, T, d]
+        if self.positions == "learned":
+            x = x + self.position_table[positions]  # + [T, d]
         return x.reshape(-1, self.d_model)  # [B, T, d] -> [B*T, d]
+
+    def _rotate(self, q: torch.Tensor, k: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on q, k `[B, H, T, hd]` at positions `rows` (a slice, or a long tensor); else unchanged."""
+        if self.positions != "rope":
+            return q, k
+        if isinstance(rows, torch.Tensor):
+            cos, sin = self.cos.index_select(0, rows), self.sin.index_select(0, rows)  # [T, hd]
+        else:
+            cos, sin = self.cos[rows], self.sin[rows]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     # ---- prefill: a whole prompt at once, causal ----------------------------------------------
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -140,11 +164,19 @@ class LeanDecoder:
         if rows > self.capacity:
             raise ValueError(f"a prefill of {rows} rows exceeds the cache's {self.capacity} positions")
         x = self._embed(tokens, slice(0, rows))  # [B*T, d]
+        if self.positions == "alibi":
+            where = self.slots[:rows]
+            bias = alibi_bias(where, where, self.slopes).to(x.dtype)  # [H, T, T]
+            bias = bias.masked_fill(where.view(1, -1) > where.view(-1, 1), float("-inf"))  # causal
         for block, keys, values in zip(self.blocks, self.keys, self.values):
             q, k, v = self._split_heads(self._conv1d(self._norm(x, block.ln_1), block.attn.c_attn), rows)
+            q, k = self._rotate(q, k, slice(0, rows))
             keys[:, :, :rows] = k
             values[:, :, :rows] = v
-            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
+            if self.positions == "alibi":
+                attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, H, T, hd]
+            else:
+                attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
             x = x + self._conv1d(self._merge_heads(attended), block.attn.c_proj)
             x = x + self._mlp(block, x)
         self.length = rows
@@ -159,13 +191,18 @@ class LeanDecoder:
             raise ValueError(f"the cache holds {self.capacity} positions: prefill a new window first")
         x = self._embed(tokens, slice(position, position + 1))  # [B, d]
         seen = position + 1
+        bias = None
+        if self.positions == "alibi":
+            bias = alibi_bias(self.slots[position:seen], self.slots[:seen], self.slopes).to(x.dtype)  # [H, 1, seen]
         for block, keys, values in zip(self.blocks, self.keys, self.values):
             qkv = self._conv1d(self._norm(x, block.ln_1), block.attn.c_attn)  # [B, 3d]
             q, k, v = qkv.view(self.batch, 3, self.n_head, 1, self.head_dim).unbind(1)  # -> 3 x [B, H, 1, hd]
+            q, k = self._rotate(q, k, slice(position, seen))
             keys[:, :, position:seen] = k
             values[:, :, position:seen] = v
-            # the newest row may see every cached one: no mask
-            attended = F.scaled_dot_product_attention(q, keys[:, :, :seen], values[:, :, :seen])  # [B, H, 1, hd]
+            # the newest row may see every cached one: no mask (ALiBi: its distance bias only)
+            attended = F.scaled_dot_product_attention(q, keys[:, :, :seen], values[:, :, :seen],
+                                                      attn_mask=bias)  # [B, H, 1, hd]
             x = x + self._conv1d(attended.view(self.batch, self.d_model), block.attn.c_proj)  # [B, H, 1, hd] -> [B, d]
             x = x + self._mlp(block, x)
         self.length = seen
@@ -178,10 +215,15 @@ class LeanDecoder:
         older window's rows; the mask hides them). The caller advances `length`.
         """
         x = self.model.embed(tokens, self.artist)[:, 0]  # [B, 1, d] -> [B, d]
-        x = x + self.position_table.index_select(0, position)  # + [1, d]
+        if self.positions == "learned":
+            x = x + self.position_table.index_select(0, position)  # + [1, d]
         visible = (self.slots <= position).view(1, 1, 1, -1)  # [C] -> [1, 1, 1, C]
+        if self.positions == "alibi":  # the distance bias on the visible slots, -inf elsewhere
+            bias = alibi_bias(position, self.slots, self.slopes).to(x.dtype)  # [H, 1, C]
+            visible = bias.masked_fill(~visible[0], float("-inf")).unsqueeze(0)  # [1, H, 1, C]
         for block, keys, values in zip(self.blocks, self.keys, self.values):
             q, k, v = self._split_heads(self._conv1d(self._norm(x, block.ln_1), block.attn.c_attn), 1)
+            q, k = self._rotate(q, k, position)
             keys.index_copy_(2, position, k)
             values.index_copy_(2, position, v)
             attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)  # [B, H, 1, hd]

@@ -33,6 +33,7 @@ class LoadedModel:
     epoch: int | None
     step: int | None
     artists: list = field(default_factory=list)  # the checkpoint's artists (label ids: positions)
+    copy_path: dict | None = None  # the fitted in-context copy path (`pipeline.copying`); None: none was fitted
 
     @property
     def n_artists(self) -> int:
@@ -72,7 +73,7 @@ def model_from_checkpoint(checkpoint: dict, path: Path, device: str = "cpu") -> 
     model.to(device).eval()
     return LoadedModel(model=model, path=Path(path), model_args=model_args, contract=contract,
                        epoch=checkpoint.get("epoch"), step=checkpoint.get("step"),
-                       artists=checkpoint_artists(checkpoint))
+                       artists=checkpoint_artists(checkpoint), copy_path=checkpoint.get("copy_path"))
 
 
 def check_contract(model_args: dict, contract: dict, path: Path) -> None:

@@ -62,6 +62,7 @@ class GenerationRequest:
     use_cache: bool = True  # False: the reference path that recomputes the window every step
     engine: str = "lean"  # the cached engine; "transformers" is the reference it replaced
     cuda_graph: bool = True
+    copy_path: bool = True  # mix in the checkpoint's fitted in-context copy path (False: the model alone)
     temperature: float = SamplingSettings.temperature
     top_k: int = SamplingSettings.top_k
     top_p: float = SamplingSettings.top_p

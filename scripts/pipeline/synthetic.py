@@ -13,6 +13,10 @@ knows the best NLL any model can reach on the frames stage 4 scores (its validat
              codebook 0 of the same frame, replaced by a random code with probability `mutation`.
              The delay pattern sees codebook 0 before predicting q; the parallel pattern cannot,
              so its best is the sum of the marginals.
+    loop     each clip picks a fresh random motif of `loop_range` frames (20-60) and repeats it to the
+             clip's end, every token of a repeat replaced by a random one with probability
+             `mutation` (the motif itself stays clean, so every repeat is a noisy copy of the same
+             motif). Many clips, each with its own motif: only looking back one period helps.
 
 All codes are drawn from a random subset of 0..1023 (`states` of them per codebook).
 """
@@ -28,7 +32,7 @@ import numpy as np
 from .contract import BANDWIDTH_TO_Q, TokenFile, samples_for, save_token_file
 from . import runs
 
-PROCESSES = ("markov", "copy", "cross")
+PROCESSES = ("markov", "copy", "cross", "loop")
 SUCCESSORS = 4  # markov: equally likely next states of every state
 
 
@@ -39,6 +43,7 @@ class StreamSpec:
     states: int = 64  # codes in use per codebook
     mutation: float = 0.05  # copy / cross: probability that a token is replaced by a random one
     period_range: tuple = (16, 48)  # copy: period of the repeated phrase, drawn per clip
+    loop_range: tuple = (20, 60)  # loop: length of the motif, drawn per clip
     seed: int = 0
 
 
@@ -67,9 +72,9 @@ class Stream:
 
     def clip(self, n_frames: int, rng: np.random.Generator, period: int) -> np.ndarray:
         """One clip of `n_frames` frames as states `[n_frames, Q]` (`codes` gives the codes); `period`
-        is the copy process's phrase length (the other processes ignore it)."""
-        if self.spec.process == "copy":
-            return self._copy(n_frames, rng, period)
+        is the copy process's phrase length or the loop's motif length (the others ignore it)."""
+        if self.spec.process in ("copy", "loop"):
+            return getattr(self, f"_{self.spec.process}")(n_frames, rng, period)
         return getattr(self, f"_{self.spec.process}")(n_frames, rng)
 
     def codes(self, states: np.ndarray) -> np.ndarray:
@@ -93,6 +98,15 @@ class Stream:
             states[t] = np.where(mutated[t], states[t], states[t - period])
         return states
 
+    def _loop(self, n_frames: int, rng: np.random.Generator, period: int) -> np.ndarray:
+        q, s = self.spec.n_codebooks, self.spec.states
+        motif = rng.integers(0, s, size=(period, q))  # the clip's own motif
+        states = motif[np.arange(n_frames) % period]  # [T, Q]: the motif repeated
+        mutated = rng.random((n_frames, q)) < self.spec.mutation
+        mutated[:period] = False  # the first period is the motif itself
+        states[mutated] = rng.integers(0, s, size=int(mutated.sum()))
+        return states
+
     def _cross(self, n_frames: int, rng: np.random.Generator) -> np.ndarray:
         q, s = self.spec.n_codebooks, self.spec.states
         first = rng.integers(0, s, size=n_frames)  # [T]
@@ -111,7 +125,7 @@ class Stream:
         first = position_in_window == 0
         if spec.process == "markov":
             return np.where(first, q * uniform, q * math.log2(SUCCESSORS))
-        if spec.process == "copy":
+        if spec.process in ("copy", "loop"):  # loop: a repeat is a noisy copy of the clean motif
             return np.where(position_in_window < period, q * uniform, q * noisy_copy_bits(s, spec.mutation))
         noisy = noisy_copy_bits(s, spec.mutation) if pattern == "delay" else uniform
         return np.full(position_in_window.shape, uniform + (q - 1) * noisy)
@@ -142,7 +156,8 @@ def write_corpus(root: Path, artist: str, spec: StreamSpec, n_train: int, n_vali
         split = "train" if index < n_train else "valid"
         period_rng = np.random.default_rng([spec.seed, 3, index])
         clip_rng = np.random.default_rng([spec.seed, 4, index])
-        period = int(period_rng.integers(spec.period_range[0], spec.period_range[1] + 1))
+        low, high = spec.loop_range if spec.process == "loop" else spec.period_range
+        period = int(period_rng.integers(low, high + 1))
         states = stream.clip(n_frames, clip_rng, period)
         rel = f"encoded_tokens/{artist}/{spec.process}_{index:03d}.th"
         _write_clip(root / rel, stream.codes(states), num_samples, bandwidth, spec)
@@ -183,6 +198,7 @@ class LearnabilityResult:
     train_bits: float
     steps: int
     seconds: float
+    copy_path_bits: float | None = None  # valid NLL with the in-context copy path at best.pt (cross-fitted), if fitted
 
     @property
     def excess_bits(self) -> float:
@@ -220,4 +236,11 @@ def train_on_stream(root: Path, spec: StreamSpec, stage4_options: list[str], ste
     return LearnabilityResult(process=spec.process, pattern=pattern, model_bits=last["valid_nll_bits_per_frame"],
                               oracle_bits=corpus.oracle_bits_per_frame, unigram_bits=baselines["unigram_bits_per_frame"],
                               bigram_bits=baselines["bigram_bits_per_frame"], train_bits=last["train_nll_bits_per_frame"],
-                              steps=last["step"], seconds=seconds)
+                              steps=last["step"], seconds=seconds, copy_path_bits=copy_path_bits(records))
+
+
+def copy_path_bits(records: list[dict]) -> float | None:
+    """The valid NLL with the copy path of the latest fit (stage 4 fits it when the valid NLL improves:
+    the best epoch's, which best.pt carries), or None when none was fitted."""
+    fitted = [record for record in runs.epoch_records(records) if "valid_nll_copy_path_bits_per_frame" in record]
+    return fitted[-1]["valid_nll_copy_path_bits_per_frame"] if fitted else None

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import copying
 from .cli import EXIT_INTERRUPTED, EXIT_OK
 from .dist import DistInfo
 from .files import atomic_torch_save
@@ -127,6 +128,12 @@ class Trainer:
         self.offsets = codebook_offsets(args["pattern"], data.store.n_codebooks)  # [Q]: row of frame f = f + offset
         self.overfit_reported = False  # the log says once when valid rises while train falls
         self.speed = SpeedWatch("training", "frames", log)
+        # --copy-path ngram: the in-context copy path is fitted at every validation that improves the best
+        # valid NLL (rank 0, on at most copying.MAX_FIT_WINDOWS of its valid windows); checkpoints carry the
+        # latest fit, so best.pt carries the fit of its own weights
+        self.copy_enabled = args.get("copy_path", "off") != "off"
+        self.copy_held_out: copying.HeldOut | None = None  # the fit windows' tokens (once) and model probabilities
+        self.copy_path_record: dict | None = None  # the latest fit (`CopyPath.as_record()`), saved in checkpoints
         per_rank = train_windows_per_rank(self.store, self.train_clips, args["context_frames"], info.world_size)
         self.micro_per_epoch = math.ceil(per_rank / args["batch_size"])
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / args["grad_accum"])
@@ -173,6 +180,7 @@ class Trainer:
                                  best_epoch=int(checkpoint.get("best_epoch", checkpoint["epoch"])),
                                  elapsed_s=float(checkpoint.get("elapsed_s", 0.0)))
         self.epoch_totals = self._restored_totals(checkpoint.get("epoch_totals"))
+        self.copy_path_record = checkpoint.get("copy_path") if self.copy_enabled else None
         planned = self.scheduler.lr_lambdas[0].total_steps
         self.apply_given_options(given)
         if planned != self.total_steps() or new_lr is not None or given & {"warmup_frac", "min_lr_frac"}:
@@ -392,6 +400,8 @@ class Trainer:
         self.epoch_totals = None
         metrics.update(epoch=self.progress.epoch, step=self.progress.step, elapsed_s=self.progress.elapsed_s)
         improved = self._track_best(metrics)
+        if improved:
+            metrics.update(self.fit_copy_path())
         if self.info.is_main:
             self.write_epoch(metrics, improved)
         self._log_epoch(metrics)
@@ -407,6 +417,8 @@ class Trainer:
         metrics.update(epoch=self.progress.epoch + 1, partial_epoch=True, step=self.progress.step,
                        elapsed_s=self.progress.elapsed_s + totals.seconds)
         improved = self._track_best(metrics)
+        if improved:
+            metrics.update(self.fit_copy_path())
         self.save_last(metrics)
         if self.info.is_main:
             if improved:
@@ -448,6 +460,12 @@ class Trainer:
                       metrics["train_loss"], metrics["train_nll_bits_per_frame"],
                       "n/a" if valid is None else f"{valid:.3f}", abs(gain), "below" if gain >= 0 else "above",
                       metrics["lr"], metrics["frames_per_s"])
+        if "valid_nll_copy_path_bits_per_frame" in metrics:
+            record = metrics["copy_path"]
+            self.log.info("  with the in-context copy path (n %d, beta %g; its gate fitted on %d held-out windows, "
+                          "scored cross-fitted): valid NLL %.3f bits/frame (fitted in %.2f s)", record["n"],
+                          record["beta"], metrics["copy_path_windows"], metrics["valid_nll_copy_path_bits_per_frame"],
+                          metrics["copy_path_fit_s"])
         if metrics.get("valid_nll_by_position"):
             self.log.info("  valid NLL by frames into the window: %s", ", ".join(
                 f"{bucket} {bits:.2f}" for bucket, bits in metrics["valid_nll_by_position"].items()))
@@ -457,7 +475,8 @@ class Trainer:
 
     def epoch_metrics(self, totals: EpochTotals) -> dict:
         train_bits, train_per_codebook = bits_per_frame(totals.nll, totals.counts)
-        own, positions = self.valid_sums("own" if self.conditioned else None) if len(self.valid_clips) else (None, None)
+        own, positions = (self.valid_sums("own" if self.conditioned else None, collect=self.copy_enabled)
+                          if len(self.valid_clips) else (None, None))
         valid = self.sums_bits(own.sum(dim=0)) if own is not None else None  # [A, 2Q] -> [2Q] -> bits
         by_artist = self.validate_by_artist(own) if self.conditioned and own is not None else {}
         return {"train_loss": totals.mean_loss(),
@@ -484,17 +503,37 @@ class Trainer:
         q = self.store.n_codebooks
         return bits_per_frame(sums[:q], sums[q:])
 
+    def fit_copy_path(self) -> dict:
+        """Rank 0 fits the copy path on the windows the last validation collected (`valid_sums` with
+        `collect`) and keeps it for the checkpoints -> its metrics ({} when there is nothing to fit)."""
+        held_out = self.copy_held_out
+        if not self.copy_enabled or not self.info.is_main or held_out is None or not held_out.model:
+            return {}
+        started = time.perf_counter()
+        fitted = copying.fit(held_out)
+        self.copy_path_record = fitted.copy_path.as_record()
+        return {"valid_nll_copy_path_bits_per_frame": fitted.mixed_bits, "copy_path": self.copy_path_record,
+                "copy_path_windows": fitted.windows, "copy_path_fit_s": time.perf_counter() - started}
+
     @torch.no_grad()
-    def valid_sums(self, label_mode: str | int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def valid_sums(self, label_mode: str | int | None, collect: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """NLL sums and counts of the valid split per artist `[A, 2Q]` (A = 1 for an unconditioned model):
         row a holds artist a's NLL sums `[:Q]` then its target counts `[Q:]`; and per position bucket
         `[2, K]` (NLL sum, cell count: `training.bucket_sums`); both summed over the ranks.
 
         `label_mode`: "own" (each clip's artist), an int (that label for every clip: "no artist" is
-        n_artists) or None (no label given: an unconditioned model)."""
+        n_artists) or None (no label given: an unconditioned model). `collect`: rank 0 also keeps what
+        fitting the copy path needs of at most copying.MAX_FIT_WINDOWS of its windows (their tokens'
+        side once per run, the model's probabilities every time)."""
         q, size = self.store.n_codebooks, self.args["batch_size"]
         windows = rank_share(valid_windows(self.store, self.valid_clips, self.args["context_frames"]),
                              self.info, pad=False)
+        collect = collect and self.info.is_main
+        if collect:
+            fit_rows = copying.fit_window_mask(len(windows))  # [W] bool
+            if self.copy_held_out is None:
+                self.copy_held_out = copying.HeldOut(n_codebooks=q)
+            self.copy_held_out.new_validation()
         sums = torch.zeros(max(1, self.model_args.n_artists), 2 * q, dtype=torch.float64, device=self.device)
         positions = torch.zeros(2, len(self.buckets), dtype=torch.float64, device=self.device)
         self.local_model.eval()
@@ -508,15 +547,30 @@ class Trainer:
                 logits, _ = self.local_model(self._to_device(inputs), artist=artist)  # [B, S, Q] -> [B, S, Q, V]
             nll, weights, _ = token_nll(logits, self._to_device(targets))  # [B, S, Q] x2
             positions += bucket_sums(nll, weights, self.offsets, self.buckets)
+            if collect and fit_rows[start:start + size].any():
+                self._collect_held_out(np.flatnonzero(fit_rows[start:start + size]), inputs, targets, nll)
             for owner in np.unique(owners):
                 rows = torch.from_numpy(np.flatnonzero(owners == owner)).to(self.device)  # [b]
                 sums[owner, :q] += (nll[rows] * weights[rows]).sum(dim=(0, 1)).double()  # [Q]
                 sums[owner, q:] += weights[rows].sum(dim=(0, 1)).double()  # [Q]
         self.synced_model.train()
+        if collect:
+            self.copy_held_out.tokens_complete = True
         if self.info.is_distributed:
             torch.distributed.all_reduce(sums)
             torch.distributed.all_reduce(positions)
         return sums, positions
+
+    def _collect_held_out(self, rows: np.ndarray, inputs: torch.Tensor, targets: torch.Tensor,
+                          nll: torch.Tensor) -> None:
+        """The batch's `rows` that copy-path fits use: their tokens' side on the first validation, and the
+        model's probability of every target (from its NLL `[B, S, Q]`) each time."""
+        held_out, picked = self.copy_held_out, torch.from_numpy(rows)
+        chosen_targets = targets.index_select(0, picked).long()  # [b, S, Q] on the CPU
+        if not held_out.tokens_complete:
+            held_out.add_tokens(inputs.index_select(0, picked).long(), chosen_targets)
+        probs = torch.exp(-nll.index_select(0, picked.to(nll.device)).float()).cpu()  # [b, S, Q]
+        held_out.add_model(probs, chosen_targets)
 
     def validate_by_artist(self, own: torch.Tensor) -> dict:
         """A joint model's valid NLL per artist with its own label (`own`, `[A, 2Q]` from `valid_sums`)
@@ -558,6 +612,7 @@ class Trainer:
             "best_nll_split": self.progress.best_split,
             "best_epoch": self.progress.best_epoch,
             "metrics": metrics,
+            "copy_path": self.copy_path_record,  # the latest fitted copy path (pipeline.copying), None: none
         })
 
     def write_epoch(self, metrics: dict, improved: bool) -> None:
