@@ -546,7 +546,7 @@ RESUME_CASES = {
     "label_smoothing": ("0.2", 0.2), "frame_dropout": ("0.1", 0.1), "seed": ("3", 3), "keep_last": ("2", 2),
     "max_steps": ("2", 2), "patience": ("7", 7), "device": ("cpu", "cpu"), "grad_checkpointing": (None, True),
     "compile": (None, True), "artist_alpha": ("0.3", 0.3), "cond_dropout": ("0.1", 0.1),
-    "init_from": ("Other", "refused"),
+    "init_from": ("Other", "refused"), "positions": ("rope", "refused"), "copy_path": ("off", "off"),
 }
 
 
@@ -648,6 +648,7 @@ def test_a_checkpoint_of_the_earlier_code_loads_and_generates_the_same_greedy_to
     expected = json.loads((fixtures / "stage4_tiny_greedy.json").read_text())
     loaded = load_model(fixtures / "stage4_tiny.pt", "cpu")
     assert (loaded.n_codebooks, loaded.pattern, loaded.epoch, loaded.step) == (2, "delay", 0, 2)
+    assert loaded.model.args.positions == "learned" and loaded.copy_path is None  # written before either existed
     frames, _ = generate_frames(loaded.model, None, expected["total_frames"],
                                 GenerationSettings(**expected["generation"]), SamplingSettings(temperature=0.0),
                                 None, expected["seed"], "cpu")

@@ -12,10 +12,13 @@ from pipeline.lean_decoder import LeanDecoder
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def spread_model(transformer_module, context_frames=40, n_codebooks=4, seed=0):
+POSITIONS = ["learned", "rope", "alibi"]  # every position scheme (pipeline.positions) is held to the same exactness
+
+
+def spread_model(transformer_module, context_frames=40, n_codebooks=4, seed=0, positions="learned"):
     """A tiny model whose logits spread far above float noise (greedy ties would make tokens arbitrary)."""
     torch.manual_seed(seed)
-    args = transformer_module.model_args_for("tiny", n_codebooks, context_frames)
+    args = transformer_module.model_args_for("tiny", n_codebooks, context_frames, {"positions": positions})
     model = transformer_module.MusicTransformer(args).eval()
     with torch.no_grad():
         for parameter in model.parameters():
@@ -31,9 +34,10 @@ def random_tokens(batch, length, n_codebooks=4, seed=1):
 
 
 # ---- the lean decoder against the training model's full forward ----------------------------------
+@pytest.mark.parametrize("positions", POSITIONS)
 @pytest.mark.parametrize("static", [False, True])
-def test_lean_logits_equal_full_forward_at_every_step(transformer_module, static):
-    model = spread_model(transformer_module)
+def test_lean_logits_equal_full_forward_at_every_step(transformer_module, static, positions):
+    model = spread_model(transformer_module, positions=positions)
     tokens = random_tokens(3, 40)  # [B, T, Q], batch > 1
     with torch.inference_mode():
         full, _ = model(tokens)  # [B, T, Q, V]
@@ -110,9 +114,10 @@ def greedy_run(model, pattern, use_cache, total_frames=1500, context=100, stride
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("positions", POSITIONS)
 @pytest.mark.parametrize("pattern", ["parallel", "delay"])
-def test_lean_greedy_equals_recompute_over_1500_frames(transformer_module, pattern):
-    model = spread_model(transformer_module, context_frames=100)
+def test_lean_greedy_equals_recompute_over_1500_frames(transformer_module, pattern, positions):
+    model = spread_model(transformer_module, context_frames=100, positions=positions)
     lean, lean_logits = greedy_run(model, pattern, use_cache=True)
     reference, reference_logits = greedy_run(model, pattern, use_cache=False)
     assert lean.shape == (2, 1500, 4)
@@ -130,9 +135,10 @@ def test_the_transformers_cache_engine_equals_recompute_too(transformer_module):
     assert torch.equal(cached, reference)
 
 
-def test_batch_pieces_equal_single_pieces(transformer_module):
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_batch_pieces_equal_single_pieces(transformer_module, positions):
     """A piece of a batch gets the tokens it would get alone (greedy): batching changes only the speed."""
-    model = spread_model(transformer_module, context_frames=30)
+    model = spread_model(transformer_module, context_frames=30, positions=positions)
     batched, _ = greedy_run(model, "delay", True, total_frames=80, context=30, stride=11, batch=3)
     alone, _ = greedy_run(model, "delay", True, total_frames=80, context=30, stride=11, batch=1)
     assert torch.equal(batched, alone.expand(3, -1, -1))
