@@ -160,7 +160,7 @@ def machine_line() -> str:
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
 
-def main() -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pattern", default="delay", choices=["parallel", "delay"], help="codebook pattern")
     parser.add_argument("--codebooks", type=int, default=4, help="Q (4 = 6 kbps)")
@@ -172,14 +172,11 @@ def main() -> dict:
     parser.add_argument("--batch", type=int, default=8, help="the batch compared with batch 1")
     parser.add_argument("--long-seconds", type=float, default=120.0, help="the long piece of the overlap goal")
     parser.add_argument("--skip-base", action="store_true", help="leave out the `base` preset (26 M)")
-    args = parser.parse_args()
-    print(machine_line())
-    small = build_model("small", args.codebooks, args.context_frames)
-    codec = load_codec("random:0")
-    pattern, context, frames = args.pattern, args.context_frames, args.frames
+    return parser
 
-    # threads per phase, measured
-    base = None if args.skip_base else build_model("base", args.codebooks, args.context_frames)
+
+def report_threads(small, base, codec) -> None:
+    """Threads per phase, measured: a lean step and a decoded chunk on 1 and 2 threads."""
     for name, model in (("small", small), ("base", base)):
         if model is not None:
             one, two = lean_step_ms(model, 1, 1), lean_step_ms(model, 1, 2)
@@ -188,6 +185,10 @@ def main() -> dict:
     print(f"threads: decoding one codec chunk (1 s) {decode_chunk_ms(codec, 1):.0f} ms on 1 thread, "
           f"{decode_chunk_ms(codec, 2):.0f} ms on 2 threads")
 
+
+def engine_goals(args, small, base, codec) -> dict:
+    """The engine's goals against transformers' cache, batches, a 10 s piece, base and a long piece."""
+    pattern, context, frames = args.pattern, args.context_frames, args.frames
     bandwidth = read_bandwidth_gb_s()
     rows = frames + extra_steps(pattern, args.codebooks)  # steps of one piece
 
@@ -239,8 +240,15 @@ def main() -> dict:
     print(f"{args.long_seconds:g} s piece (small, {long_frames} frames): generation alone {alone_s:.1f} s, with "
           f"overlapped decoding {long['wall_s']:.1f} s (decoding tail {long['tail_s']:.1f} s): "
           f"{long['wall_s'] / alone_s:.2f}x (goal <= 1.15x)")
+    return {"lean_vs_transformers_cache": round(hf_s / lean_s, 2),
+            f"batch_{args.batch}_vs_batch_1": round(args.batch * lean_s / batch_s, 2),
+            "small_10s_piece_x_real_time": round(overlapped["rtf"], 2),
+            "long_piece_overlapped_vs_alone": round(long["wall_s"] / alone_s, 3)}
 
-    # goal: lean vs the original's full recompute, default threads for both
+
+def recompute_goal(args, small) -> dict:
+    """Lean against the original's full recompute, default threads for both; greedy tokens compared."""
+    pattern, context, frames = args.pattern, args.context_frames, args.frames
     plan = generation.thread_plan("cpu", 0)
     lean_default_s, cached = timed_generation(small, settings_for(pattern, context), frames, False, plan.generate)
     if args.recompute_full:
@@ -260,12 +268,18 @@ def main() -> dict:
           f"engine/recompute {frames / lean_default_s / one_thread_fps:.1f}x")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(f"engine/recompute: {frames / lean_default_s / recompute_fps:.1f}x (goal >= 50x)")
-    return {"value": round(frames / lean_default_s / recompute_fps, 2), "greedy_tokens_identical": identical,
-            "lean_vs_transformers_cache": round(hf_s / lean_s, 2),
-            f"batch_{args.batch}_vs_batch_1": round(args.batch * lean_s / batch_s, 2),
-            "small_10s_piece_x_real_time": round(overlapped["rtf"], 2),
-            "long_piece_overlapped_vs_alone": round(long["wall_s"] / alone_s, 3)}
+    return {"value": round(frames / lean_default_s / recompute_fps, 2), "greedy_tokens_identical": identical}
 
+
+def main() -> dict:
+    args = build_parser().parse_args()
+    print(machine_line())
+    small = build_model("small", args.codebooks, args.context_frames)
+    base = None if args.skip_base else build_model("base", args.codebooks, args.context_frames)
+    codec = load_codec("random:0")
+    report_threads(small, base, codec)
+    goals = engine_goals(args, small, base, codec)
+    return {**recompute_goal(args, small), **goals}
 
 if __name__ == "__main__":
     finish(main, name="stage5", unit="x the frames/s of the full recompute (engine / recompute)", goal=">= 50")
