@@ -119,3 +119,15 @@ def make_root(tmp_path, transformer_module, pattern, median_scale=0.05, context_
 def outputs(root, name):
     folder = root / "music_transformer" / ARTIST
     return {suffix: folder / f"{name}{suffix}" for suffix in (".wav", ".th", ".json", ".png")}
+
+
+def add_joint_model(root, transformer_module, name: str = "mix") -> None:
+    """model_results/<name>/best.pt: an untrained tiny model with the labels Low and High, beside
+    make_root's one-artist model."""
+    checkpoint = torch.load(root / "model_results" / ARTIST / "best.pt", weights_only=True)
+    args = transformer_module.model_args_from(checkpoint["model_args"], ARTIST)
+    args.n_artists = 2
+    torch.manual_seed(1)
+    model = transformer_module.MusicTransformer(args)
+    checkpoint.update(model=model.state_dict(), model_args=asdict(args), artist=name, artists=["Low", "High"])
+    atomic_torch_save(checkpoint, root / "model_results" / name / "best.pt")

@@ -2,7 +2,6 @@
 pieces that copy too much, and seamless loops (a WAV whose smpl chunk round-trips)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 
@@ -11,11 +10,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from helpers import ARTIST, TINY, make_root, outputs, write_dataset
+from helpers import ARTIST, TINY, add_joint_model, make_root, outputs, write_dataset
 from pipeline import pieces
 from pipeline.contract import CODEBOOK_SIZE, TokenFile, load_token_file, save_token_file
 from pipeline.dist import DistInfo
-from pipeline.files import atomic_torch_save
 from pipeline.loops import read_loop_points
 from pipeline.originality import INDEX_FILE, WINDOW_FRAMES, TrainingIndex
 from pipeline.train_data import load_artists
@@ -169,18 +167,6 @@ def test_a_loop_wav_carries_its_smpl_chunk_and_each_piece_its_own_end(transforme
         assert {"join_nll_bits", "piece_mean_nll_bits", "join_within_10_percent", "join_sample_step",
                 "inside_step_p99_9", "join_step_ok"} <= set(loop)
         assert loop["join_step_ok"] and loop["join_sample_step"] <= loop["inside_step_p99_9"]
-
-
-def add_joint_model(root, transformer_module) -> None:
-    """model_results/mix/best.pt: an untrained tiny model with the labels Low and High."""
-    checkpoint = torch.load(root / "model_results" / ARTIST / "best.pt", weights_only=True)
-    args = transformer_module.model_args_from(checkpoint["model_args"], ARTIST)
-    args.n_artists = 2
-    torch.manual_seed(1)
-    model = transformer_module.MusicTransformer(args)
-    checkpoint.update(model=model.state_dict(), model_args=dataclasses.asdict(args), artist="mix",
-                      artists=["Low", "High"])
-    atomic_torch_save(checkpoint, root / "model_results" / "mix" / "best.pt")
 
 
 def test_a_joint_model_loops_with_its_artist_label(transformer_module, in_process, tmp_path, monkeypatch):

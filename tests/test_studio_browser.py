@@ -3,7 +3,6 @@
 Selenium drives Debian's `chromium` through its `chromedriver` (both installed by .ci/run); nothing is
 downloaded at run time. Skipped where they are missing, unless STUDIO_BROWSER_REQUIRED=1 (CI sets it).
 """
-import dataclasses
 import io
 import json
 import os
@@ -17,7 +16,7 @@ import urllib.request
 import pytest
 import soundfile as sf
 
-from helpers import ARTIST, SCRIPTS, make_root
+from helpers import ARTIST, SCRIPTS, add_joint_model, make_root
 
 JOINT = "mix"  # a hand-built model of two artists, listed after ARTIST
 
@@ -45,28 +44,12 @@ def free_loopback_port() -> int:
         return probe.getsockname()[1]
 
 
-def add_joint_model(root, transformer_module) -> None:
-    """model_results/mix/best.pt: an untrained tiny model with the labels Low and High."""
-    import torch
-
-    checkpoint = torch.load(root / "model_results" / ARTIST / "best.pt", weights_only=True)
-    args = transformer_module.model_args_from(checkpoint["model_args"], ARTIST)
-    args.n_artists = 2
-    torch.manual_seed(1)
-    model = transformer_module.MusicTransformer(args)
-    checkpoint.update(model=model.state_dict(), model_args=dataclasses.asdict(args), artist=JOINT,
-                      artists=["Low", "High"])
-    from pipeline.files import atomic_torch_save
-
-    atomic_torch_save(checkpoint, root / "model_results" / JOINT / "best.pt")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, transformer_module):
     """scripts/studio.py serving a root with a tiny one-artist model and a tiny joint one -> its base URL."""
     tmp_path = tmp_path_factory.mktemp("studio")
     root = make_root(tmp_path / "root", transformer_module, "delay")
-    add_joint_model(root, transformer_module)
+    add_joint_model(root, transformer_module, JOINT)
     port = free_loopback_port()
     log = open(tmp_path / "studio.log", "w")
     process = subprocess.Popen([sys.executable, str(SCRIPTS / "studio.py"), "--root", str(root), "--port", str(port),
