@@ -24,16 +24,18 @@ def atomic_path(final_path: str | Path) -> Iterator[Path]:
     """
     final_path = Path(final_path)
     final_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_path.stem[:80]}{TMP_MARK}", dir=final_path.parent))
-    tmp_path = tmp_dir / final_path.name
-    tmp_path.touch(mode=0o666)  # the usual mode (0666 less the umask), like any new file
-    try:
+    tmp_dir = None
+    try:  # the set-up is inside too: a Ctrl-C while the empty file is made still removes the folder
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_path.stem[:80]}{TMP_MARK}", dir=final_path.parent))
+        tmp_path = tmp_dir / final_path.name
+        tmp_path.touch(mode=0o666)  # the usual mode (0666 less the umask), like any new file
         yield tmp_path
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, final_path)
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def atomic_write_bytes(data: bytes, final_path: str | Path) -> None:
