@@ -241,7 +241,6 @@ def test_fits_use_at_most_32_windows_spread_over_the_split():
     assert not fit_window_mask(0).any()
 
 
-@pytest.mark.slow
 def test_fitting_32_windows_of_300_frames_is_cheap():
     """The bound that keeps validation fast: the token side once (copy probabilities of 32 windows),
     then each fit in well under a second (measured 0.2 s on the loaded 2-core machine)."""
