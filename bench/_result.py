@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import traceback
@@ -121,13 +122,32 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (what `timeout` and CI runners send) raises KeyboardInterrupt like Ctrl-C, so an
+    interrupted benchmark still ends its output with a RESULT line (subprocesses it runs are killed
+    by `subprocess.run` on the way out)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def finish(main: Callable[[], float | dict | None], name: str, unit: str, goal: str | None = None) -> NoReturn:
-    """Run `main` and end the output with its RESULT line; exit 0, SKIPPED (77) or 1.
+    """Run `main` and end the output with its RESULT line; exit 0, SKIPPED (77), 1 or 130.
 
     `main` returns the headline value, or a dict with "value" and extra fields to print (it may also
-    override "name", "unit" and "goal", e.g. for another suite of the same script)."""
+    override "name", "unit" and "goal", e.g. for another suite of the same script). Interrupted by
+    Ctrl-C or SIGTERM, it still prints the RESULT line (value null, an "error") and exits 130."""
+    stop_on_sigterm()
     try:
         outcome = main()
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM from a time limit (`timeout`, a CI runner)
+        sys.stdout.flush()
+        reason = f"interrupted ({interrupt or 'Ctrl-C'}) before it finished"
+        print(reason, flush=True)
+        print(result_line(name, None, unit, goal, error=reason), flush=True)
+        sys.exit(130)
     except Missing as missing:
         sys.stdout.flush()
         print(f"skipped: {missing}", flush=True)

@@ -93,6 +93,26 @@ def test_finish_reports_a_failure_with_exit_1(capsys):
     assert code == 1 and fields["error"] == "ValueError: broken" and fields["value"] is None
 
 
+def test_a_benchmark_stopped_by_sigterm_still_ends_with_its_result_line(tmp_path):
+    """What a time limit (`timeout`, a CI runner) does to a long benchmark: SIGTERM mid-run."""
+    import signal
+    import time
+
+    script = tmp_path / "bench_long.py"
+    script.write_text(f"import sys, time\nsys.path.insert(0, {str(BENCH)!r})\nfrom _result import finish\n\n"
+                      "def main():\n    print('started', flush=True)\n    time.sleep(60)\n\n"
+                      "finish(main, name='long', unit='s', goal='<= 1')\n")
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "started"
+    time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    rest, _ = process.communicate(timeout=30)
+    lines = [line for line in rest.splitlines() if line.strip()]
+    fields = _result.parse_result(lines[-1])
+    assert process.returncode == 130
+    assert fields["name"] == "long" and fields["value"] is None and "SIGTERM" in fields["error"]
+
+
 def test_require_command_follows_an_environment_override(monkeypatch):
     monkeypatch.setenv("DEMO_TOOL", "/nonexistent/sox")
     with pytest.raises(_result.Missing, match="/nonexistent/sox"):
