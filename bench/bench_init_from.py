@@ -61,7 +61,7 @@ def train(root: Path, artists: list[str], name: str, options: list[str]) -> floa
     return min(r[key] for r in records if r.get(key) is not None)
 
 
-def steps_options(steps: int, root: Path, artist: str, batch_size: int, context: int) -> list[str]:
+def steps_options(steps: int, batch_size: int, context: int) -> list[str]:
     """--epochs / --max-steps so that the run takes `steps` optimizer steps."""
     return ["--epochs", "1000", "--max-steps", str(steps), "--batch-size", str(batch_size),
             "--context-frames", str(context)]
@@ -86,8 +86,8 @@ def main() -> dict:
         target = args.target or everyone[-1]
         others = [a for a in everyone if a != target]
         common = ["--preset", args.preset]
-        joint = common + steps_options(args.joint_steps, root, target, args.batch_size, args.context_frames)
-        own = common + steps_options(args.steps, root, target, args.batch_size, args.context_frames)
+        joint = common + steps_options(args.joint_steps, args.batch_size, args.context_frames)
+        own = common + steps_options(args.steps, args.batch_size, args.context_frames)
         started = time.perf_counter()
         figures = {"joint_all": train(root, [target, *others], "All", joint)}
         figures["scratch"] = train(root, [target], target, own)

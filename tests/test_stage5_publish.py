@@ -15,7 +15,8 @@ from pipeline import pieces
 from pipeline.contract import CODEBOOK_SIZE, TokenFile, load_token_file, save_token_file
 from pipeline.dist import DistInfo
 from pipeline.loops import read_loop_points
-from pipeline.originality import INDEX_FILE, WINDOW_FRAMES, TrainingIndex
+from pipeline.originality import WINDOW_FRAMES, TrainingIndex
+from pipeline.runs import TRAINING_INDEX as INDEX_FILE
 from pipeline.train_data import load_artists
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -334,7 +334,8 @@ def test_a_job_over_the_memory_limit_is_refused_with_the_limit(studio):
 
 def index_training_tokens(studio) -> None:
     """model_results/demo/training_index.npz over one random training clip."""
-    from pipeline.originality import INDEX_FILE, TrainingIndex
+    from pipeline.originality import TrainingIndex
+    from pipeline.runs import TRAINING_INDEX as INDEX_FILE
 
     clip = np.random.default_rng(3).integers(0, 1024, size=(600, 4))
     TrainingIndex.build([clip], ["encoded_tokens/demo/song_0.th"]).save(studio.root / "model_results" / ARTIST /

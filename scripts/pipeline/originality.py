@@ -30,7 +30,6 @@ from .files import atomic_path
 from .runs import TRAINING_INDEX
 
 LOG = logging.getLogger("pipeline.originality")
-INDEX_FILE = TRAINING_INDEX
 INDEX_FORMAT = 1
 WINDOW_FRAMES = 38  # ~0.25 s at 150 frames/s
 _MASK64 = (1 << 64) - 1
@@ -187,7 +186,7 @@ def write_training_index(store, folder: Path, frame_rate: float, log: logging.Lo
     clips = [int(clip) for clip in store.clips("train")]
     index = TrainingIndex.build([store.clip_codes(clip) for clip in clips], [store.names[clip] for clip in clips],
                                 frame_rate)
-    path = Path(folder) / INDEX_FILE
+    path = Path(folder) / TRAINING_INDEX
     index.save(path)
     frames = sum(int(store.lengths[clip]) for clip in clips)
     log.info("training index: %d windows of %d train clips (%.2f h of frames), %.1f MB, built in %.2f s -> %s",

@@ -25,7 +25,8 @@ import torch
 from .files import atomic_path
 from .loops import (CROSSFADE_SECONDS, LoopPoints, choose_loop_end, crossfade_loop, mean_piece_nll_bits,
                     with_loop_points)
-from .originality import INDEX_FILE, TrainingIndex
+from .originality import TrainingIndex
+from .runs import TRAINING_INDEX
 
 LOG = logging.getLogger("pipeline.publish")
 LOOP_EXTRA_FRACTION = 0.25  # a loop is generated 25 % past its intended end ...
@@ -46,7 +47,7 @@ class IndexCache:
 
     def get(self, checkpoint: Path) -> tuple[TrainingIndex | None, str | None]:
         """(the index of the model folder holding `checkpoint`, None) or (None, why there is none)."""
-        path = Path(checkpoint).parent / INDEX_FILE
+        path = Path(checkpoint).parent / TRAINING_INDEX
         if not path.is_file():
             return None, self._missing(path, "does not exist (a model trained before stage 4 wrote one)")
         stamp = path.stat().st_mtime_ns
