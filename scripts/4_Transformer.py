@@ -556,7 +556,6 @@ def train_from_command_line(namespace, explicit: set[str], info: DistInfo, devic
                                   n_artists=len(artists) if len(artists) > 1 else 0, fresh_labels=source is not None)
     # an old checkpoint's: the original's heads and init, learned positions
     args.update(tie_heads=model_args.tie_heads, embed_init=model_args.embed_init, positions=model_args.positions)
-    ensure_training_index(data, folder, checkpoint is None, info, log)
     model = new_model(model_args, args["seed"])
     if checkpoint is not None:
         check_state_dict(model, checkpoint["model"], checkpoint.get("loaded_from", "the checkpoint"))
@@ -570,6 +569,8 @@ def train_from_command_line(namespace, explicit: set[str], info: DistInfo, devic
         log.info("resuming epoch %d (%d batches into it) at optimizer step %d", progress.epoch + 1,
                  progress.epoch_batches_done, progress.step)
     status = trainer.run()
+    if status == EXIT_OK:  # after training: the first step does not wait for it (a stopped run builds it on resume)
+        ensure_training_index(data, folder, checkpoint is None, info, log)
     best = trainer.progress.best_nll
     log.info("%s: %d epochs, %d steps, best %s NLL %s bits/frame; outputs in %s", name,
              trainer.progress.epoch, trainer.progress.step, trainer.progress.best_split,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline import originality
 from pipeline.originality import WINDOW_FRAMES, TrainingIndex, window_hashes
 
 FRAME_RATE = 150.0
@@ -32,6 +33,29 @@ def test_window_hashes_equal_for_equal_windows_only():
     changed = codes.copy()
     changed[50, 3] += 1  # one code of one codebook
     assert not np.array_equal(window_hashes(changed, 10)[41:51], window_hashes(codes, 10)[41:51])
+
+
+def test_a_bucketed_memory_mapped_build_equals_one_stable_sort_of_every_window(tmp_path, monkeypatch):
+    """The build sorts a bucket at a time (memory bounded whatever the corpus): its tables must be the
+    ones a single stable sort of every (clip, frame) gives, duplicates in clip order included."""
+    rng = np.random.default_rng(3)
+    clips = training_clips(rng, count=5, frames=400, n_codebooks=2)
+    clips.append(np.concatenate([clips[1][:120], clips[1][:120]]))  # repeated windows: ties across clips
+    clips.append(rng.integers(0, 1024, size=(WINDOW_FRAMES - 1, 2)))  # too short for any window
+    hashes = [window_hashes(codes, WINDOW_FRAMES) for codes in clips]
+    everything = np.concatenate(hashes)
+    order = np.argsort(everything, kind="stable")
+    expected_clips = np.concatenate([np.full(len(h), i) for i, h in enumerate(hashes)])[order]
+    expected_frames = np.concatenate([np.arange(len(h)) for h in hashes])[order]
+    monkeypatch.setattr(originality, "BUCKET_ROWS", 64)  # ~32 buckets
+    monkeypatch.setattr(originality, "CHUNK_ROWS", 100)  # many chunks, a chunk across clips
+    (tmp_path / "work").mkdir()
+    for work in (None, tmp_path / "work"):
+        table = TrainingIndex.build(clips, [f"song_{i}.th" for i in range(len(clips))], FRAME_RATE, work=work).full
+        assert np.array_equal(table.hashes, everything[order])
+        assert np.array_equal(table.clips, expected_clips) and np.array_equal(table.frames, expected_frames)
+    assert sorted(path.name for path in (tmp_path / "work").iterdir())[:2] == ["codebook0_clips.npy",
+                                                                                "codebook0_frames.npy"]
 
 
 def test_a_piece_built_from_training_tokens_is_flagged_with_file_and_time(index_and_clips):

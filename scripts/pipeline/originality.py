@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,6 +65,31 @@ def window_hashes(codes: np.ndarray, window_frames: int) -> np.ndarray:
     return hashes
 
 
+BUCKET_ROWS = 1 << 20  # hashes sorted at a time (~40 MB with their temporaries): bounds the build's memory
+CHUNK_ROWS = 1 << 22  # hashes placed into their buckets at a time
+
+
+def _new_array(work: Path | None, name: str, dtype, count: int) -> np.ndarray:
+    """`[count]` of `dtype`: in memory, or memory-mapped in the folder `work` (file-backed pages: the index
+    of a large corpus is built without growing the process's private memory)."""
+    if work is None or count == 0:
+        return np.empty(count, dtype=dtype)
+    return np.lib.format.open_memmap(Path(work) / f"{name}.npy", mode="w+", dtype=dtype, shape=(count,))
+
+
+def _bucket_shift(count: int) -> tuple[int, int]:
+    """(number of buckets, right shift of a 64-bit hash to its bucket): about BUCKET_ROWS hashes a bucket."""
+    bits = max(0, (max(1, -(-count // BUCKET_ROWS)) - 1).bit_length())
+    return 1 << bits, 64 - bits
+
+
+def _buckets(hashes: np.ndarray, shift: int) -> np.ndarray:
+    """`[n]` uint64 hashes -> `[n]` int64 bucket of each (its top bits; all 0 with one bucket)."""
+    if shift >= 64:
+        return np.zeros(len(hashes), dtype=np.int64)
+    return (hashes >> np.uint64(shift)).astype(np.int64)
+
+
 @dataclass
 class _Table:
     """Sorted window hashes with where each starts."""
@@ -73,14 +99,47 @@ class _Table:
     frames: np.ndarray  # int32 [N]
 
     @classmethod
-    def build(cls, clips: list[np.ndarray], window_frames: int) -> "_Table":
-        parts = [window_hashes(codes, window_frames) for codes in clips]
-        hashes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
-        clip_ids = np.concatenate([np.full(len(p), i, dtype=np.int32) for i, p in enumerate(parts)] or
-                                  [np.zeros(0, dtype=np.int32)])
-        frames = np.concatenate([np.arange(len(p), dtype=np.int32) for p in parts] or [np.zeros(0, dtype=np.int32)])
-        order = np.argsort(hashes, kind="stable")
-        return cls(hashes[order], clip_ids[order], frames[order])
+    def build(cls, clip_codes: Callable[[int], np.ndarray], n_clips: int, window_frames: int,
+              work: Path | None = None, name: str = "table") -> "_Table":
+        """The sorted windows of clips 0..n_clips-1 (`clip_codes(i)` -> `[T, Q]`), in the order of one stable
+        sort of every (clip, frame): hashes are placed into buckets by their top bits, then each bucket is
+        sorted on its own, so the memory a build needs beyond its arrays is one bucket's, whatever the corpus."""
+        raw, starts = _raw_hashes(clip_codes, n_clips, window_frames, work, name)  # [N] in clip order, [n_clips+1]
+        n_buckets, shift = _bucket_shift(len(raw))
+        counts = np.zeros(n_buckets, dtype=np.int64)
+        for begin in range(0, len(raw), CHUNK_ROWS):
+            counts += np.bincount(_buckets(np.asarray(raw[begin:begin + CHUNK_ROWS]), shift), minlength=n_buckets)
+        bounds = np.concatenate([[0], np.cumsum(counts)])  # [n_buckets + 1]
+        table = cls(*(_new_array(work, f"{name}_{part}", dtype, len(raw))
+                      for part, dtype in (("hashes", np.uint64), ("clips", np.int32), ("frames", np.int32))))
+        table._place(raw, starts, bounds[:-1].copy(), shift)
+        table._sort_buckets(bounds)
+        return table
+
+    def _place(self, raw: np.ndarray, starts: np.ndarray, cursor: np.ndarray, shift: int) -> None:
+        """Copy `raw` (clip order) into the buckets, each bucket in clip order; `cursor` `[B]`: next free row."""
+        for begin in range(0, len(raw), CHUNK_ROWS):
+            hashes = np.asarray(raw[begin:begin + CHUNK_ROWS])  # [n]
+            rows = np.arange(begin, begin + len(hashes))
+            clips = np.searchsorted(starts, rows, side="right") - 1  # [n] the clip of each row
+            bucket = _buckets(hashes, shift)
+            order = np.argsort(bucket, kind="stable")
+            per_bucket = np.bincount(bucket, minlength=len(cursor))  # [B]
+            first = np.cumsum(per_bucket) - per_bucket  # [B] where each bucket starts in `order`
+            sorted_buckets = bucket[order]
+            destination = cursor[sorted_buckets] + np.arange(len(order)) - first[sorted_buckets]  # [n]
+            self.hashes[destination] = hashes[order]
+            self.clips[destination] = clips[order]
+            self.frames[destination] = (rows - starts[clips])[order]
+            cursor += per_bucket
+
+    def _sort_buckets(self, bounds: np.ndarray) -> None:
+        """Sort each bucket's rows by hash (stable: equal hashes stay in clip order)."""
+        for low, high in zip(bounds[:-1], bounds[1:]):
+            if high - low > 1:
+                order = np.argsort(self.hashes[low:high], kind="stable")
+                for array in (self.hashes, self.clips, self.frames):
+                    array[low:high] = array[low:high][order]
 
     def find(self, hashes: np.ndarray) -> np.ndarray:
         """`[M]` hashes -> `[M]` int64 row of each in the table, -1 where absent."""
@@ -88,6 +147,18 @@ class _Table:
             return np.full(len(hashes), -1, dtype=np.int64)
         rows = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
         return np.where(self.hashes[rows] == hashes, rows, -1)
+
+
+def _raw_hashes(clip_codes: Callable[[int], np.ndarray], n_clips: int, window_frames: int, work: Path | None,
+                name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every clip's window hashes one after the other -> (`[N]` uint64, `[n_clips + 1]` first row of each clip)."""
+    counts = [max(0, len(clip_codes(clip)) - window_frames + 1) for clip in range(n_clips)]
+    starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # [n_clips + 1]
+    raw = _new_array(work, f"{name}_raw", np.uint64, int(starts[-1]))
+    for clip in range(n_clips):
+        if counts[clip]:
+            raw[starts[clip]:starts[clip + 1]] = window_hashes(clip_codes(clip), window_frames)
+    return raw, starts
 
 
 @dataclass
@@ -101,17 +172,24 @@ class TrainingIndex:
     codebook0: _Table
 
     @classmethod
-    def build(cls, clips: list[np.ndarray], files: list[str], frame_rate: float = 150.0,
-              window_frames: int = WINDOW_FRAMES) -> "TrainingIndex":
-        """`clips`: each a `[T, Q]` array of one training clip's real frames."""
+    def build(cls, clips: Sequence[np.ndarray], files: list[str], frame_rate: float = 150.0,
+              window_frames: int = WINDOW_FRAMES, work: Path | None = None) -> "TrainingIndex":
+        """`clips`: each a `[T, Q]` array of one training clip's real frames (a memory map is read a clip at a
+        time); `work`: a folder for the tables' memory-mapped arrays (None: in memory)."""
         return cls(files=list(files), window_frames=window_frames, frame_rate=float(frame_rate),
-                   full=_Table.build(clips, window_frames),
-                   codebook0=_Table.build([np.asarray(c)[:, :1] for c in clips], window_frames))
+                   full=_Table.build(lambda clip: clips[clip], len(clips), window_frames, work, "full"),
+                   codebook0=_Table.build(lambda clip: np.asarray(clips[clip])[:, :1], len(clips), window_frames,
+                                          work, "codebook0"))
 
     def save(self, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            self.write(tmp)
+
+    def write(self, path: Path) -> None:
+        """The index as an uncompressed .npz at `path` (numpy writes a memory-mapped table in 16 MB pieces)."""
         meta = json.dumps({"format": INDEX_FORMAT, "files": self.files, "window_frames": self.window_frames,
                            "frame_rate": self.frame_rate})
-        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        with open(path, "wb") as handle:
             np.savez(handle, meta=np.frombuffer(meta.encode("utf-8"), dtype=np.uint8),
                      **{f"{name}_{part}": getattr(getattr(self, name), part)
                         for name in ("full", "codebook0") for part in ("hashes", "clips", "frames")})
@@ -184,15 +262,31 @@ def write_training_index(store, folder: Path, frame_rate: float, log: logging.Lo
     them) into `folder/training_index.npz`; logs its size and build time."""
     started = time.perf_counter()
     clips = [int(clip) for clip in store.clips("train")]
-    index = TrainingIndex.build([store.clip_codes(clip) for clip in clips], [store.names[clip] for clip in clips],
-                                frame_rate)
     path = Path(folder) / TRAINING_INDEX
-    index.save(path)
+    with atomic_path(path) as tmp:  # its tables are memory-mapped in the private folder of the temporary
+        index = TrainingIndex.build(_ClipView(store, clips), [store.names[clip] for clip in clips], frame_rate,
+                                    work=tmp.parent)
+        index.write(tmp)
+        windows = len(index.full.hashes)
+        del index  # unmap before the folder goes
     frames = sum(int(store.lengths[clip]) for clip in clips)
     log.info("training index: %d windows of %d train clips (%.2f h of frames), %.1f MB, built in %.2f s -> %s",
-             len(index.full.hashes), len(clips), frames / frame_rate / 3600, path.stat().st_size / 1e6,
+             windows, len(clips), frames / frame_rate / 3600, path.stat().st_size / 1e6,
              time.perf_counter() - started, path)
     return path
+
+
+class _ClipView(Sequence):
+    """The train clips of a `TokenStore` as a sequence of `[T, Q]` arrays, read one at a time."""
+
+    def __init__(self, store, clips: list[int]):
+        self.store, self.clips = store, clips
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, position: int) -> np.ndarray:
+        return self.store.clip_codes(self.clips[position])
 
 
 def main(argv=None) -> int:

@@ -123,7 +123,7 @@ class Trainer:
         self.precision = Precision.for_device(device)
         self.progress = Progress()
         self.epoch_totals: EpochTotals | None = None  # partial sums of an unfinished epoch
-        self.baselines: dict | None = None  # unigram / bigram scores, set when the run starts
+        self.baselines: dict | None = None  # unigram / bigram scores, fitted by rank 0 at its first validation
         self.buckets = position_buckets(args["context_frames"])  # [start, stop) frames into a window
         self.offsets = codebook_offsets(args["pattern"], data.store.n_codebooks)  # [Q]: row of frame f = f + offset
         self.overfit_reported = False  # the log says once when valid rises while train falls
@@ -213,7 +213,6 @@ class Trainer:
                       "per rank, %s on %s x%d, %.2f M parameters", self.artist, len(self.train_clips),
                       len(self.valid_clips), self.micro_per_epoch, self.steps_per_epoch, self.precision.name,
                       self.device, self.info.world_size, count_parameters(self.plain_model) / 1e6)
-        self.report_baselines()
         with StopRequest() as stop:
             while self.progress.epoch < self.args["epochs"]:
                 finished = self.train_epoch(stop)
@@ -245,7 +244,13 @@ class Trainer:
         return True
 
     def report_baselines(self) -> None:
-        """Fit the unigram and bigram on the train split, log them, and store them in metrics.jsonl."""
+        """Rank 0 fits the unigram and bigram on the train split, logs them and stores them in metrics.jsonl.
+
+        Called at the first validation, not at the start: the fit reads every train frame (seconds per
+        ten hours of music), and the first optimizer step should not wait for it. Other ranks have no
+        use for them (rank 0 alone logs and writes the gains)."""
+        if self.baselines is not None or not self.info.is_main:
+            return
         eval_clips = self.valid_clips if len(self.valid_clips) else self.train_clips
         scores = fit_baselines(self.store, self.train_clips, eval_clips)
         self.baselines = {**scores.as_record(), "scored_on": "valid" if len(self.valid_clips) else "train"}
@@ -254,9 +259,8 @@ class Trainer:
                       "table can ends below it", self.baselines["scored_on"], scores.unigram_bits_per_frame,
                       scores.bigram_bits_per_frame, scores.interpolated_bits_per_frame, scores.best_count_model,
                       scores.best_count_bits_per_frame)
-        if self.info.is_main:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            store_baselines(self.folder / "metrics.jsonl", self.baselines)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        store_baselines(self.folder / "metrics.jsonl", self.baselines)
 
     def max_steps_reached(self) -> bool:
         return 0 < self.args["max_steps"] <= self.progress.step
@@ -452,6 +456,8 @@ class Trainer:
         return improved
 
     def _log_epoch(self, metrics: dict) -> None:
+        if not self.info.is_main:
+            return
         gain = metrics["gain_over_best_count_bits_per_frame"]
         valid = metrics["valid_nll_bits_per_frame"]
         self.log.info("epoch %s/%d: train loss %.4f, train NLL %.3f bits/frame, valid NLL %s bits/frame "
@@ -474,6 +480,7 @@ class Trainer:
                           metrics["valid_nll_no_artist_by_artist"][artist])
 
     def epoch_metrics(self, totals: EpochTotals) -> dict:
+        self.report_baselines()
         train_bits, train_per_codebook = bits_per_frame(totals.nll, totals.counts)
         own, positions = (self.valid_sums("own" if self.conditioned else None, collect=self.copy_enabled)
                           if len(self.valid_clips) else (None, None))
@@ -491,7 +498,10 @@ class Trainer:
                 **by_artist, **self.gains(valid[0] if valid else train_bits)}
 
     def gains(self, model_bits: float) -> dict:
-        """How far below the baselines the model is (bits/frame; positive = better than the baseline)."""
+        """How far below the baselines the model is (bits/frame; positive = better than the baseline);
+        {} on ranks other than 0, which do not fit the baselines."""
+        if self.baselines is None:
+            return {}
         best_count = self.baselines.get("best_count_bits_per_frame",
                                         min(self.baselines["unigram_bits_per_frame"], self.baselines["bigram_bits_per_frame"]))
         return {"gain_over_unigram_bits_per_frame": self.baselines["unigram_bits_per_frame"] - model_bits,
