@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -131,3 +132,14 @@ def add_joint_model(root, transformer_module, name: str = "mix") -> None:
     model = transformer_module.MusicTransformer(args)
     checkpoint.update(model=model.state_dict(), model_args=asdict(args), artist=name, artists=["Low", "High"])
     atomic_torch_save(checkpoint, root / "model_results" / name / "best.pt")
+
+
+def wait_for(client, job: str, states=("done", "failed", "cancelled"), timeout: float = 120) -> dict:
+    """Poll a studio job through its test client until it reaches one of `states`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get(f"/api/jobs/{job}").json()
+        if status["state"] in states:
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"job {job} still {status} after {timeout} s")

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from helpers import SCRIPTS, finished_files, sine_tone
+from helpers import SCRIPTS, finished_files, load, results, sine_tone, write_dataset
 from pipeline.files import is_temporary
 
 RUN_PIPELINE = SCRIPTS / "run_pipeline.sh"
@@ -142,8 +142,6 @@ def test_pipeline_names_its_interpreter_and_stops_early_without_the_requirements
 
 @pytest.mark.slow
 def test_pipeline_resume_overwrite_and_stage_arguments_with_spaces(tmp_path):
-    from test_stage4 import load, results, write_dataset
-
     write_dataset(tmp_path, lengths=(70, 64, 40, 30))
     tiny = ["--stage", "4", "--stop-stage", "4", "--root", tmp_path, "--preset", "tiny", "--context-frames", "32",
             "--pattern", "parallel", "--device", "cpu", "--stage4-arg", "--batch-size", "--stage4-arg", "2", "A"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import BANDWIDTH, TINY, load, results, write_dataset, write_tokens
+from helpers import BANDWIDTH, TINY, load, results, wait_for, write_dataset, write_tokens
 from pipeline import train_data
 from pipeline.cli import StageError, run_main
 from pipeline.contract import save_token_file
@@ -424,7 +424,6 @@ def test_the_studio_plays_each_artist_a_blend_and_guidance_of_a_joint_model(join
 
     from pipeline import pieces
     from pipeline.studio import Studio, create_app
-    from test_studio_api import wait_for
 
     monkeypatch.setattr(pieces, "load_codec", lambda spec, device="cpu": random_codec)
     studio = Studio(joint_root, allowed_hosts=("testserver",))  # the test client's Host

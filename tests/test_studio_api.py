@@ -14,7 +14,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from helpers import ARTIST, make_root, sine_tone  # noqa: E402
+from helpers import ARTIST, make_root, sine_tone, wait_for  # noqa: E402
 from pipeline import pieces  # noqa: E402
 from pipeline.request import GenerationRequest  # noqa: E402
 from pipeline.studio import Studio, create_app, served_hosts  # noqa: E402
@@ -46,16 +46,6 @@ def studio(random_codec, transformer_module, monkeypatch, tmp_path):
 def client(studio):
     with TestClient(create_app(studio)) as test_client:
         yield test_client
-
-
-def wait_for(client, job: str, states=("done", "failed", "cancelled"), timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = client.get(f"/api/jobs/{job}").json()
-        if status["state"] in states:
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"job {job} still {status} after {timeout} s")
 
 
 def generate(client, **settings) -> str:
