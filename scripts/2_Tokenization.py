@@ -7,12 +7,18 @@ Each `.th` is the contract's token file (docs/contract.md, 'Token files'): int16
 with T = 150 x n_chunks, Encodec's per-chunk scales (needed to decode), and metadata.
 Clips of equal length are encoded together in batches of `--batch-size`.
 
+`--shifts K` encodes each clip K times, at sub-frame offsets spread over one 320-sample hop: the
+variant at offset s drops the clip's first s samples and ends with s zeros (same length, same frames),
+so Encodec sees the same music on another grid and writes other tokens. Offset 0 is the clip's own
+`<path>.th`; offset s > 0 is `<path>.shift<s>.th`, recording `shift_samples` (docs/stage2.md).
+
 Under `torchrun --nproc_per_node=K` each rank encodes its round-robin share of the sorted clip
 list, so no file is written twice; no process group is needed. Every rank writes
 `report.rank<k>.json`; the last rank to finish merges them into `report.json`.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -33,8 +39,9 @@ from pipeline.audio import AudioDecodeError, read_audio  # noqa: E402
 from pipeline.cli import (StageError, StageReport, make_parser, positive_int, resolve_device,  # noqa: E402
                           run_main, setup_logging)
 from pipeline.codec import Codec, CodecUnavailable, load_codec, parse_random_spec  # noqa: E402
-from pipeline.contract import (BANDWIDTH_TO_Q, CHANNELS, DEFAULT_CODEC, SAMPLE_RATE, TokenFile,  # noqa: E402
-                               TokenFileError, load_token_file, save_token_file)
+from pipeline.contract import (BANDWIDTH_TO_Q, CHANNELS, DEFAULT_CODEC, MAX_SHIFTS, SAMPLE_RATE,  # noqa: E402
+                               TokenFile, TokenFileError, load_token_file, parse_variant_path,
+                               save_token_file, shift_offsets, variant_path)
 from pipeline.dist import DistInfo, dist_info, shard  # noqa: E402
 from pipeline.files import atomic_write_json, is_temporary, remove_stale_temporaries  # noqa: E402
 
@@ -55,6 +62,12 @@ class Clip:
     output: Path  # its .th token file
     source: str  # the clip's path relative to the root (stored in the token file)
     num_samples: int = 0  # filled in by `probe_clip`
+    shift: int = 0  # sub-frame offset in samples: 0 is the clip itself, > 0 a shifted variant
+
+    @property
+    def label(self) -> str:
+        """How the report and the log name this encoding: the clip, and its offset for a variant."""
+        return self.source if self.shift == 0 else f"{self.source} (shifted {self.shift} samples)"
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -74,7 +87,20 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=batch_size_arg, default="auto",
                         help=f"clips of equal length encoded together in one forward pass; auto: "
                              f"{GPU_BATCH_SIZE} on a GPU, 1 on a CPU (where batching is slower)")
+    parser.add_argument("--shifts", type=shifts_arg, default=1,
+                        help="encode each clip at K sub-frame offsets round(k x 320 / K) samples, k = 0..K-1 "
+                             "(1..320): more token sequences of the same music for training; offset s > 0 "
+                             "is written to <clip>.shift<s>.th; variants of other offsets are removed. "
+                             "1 (the default): the clip alone")
     return parser.parse_args(argv)
+
+
+def shifts_arg(text: str) -> int:
+    shifts = positive_int(text)
+    if shifts > MAX_SHIFTS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SHIFTS} offsets fit in one {MAX_SHIFTS}-sample hop, "
+                                         f"got {shifts}")
+    return shifts
 
 
 def batch_size_arg(text: str) -> int | str:
@@ -89,7 +115,7 @@ def main(argv=None) -> int:
     threads.configure(log)  # only the cores other processes leave free
     report = tokenize_artist(args.root, args.artist, codec_spec=args.codec, bandwidth=args.bandwidth,
                              device=args.device, batch_size=args.batch_size, overwrite=args.overwrite,
-                             info=info, log=log)
+                             info=info, log=log, shifts=args.shifts)
     return report.exit_code()
 
 
@@ -97,8 +123,9 @@ def main(argv=None) -> int:
 def tokenize_artist(root, artist: str, codec_spec: str = DEFAULT_CODEC, bandwidth: float = DEFAULT_BANDWIDTH,
                     device: str = "auto", batch_size: int | str = "auto", overwrite: bool = False,
                     info: DistInfo | None = None, log: logging.Logger | None = None,
-                    codec: Codec | None = None) -> StageReport:
-    """Encode this rank's share of the artist's clips; write the report(s); return the report.
+                    codec: Codec | None = None, shifts: int = 1) -> StageReport:
+    """Encode this rank's share of the artist's clips (each at `shifts` offsets); write the report(s);
+    return the report.
 
     `codec`: an already-loaded codec (tests); otherwise `codec_spec` is loaded only if some clip
     still needs encoding, so a finished artist never touches the hub.
@@ -108,14 +135,18 @@ def tokenize_artist(root, artist: str, codec_spec: str = DEFAULT_CODEC, bandwidt
     clip_dir, token_dir = root / "data_processed" / artist, root / "encoded_tokens" / artist
     report = StageReport(STAGE, artist)
     codec_name = codec.name if codec is not None else expected_codec_name(codec_spec)
+    offsets = shift_offsets(shifts)
     report.details.update(codec=codec_name, bandwidth=float(bandwidth), rank=info.rank, world_size=info.world_size)
+    if shifts > 1:
+        report.details.update(shifts=shifts, shift_samples=offsets)
 
     all_clips = find_clips(root, clip_dir, token_dir)
     clear_leftovers(token_dir, info, log)
-    my_clips = shard(all_clips, info)
+    my_clips = shard(all_clips, info)  # a clip and its variants stay on one rank
     log.info("%d clip(s) for %s; this process takes %d", len(all_clips), artist, len(my_clips))
+    remove_other_variants(token_dir, my_clips, offsets, log)
 
-    pending = select_pending(my_clips, bandwidth, codec_name, overwrite, report, log)
+    pending = select_pending(with_variants(my_clips, offsets), bandwidth, codec_name, overwrite, report, log)
     if pending:
         codec = codec or open_codec(codec_spec, device, info, log)
         warn_if_untrained(codec, log)
@@ -209,31 +240,60 @@ def no_clips_reason(clip_dir: Path, shown: int = 3) -> str:
             f"were removed since; run scripts/1_audio_preprocessing.py --overwrite again")
 
 
+def with_variants(clips: list[Clip], offsets: list[int]) -> list[Clip]:
+    """Each clip followed by its shifted variants (offset 0 is the clip itself: `[0]` gives `clips`)."""
+    return [Clip(clip.path, variant_path(clip.output, shift), clip.source, shift=shift)
+            for clip in clips for shift in offsets]
+
+
+def remove_other_variants(token_dir: Path, clips: list[Clip], offsets: list[int], log: logging.Logger) -> None:
+    """Delete the variants of `clips` whose offset this run does not make (an earlier, other --shifts),
+    so the token folder holds what this run asked for. Variants of clips no longer there are left alone."""
+    if not token_dir.is_dir():
+        return
+    outputs, wanted = {clip.output for clip in clips}, set(offsets)
+    removed = 0
+    for path in sorted(token_dir.rglob("*.shift*.th")):
+        parsed = parse_variant_path(path)
+        if parsed is None or is_temporary(path) or not path.is_file():
+            continue
+        clip_output, shift = parsed
+        if clip_output in outputs and shift not in wanted:
+            path.unlink()
+            removed += 1
+    if removed:
+        log.info("removed %d shifted variant(s) of offsets this run's --shifts does not make", removed)
+
+
 def select_pending(clips: list[Clip], bandwidth: float, codec_name: str, overwrite: bool,
                    report: StageReport, log: logging.Logger) -> list[Clip]:
     """Drop finished clips (unless --overwrite) and clips that are not 48 kHz stereo; probe the rest."""
     pending = []
     for clip in clips:
         if not overwrite and is_finished(clip, bandwidth, codec_name, log):
-            report.skipped.append(clip.source)
+            report.skipped.append(clip.label)
             continue
         try:
             pending.append(probe_clip(clip))
         except ClipError as error:
-            report.fail(clip.source, str(error), log)
+            report.fail(clip.label, str(error), log)
     if report.skipped:
         log.info("%d clip(s) already encoded: skipped (--overwrite redoes them)", len(report.skipped))
     return pending
 
 
 def is_finished(clip: Clip, bandwidth: float, codec_name: str, log: logging.Logger) -> bool:
-    """A readable token file exists. One made with other settings is kept, with a warning."""
+    """A readable token file of the clip's offset exists. One made with other settings is kept, with a warning."""
     if not clip.output.is_file():
         return False
     try:
         existing = load_token_file(clip.output)
     except TokenFileError as error:
         log.warning("%s; encoding it again", error)
+        return False
+    if existing.shift_samples != clip.shift:
+        log.warning("%s: records an offset of %d samples, its name says %d; encoding it again", clip.output,
+                    existing.shift_samples, clip.shift)
         return False
     if existing.bandwidth != float(bandwidth) or existing.codec != codec_name:
         log.warning("%s: kept as is, although it was encoded with %s at %g kbps (this run: %s at %g kbps); "
@@ -254,7 +314,7 @@ def probe_clip(clip: Clip) -> Clip:
         raise ClipError(f"has {header.channels} channel(s), expected {CHANNELS} (re-run stage 1)")
     if header.frames == 0:
         raise ClipError("holds no samples")
-    return Clip(clip.path, clip.output, clip.source, num_samples=int(header.frames))
+    return Clip(clip.path, clip.output, clip.source, num_samples=int(header.frames), shift=clip.shift)
 
 
 def make_batches(clips: list[Clip], batch_size: int) -> list[list[Clip]]:
@@ -268,7 +328,7 @@ def make_batches(clips: list[Clip], batch_size: int) -> list[list[Clip]]:
 
 # ---- encoding -------------------------------------------------------------------------------
 def read_clip(clip: Clip) -> torch.Tensor:
-    """The clip's samples as float32 `[2, S]`."""
+    """The clip's samples as float32 `[2, S]`; a variant's start `clip.shift` samples later, zeros at its end."""
     try:
         data, _ = read_audio(clip.path)  # [S, 2]
     except AudioDecodeError as error:  # its message starts with the path: the report names it once
@@ -278,7 +338,16 @@ def read_clip(clip: Clip) -> torch.Tensor:
                         f"({clip.num_samples} x {CHANNELS}); the file may be truncated")
     if not np.isfinite(data).all():
         raise ClipError("holds NaN or infinite samples")
-    return torch.from_numpy(np.ascontiguousarray(data.T))  # [S, 2] -> [2, S]
+    wave = torch.from_numpy(np.ascontiguousarray(data.T))  # [S, 2] -> [2, S]
+    return shifted(wave, clip.shift) if clip.shift else wave
+
+
+def shifted(wave: torch.Tensor, shift: int) -> torch.Tensor:
+    """`wave` `[2, S]` started `shift` samples later and padded with as many zeros: still `[2, S]`, so the
+    variant has the clip's frames, frame t covering the clip's music from `t x 320 + shift` on."""
+    if not 0 < shift < wave.shape[1]:
+        raise ClipError(f"cannot shift a clip of {wave.shape[1]} samples by {shift}")
+    return torch.cat([wave[:, shift:], wave.new_zeros(wave.shape[0], shift)], dim=1)  # [2, S - s] + [2, s]
 
 
 def encode_clips(codec: Codec, clips: list[Clip], bandwidth: float, batch_size: int,
@@ -304,14 +373,14 @@ def encode_batch(codec: Codec, batch: list[Clip], bandwidth: float, report: Stag
             waves.append(read_clip(clip))
             readable.append(clip)
         except ClipError as error:
-            report.fail(clip.source, str(error), log)
+            report.fail(clip.label, str(error), log)
     if not readable:
         return 0.0
     try:
         codes, scales = codec.encode(torch.stack(waves), bandwidth)  # B x [2, S] -> [B, Q, T], [B, n_chunks]
     except RuntimeError as error:  # e.g. out of GPU memory: retry the clips one at a time
         if len(readable) == 1:
-            report.fail(readable[0].source, f"the codec failed: {error}", log)
+            report.fail(readable[0].label, f"the codec failed: {error}", log)
             return 0.0
         log.warning("a batch of %d clips failed (%s): encoding them one at a time", len(readable), error)
         return sum(encode_batch(codec, [clip], bandwidth, report, log) for clip in readable)
@@ -320,9 +389,9 @@ def encode_batch(codec: Codec, batch: list[Clip], bandwidth: float, report: Stag
         token_file = TokenFile(codes=codes[index:index + 1].clone(),  # [B, Q, T] -> [1, Q, T]
                                scales=scales[index].clone(),  # [B, n_chunks] -> [n_chunks]
                                num_samples=clip.num_samples, bandwidth=float(bandwidth), codec=codec.name,
-                               source=clip.source)
+                               source=clip.source, shift_samples=clip.shift)
         save_token_file(token_file, clip.output)
-        report.done.append(clip.source)
+        report.done.append(clip.label)
     return len(readable) * readable[0].num_samples / SAMPLE_RATE
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,8 @@ VOCAB_SIZE = 1026  # per codebook: codes + BOS + PAD
 TOKEN_FORMAT = 1
 BANDWIDTH_TO_Q = {3.0: 2, 6.0: 4, 12.0: 8, 24.0: 16}
 DEFAULT_CODEC = "facebook/encodec_48khz"
+MAX_SHIFTS = HOP_LENGTH  # more offsets than samples in a hop would repeat one
+VARIANT_STEM = re.compile(r"^(?P<clip>.+)\.shift(?P<samples>[1-9]\d*)$")  # <clip>.shift<samples>.th
 
 
 def frames_for(num_samples: int, chunk_frames: int = CHUNK_FRAMES, chunk_stride: int = CHUNK_STRIDE,
@@ -49,6 +52,33 @@ def samples_for(n_frames: int, chunk_frames: int = CHUNK_FRAMES, chunk_stride: i
     if n_frames < 1 or frames_for(num_samples, chunk_frames, chunk_stride, hop_length) != n_frames:
         raise ValueError(f"no clip length gives exactly {n_frames} frames (a last chunk holds 1..149)")
     return num_samples
+
+
+def shift_offsets(shifts: int) -> list[int]:
+    """The sub-frame offsets, in samples, of `shifts` encodings of one clip: `round(k x 320 / shifts)`
+    for k = 0..shifts-1, spread over one hop (1 -> [0]; 3 -> [0, 107, 213])."""
+    if not 1 <= shifts <= MAX_SHIFTS:
+        raise ValueError(f"--shifts must be 1..{MAX_SHIFTS} (one hop holds {HOP_LENGTH} samples), got {shifts}")
+    return [round(k * HOP_LENGTH / shifts) for k in range(shifts)]
+
+
+def variant_path(clip_path: str | Path, shift_samples: int) -> Path:
+    """The token file of a clip encoded `shift_samples` later: `song_000.th` -> `song_000.shift107.th`
+    (offset 0 is the clip's own file)."""
+    clip_path = Path(clip_path)
+    if shift_samples == 0:
+        return clip_path
+    return clip_path.with_name(f"{clip_path.stem}.shift{int(shift_samples)}{clip_path.suffix}")
+
+
+def parse_variant_path(path: str | Path) -> tuple[Path, int] | None:
+    """`song_000.shift107.th` -> (`song_000.th`, 107); None for a file that is not a shifted variant.
+    Stage 1 names clips `<track>_<iii>`, so no clip of its own is ever read as a variant."""
+    path = Path(path)
+    match = VARIANT_STEM.match(path.stem)
+    if match is None:
+        return None
+    return path.with_name(match["clip"] + path.suffix), int(match["samples"])
 
 
 class TokenFileError(ValueError):
@@ -84,6 +114,7 @@ class TokenFile:
     frame_rate: int = FRAME_RATE
     chunk_frames: int = CHUNK_FRAMES
     sample_rate: int = SAMPLE_RATE
+    shift_samples: int = 0  # a variant's sub-frame offset: its audio starts this many samples into the clip
     extra: dict = field(default_factory=dict)
 
     @property
@@ -119,6 +150,7 @@ class TokenFile:
             "codec": str(self.codec),
             "source": str(self.source),
             "format": TOKEN_FORMAT,
+            **({"shift_samples": int(self.shift_samples)} if self.shift_samples else {}),  # absent: 0
             **self.extra,
         }
 
@@ -184,7 +216,7 @@ def load_token_file(path: str | Path) -> TokenFile:
         raise TokenFileError(f"{path}: bandwidth {bandwidth:g} kbps means {q_for_bandwidth(bandwidth)} "
                              f"codebooks, the codes have {codes.shape[1]}")
     known = {"codes", "scales", "frame_rate", "chunk_frames", "sample_rate", "num_samples", "bandwidth",
-             "codec", "source", "format"}
+             "codec", "source", "format", "shift_samples"}
     return TokenFile(
         codes=codes,
         scales=scales,
@@ -195,8 +227,17 @@ def load_token_file(path: str | Path) -> TokenFile:
         frame_rate=int(obj.get("frame_rate", FRAME_RATE)),
         chunk_frames=int(obj.get("chunk_frames", CHUNK_FRAMES)),
         sample_rate=int(obj.get("sample_rate", SAMPLE_RATE)),
+        shift_samples=read_shift_samples(obj, path),
         extra={k: v for k, v in obj.items() if k not in known},
     )
+
+
+def read_shift_samples(obj: dict, path: Path) -> int:
+    """A token file's `shift_samples`: 0 when absent, else an integer offset inside one hop."""
+    shift = obj.get("shift_samples", 0)
+    if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift < HOP_LENGTH:
+        raise TokenFileError(f"{path}: shift_samples is {shift!r}, expected an integer 0..{HOP_LENGTH - 1}")
+    return shift
 
 
 def save_token_file(token_file: TokenFile, path: str | Path) -> None:
