@@ -7,6 +7,10 @@ Every token file is loaded with `weights_only=True` (a pickle that would run cod
 never executed) and validated. One model consumes them all, so they must share one Q and one
 bandwidth: the majority wins and the others are named and left out. Clips are grouped by the
 track they were cut from, and whole tracks go to `train` or `valid`, so no song is on both sides.
+
+Stage 2's shifted variants (`<clip>.shift<s>.th`, `--shifts`) are not clips of their own: each is
+checked against its clip (same Q, bandwidth, codec, frames and length) and listed in the clip's
+entry under `variants`, so it follows its clip's track into the same split.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline.cli import (StageError, StageReport, fraction, make_parser, non_negative_int,  # noqa: E402
                           run_main, setup_logging)
 from pipeline.contract import (FRAME_RATE, SAMPLE_RATE, TokenFile, TokenFileError,  # noqa: E402
-                               load_token_file)
+                               load_token_file, parse_variant_path)
 from pipeline.files import is_temporary  # noqa: E402
 from pipeline.manifest import manifest_path, write_manifest  # noqa: E402
 
@@ -63,7 +67,8 @@ def prepare_artist(root, artist: str, valid_fraction: float = DEFAULT_VALID_FRAC
     token_dir = root / "encoded_tokens" / artist
     output, report_path = manifest_path(root, artist), token_dir / REPORT_NAME
     paths = find_token_files(token_dir)
-    fingerprint = inputs_fingerprint(root, paths, valid_fraction, seed)
+    clip_paths, variant_paths = separate_variants(paths)
+    fingerprint = inputs_fingerprint(root, paths, valid_fraction, seed, has_variants=bool(variant_paths))
     if not overwrite:
         previous = up_to_date_report(output, report_path, fingerprint)
         if previous is not None:
@@ -74,15 +79,16 @@ def prepare_artist(root, artist: str, valid_fraction: float = DEFAULT_VALID_FRAC
     report = StageReport(STAGE, artist)
     report.details.update(fingerprint=fingerprint, valid_fraction=valid_fraction, seed=seed,
                           manifest=output.relative_to(root).as_posix())
-    loaded = load_token_files(root, paths, report, log)
+    loaded = load_token_files(root, clip_paths, report, log)
     kept = keep_majority_layout(loaded, report, log)
     if not kept:
         report.write(report_path)
-        raise StageError(f"none of the {len(paths)} token file(s) in {token_dir} is usable "
+        raise StageError(f"none of the {len(clip_paths)} token file(s) in {token_dir} is usable "
                          f"(each is named above and in {report_path}); re-run scripts/2_Tokenization.py")
+    variants = matching_variants(root, variant_paths, kept, report, log)  # clip audio -> its variants' audio
     tracks = {audio: track_of(audio_path, token_dir) for audio, (audio_path, _) in kept.items()}
     splits = split_tracks(sorted(set(tracks.values())), valid_fraction, seed)
-    entries = [manifest_entry(audio, token, tracks[audio], splits[tracks[audio]])
+    entries = [manifest_entry(audio, token, tracks[audio], splits[tracks[audio]], variants.get(audio, []))
                for audio, (_, token) in sorted(kept.items())]
     write_manifest(entries, output)
     report.done.extend(entry["audio"] for entry in entries)
@@ -103,9 +109,19 @@ def find_token_files(token_dir: Path) -> list[Path]:
     return paths
 
 
-def inputs_fingerprint(root: Path, paths: list[Path], valid_fraction: float, seed: int) -> str:
-    """Changes when a token file is added, removed or rewritten, or the split options change."""
-    digest = hashlib.sha256(json.dumps([SPLIT_VERSION, valid_fraction, seed]).encode())
+def separate_variants(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Token files -> (clips, stage 2's shifted variants `<clip>.shift<s>.th`)."""
+    variants = [path for path in paths if parse_variant_path(path) is not None]
+    chosen = set(variants)
+    return [path for path in paths if path not in chosen], variants
+
+
+def inputs_fingerprint(root: Path, paths: list[Path], valid_fraction: float, seed: int,
+                       has_variants: bool = False) -> str:
+    """Changes when a token file (a variant too) is added, removed or rewritten, or the split options
+    change. Without variants it is what it was before variants existed, so those manifests stay current."""
+    options = [SPLIT_VERSION, valid_fraction, seed] + (["variants"] if has_variants else [])
+    digest = hashlib.sha256(json.dumps(options).encode())
     for path in paths:
         stat = path.stat()
         digest.update(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -179,6 +195,49 @@ def keep_majority_layout(loaded: dict[str, tuple[Path, TokenFile]], report: Stag
     return kept
 
 
+# ---- shifted variants ------------------------------------------------------------------------
+def matching_variants(root: Path, paths: list[Path], kept: dict[str, tuple[Path, TokenFile]],
+                      report: StageReport, log: logging.Logger) -> dict[str, list[str]]:
+    """Each kept clip's usable variants (audio paths, by offset). A variant whose clip was left out or
+    is missing, that cannot be read, or that differs from its clip, is named in the report and left out."""
+    if not paths:
+        return {}
+    by_path = {path: audio for audio, (path, _) in kept.items()}
+    found: dict[str, list[tuple[int, str]]] = {}
+    for path in tqdm(paths, unit="file", desc=f"checking {report.artist}'s variants", dynamic_ncols=True):
+        audio = path.relative_to(root).as_posix()
+        clip_path, shift = parse_variant_path(path)
+        clip_audio = by_path.get(clip_path)
+        if clip_audio is None:
+            reason = "was left out (see its reason)" if clip_path.is_file() else "does not exist"
+            report.fail(audio, f"a shifted variant of {clip_path.relative_to(root).as_posix()}, which {reason}; "
+                               "left out with it", log)
+            continue
+        try:
+            variant = load_token_file(path)  # weights_only=True inside
+            check_metadata(variant, audio)
+            check_variant(variant, shift, kept[clip_audio][1], audio)
+        except TokenFileError as error:
+            report.fail(audio, str(error).removeprefix(f"{path}: ").removeprefix(f"{audio}: "), log)
+            continue
+        found.setdefault(clip_audio, []).append((shift, audio))
+    return {clip: [audio for _, audio in sorted(variants)] for clip, variants in found.items()}
+
+
+def check_variant(variant: TokenFile, shift: int, clip: TokenFile, where: str) -> None:
+    """A variant must be its clip's music on another grid: one layout, codec, length and frame count."""
+    if variant.shift_samples != shift:
+        raise TokenFileError(f"{where}: records an offset of {variant.shift_samples} samples, its name says "
+                             f"{shift}; re-run scripts/2_Tokenization.py with --shifts")
+    ours = (variant.n_codebooks, variant.bandwidth, variant.codec, variant.n_frames, variant.num_samples)
+    theirs = (clip.n_codebooks, clip.bandwidth, clip.codec, clip.n_frames, clip.num_samples)
+    if ours != theirs:
+        raise TokenFileError(f"{where}: Q={ours[0]} ({ours[1]:g} kbps, codec {ours[2]}, {ours[3]} frames, "
+                             f"{ours[4]} samples) differs from its clip's Q={theirs[0]} ({theirs[1]:g} kbps, codec "
+                             f"{theirs[2]}, {theirs[3]} frames, {theirs[4]} samples); re-run "
+                             "scripts/2_Tokenization.py --overwrite with the clip's settings")
+
+
 # ---- tracks and the split --------------------------------------------------------------------
 def track_of(token_path: Path, token_dir: Path) -> str:
     """`encoded_tokens/<artist>/album/song_003.th` -> `album/song`: the raw file the clip was cut from."""
@@ -208,9 +267,10 @@ def split_tracks(tracks: list[str], valid_fraction: float, seed: int) -> dict[st
 
 
 # ---- output ---------------------------------------------------------------------------------
-def manifest_entry(audio: str, token: TokenFile, track: str, split: str) -> dict:
+def manifest_entry(audio: str, token: TokenFile, track: str, split: str, variants: list[str]) -> dict:
+    """The clip's manifest line; `variants` (its shifted encodings' paths) only when it has some."""
     median_scale = float(token.scales.median()) if token.scales is not None else None
-    return {
+    entry = {
         "audio": audio,
         "duration": round(token.duration, 6),
         "sample_rate": token.sample_rate,
@@ -223,6 +283,9 @@ def manifest_entry(audio: str, token: TokenFile, track: str, split: str) -> dict
         "split": split,
         "median_scale": median_scale,
     }
+    if variants:
+        entry["variants"] = variants
+    return entry
 
 
 def summarise(entries: list[dict], report: StageReport, log: logging.Logger) -> None:
@@ -236,6 +299,12 @@ def summarise(entries: list[dict], report: StageReport, log: logging.Logger) -> 
         log.info("%s: %d track(s), %d clip(s), %.2f h", split, tracks, len(chosen), hours)
     report.counters["tracks"] = len({entry["track"] for entry in entries})
     report.counters["clips"] = len(entries)
+    variants = {split: sum(len(entry.get("variants", [])) for entry in entries if entry["split"] == split)
+                for split in ("train", "valid")}
+    if any(variants.values()):  # listed in the manifest; stage 4 trains on the train clips' variants only
+        report.counters.update(train_variants=variants["train"], valid_variants=variants["valid"])
+        log.info("shifted variants: %d of train clips (drawn in training), %d of valid clips (never used)",
+                 variants["train"], variants["valid"])
     report.details["hours"] = round(sum(entry["duration"] for entry in entries) / 3600, 4)
     if report.counters["valid_clips"] == 0:
         log.warning("no validation clips: %s",

@@ -3,6 +3,7 @@ listed by stage 3 under their clip, and drawn among by stage 4's training window
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import soundfile as sf
 import torch
 
 from helpers import sine_tone
-from pipeline.contract import load_token_file, shift_offsets, variant_path
+from pipeline.contract import TokenFile, load_token_file, save_token_file, shift_offsets, variant_path
+from pipeline.manifest import manifest_path, read_manifest
 from pipeline.stages import load_stage
 
 ARTIST = "Band"
@@ -19,6 +21,11 @@ ARTIST = "Band"
 @pytest.fixture(scope="module")
 def stage2():
     return load_stage("2_Tokenization")
+
+
+@pytest.fixture(scope="module")
+def stage3():
+    return load_stage("3_data_preparation")
 
 
 def write_clip(root: Path, relative: str, seconds: float = 0.4, freq: float = 330.0) -> Path:
@@ -51,7 +58,8 @@ def test_offsets_spread_over_one_hop_and_name_their_files():
     assert variant_path(Path("a/song_000.th"), 0) == Path("a/song_000.th")
 
 
-def test_shifts_write_a_file_per_offset_with_other_tokens_and_a_rerun_skips_them(stage2, random_codec, tmp_path):
+def test_shifts_write_a_file_per_offset_with_other_tokens_and_a_rerun_skips_them(stage2, stage3, random_codec,
+                                                                                 tmp_path):
     write_clip(tmp_path, "album/song_000.wav")
     report = tokenize(stage2, tmp_path, random_codec, shifts=3)
     assert report.exit_code() == 0 and len(report.done) == 3
@@ -72,6 +80,9 @@ def test_shifts_write_a_file_per_offset_with_other_tokens_and_a_rerun_skips_them
     before = mtimes(tmp_path)
     again = tokenize(stage2, tmp_path, random_codec, shifts=3)
     assert len(again.done) == 0 and len(again.skipped) == 3 and mtimes(tmp_path) == before
+    assert stage3.prepare_artist(tmp_path, ARTIST, log=logging.getLogger("test.shifts")).exit_code() == 0
+    [line] = manifest_lines(tmp_path)
+    assert line["variants"] == [f"encoded_tokens/{ARTIST}/album/song_000.shift{s}.th" for s in (107, 213)]
 
 
 def test_one_shift_writes_what_a_run_without_the_option_writes(stage2, random_codec, tmp_path):
@@ -128,3 +139,125 @@ def test_a_token_file_with_an_impossible_offset_is_refused(tmp_path, shift):
     save_token_file(token, path)
     with pytest.raises(TokenFileError, match="shift_samples is .*expected an integer 0..319"):
         load_token_file(path)
+
+
+# ---- stage 3 ------------------------------------------------------------------------------------
+def write_encoding(root: Path, relative: str, shift: int = 0, q: int = 4, n_chunks: int = 2,
+                   num_samples: int = 2 * 47_520, seed: int | None = None) -> Path:
+    """A clip's token file (shift 0) or one of its variants, as stage 2 writes them, without the codec."""
+    generator = torch.Generator().manual_seed(seed if seed is not None else hash((relative, shift)) % 2 ** 31)
+    codes = torch.randint(0, 1024, (1, q, 150 * n_chunks), generator=generator, dtype=torch.int16)  # [1, Q, T]
+    path = token_path(root, relative, shift)
+    save_token_file(TokenFile(codes=codes, scales=torch.full((n_chunks,), 0.1), num_samples=num_samples,
+                              bandwidth={2: 3.0, 4: 6.0, 8: 12.0}[q], codec="random:0",
+                              source=f"data_processed/{ARTIST}/{relative}.wav", shift_samples=shift), path)
+    return path
+
+
+def write_shifted_artist(root: Path, n_tracks: int = 6, clips_per_track: int = 2, shifts: int = 3) -> None:
+    for track in range(n_tracks):
+        for clip in range(clips_per_track):
+            for shift in shift_offsets(shifts):
+                write_encoding(root, f"album/song{track}_{clip:03d}", shift, seed=track * 1000 + clip * 10 + shift)
+
+
+def prepare(stage3, root, **options):
+    return stage3.prepare_artist(root, ARTIST, log=logging.getLogger("test.shifts"), **options)
+
+
+def manifest_lines(root: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in manifest_path(root, ARTIST).read_text(encoding="utf-8").splitlines()]
+
+
+def test_the_manifest_lists_each_clips_variants_under_it_and_splits_by_track_as_without(stage3, tmp_path):
+    write_shifted_artist(tmp_path / "shifted")
+    write_shifted_artist(tmp_path / "plain", shifts=1)
+    report = prepare(stage3, tmp_path / "shifted", valid_fraction=0.34)
+    assert report.exit_code() == 0 and len(report.done) == 12
+    prepare(stage3, tmp_path / "plain", valid_fraction=0.34)
+    lines, plain = manifest_lines(tmp_path / "shifted"), manifest_lines(tmp_path / "plain")
+    assert [line["audio"] for line in lines] == [line["audio"] for line in plain]  # no variant is a clip
+    assert [line["split"] for line in lines] == [line["split"] for line in plain]  # the split is by track
+    assert {line["split"] for line in lines} == {"train", "valid"}
+    assert all("variants" not in line for line in plain)
+    for line in lines:
+        stem = line["audio"].removesuffix(".th")
+        assert line["variants"] == [f"{stem}.shift107.th", f"{stem}.shift213.th"]
+        assert {key: value for key, value in line.items() if key != "variants"} == plain[lines.index(line)]
+    assert report.counters["train_variants"] + report.counters["valid_variants"] == 24
+    assert report.counters["valid_variants"] == 2 * sum(line["split"] == "valid" for line in lines)
+    entries = read_manifest(manifest_path(tmp_path / "shifted", ARTIST), tmp_path / "shifted")
+    assert entries[0]["variant_paths"] == [(tmp_path / "shifted" / name).resolve() for name in lines[0]["variants"]]
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("other q", "Q=2 .* differs from its clip's Q=4"),
+    ("other frames", "450 frames.* differs from its clip's .*300 frames"),
+    ("other length", "94000 samples\\) differs from its clip's .*95040 samples"),
+    ("wrong offset", "records an offset of 5 samples, its name says 107"),
+    ("no clip", "a shifted variant of encoded_tokens/Band/lone_000.th, which does not exist"),
+    ("unreadable", "not a readable token file"),
+])
+def test_a_variant_unlike_its_clip_is_left_out_with_its_reason(stage3, tmp_path, case, reason):
+    write_shifted_artist(tmp_path, n_tracks=2, clips_per_track=1, shifts=3)
+    odd = token_path(tmp_path, "album/song0_000", 107)
+    if case == "other q":
+        write_encoding(tmp_path, "album/song0_000", 107, q=2)
+    elif case == "other frames":
+        write_encoding(tmp_path, "album/song0_000", 107, n_chunks=3)
+    elif case == "other length":
+        write_encoding(tmp_path, "album/song0_000", 107, num_samples=94_000)
+    elif case == "wrong offset":
+        odd.unlink()
+        write_encoding(tmp_path, "album/song0_000", 5).rename(odd)
+    elif case == "no clip":
+        odd = write_encoding(tmp_path, "lone_000", 107)
+    elif case == "unreadable":
+        odd.write_bytes(b"not a torch file")
+    report = prepare(stage3, tmp_path)
+    assert report.exit_code() == 1
+    assert [item["path"] for item in report.failed] == [odd.relative_to(tmp_path).as_posix()]
+    assert re.search(reason, report.failed[0]["reason"]), report.failed[0]["reason"]
+    listed = [variant for line in manifest_lines(tmp_path) for variant in line.get("variants", [])]
+    assert odd.relative_to(tmp_path).as_posix() not in listed
+    assert len(listed) == (4 if case == "no clip" else 3)  # 2 clips x 2 variants, less the odd one
+
+
+def test_the_variants_of_a_clip_left_out_are_left_out_with_it(stage3, tmp_path):
+    write_shifted_artist(tmp_path, n_tracks=2, clips_per_track=1, shifts=2)
+    token_path(tmp_path, "album/song1_000").write_bytes(b"broken")
+    report = prepare(stage3, tmp_path)
+    reasons = {item["path"]: item["reason"] for item in report.failed}
+    assert "which was left out" in reasons[f"encoded_tokens/{ARTIST}/album/song1_000.shift160.th"]
+    assert [line["audio"] for line in manifest_lines(tmp_path)] == [f"encoded_tokens/{ARTIST}/album/song0_000.th"]
+
+
+def test_a_variant_added_or_removed_rebuilds_the_manifest(stage3, tmp_path):
+    write_shifted_artist(tmp_path, n_tracks=2, clips_per_track=1, shifts=1)
+    prepare(stage3, tmp_path)
+    assert all("variants" not in line for line in manifest_lines(tmp_path))
+    assert prepare(stage3, tmp_path).skipped, "an unchanged folder is up to date"
+    added = write_encoding(tmp_path, "album/song0_000", 160)
+    assert len(prepare(stage3, tmp_path).done) == 2
+    assert manifest_lines(tmp_path)[0]["variants"] == [added.relative_to(tmp_path).as_posix()]
+    assert prepare(stage3, tmp_path).skipped
+    added.unlink()
+    assert len(prepare(stage3, tmp_path).done) == 2
+    assert all("variants" not in line for line in manifest_lines(tmp_path))
+
+
+def test_the_fingerprint_without_variants_is_the_one_from_before_variants(stage3, tmp_path):
+    """Manifests written before variants existed stay up to date: the formula is unchanged for them."""
+    import hashlib
+    import json
+
+    write_shifted_artist(tmp_path, n_tracks=2, clips_per_track=1, shifts=1)
+    paths = stage3.find_token_files(token_path(tmp_path, "x").parent)
+    digest = hashlib.sha256(json.dumps([1, 0.05, 0]).encode())
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(tmp_path).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    assert stage3.inputs_fingerprint(tmp_path, paths, 0.05, 0) == digest.hexdigest()
+    assert stage3.inputs_fingerprint(tmp_path, paths, 0.05, 0, has_variants=True) != digest.hexdigest()

@@ -18,10 +18,12 @@ def manifest_path(root: str | Path, artist: str) -> Path:
 
 
 def read_manifest(path: str | Path, root: str | Path, allow_outside_root: bool = False) -> list[dict]:
-    """Parse and check every line; each entry gains `path`, the resolved `.th` file.
+    """Parse and check every line; each entry gains `path`, the resolved `.th` file, and
+    `variant_paths`, its shifted variants' resolved files (empty when it lists none).
 
     Raises ManifestError naming the file (and line) for: missing file, empty manifest, a line that
-    is not a JSON object, missing required keys, a path escaping the root, a missing token file.
+    is not a JSON object, missing required keys, a path escaping the root, a missing token file
+    (a variant's too), `variants` that is not a list of paths.
     """
     path = Path(path)
     if not path.is_file():
@@ -53,7 +55,25 @@ def _parse_line(line: str, where: str, root, allow_outside_root: bool) -> dict:
         raise ManifestError(f"{where}: {error} (refused; pass --allow-outside-root to trust it)") from None
     if not entry["path"].is_file():
         raise ManifestError(f"{where}: token file {entry['audio']} does not exist")
+    entry["variant_paths"] = _variant_paths(entry.get("variants", []), where, root, allow_outside_root)
     return entry
+
+
+def _variant_paths(variants, where: str, root, allow_outside_root: bool) -> list:
+    """The resolved files of an entry's `variants` (stage 2's shifted encodings of the same clip)."""
+    if not isinstance(variants, list) or not all(isinstance(variant, str) for variant in variants):
+        raise ManifestError(f"{where}: 'variants' must be a list of token file paths")
+    paths = []
+    for variant in variants:
+        try:
+            path = resolve_inside(root, variant, allow_outside=allow_outside_root)
+        except PathEscapesRoot as error:
+            raise ManifestError(f"{where}: {error} (refused; pass --allow-outside-root to trust it)") from None
+        if not path.is_file():
+            raise ManifestError(f"{where}: variant token file {variant} does not exist; re-run "
+                                "scripts/3_data_preparation.py to list the variants there are")
+        paths.append(path)
+    return paths
 
 
 def check_uniform(entries: list[dict], keys=("codebooks", "bandwidth"), where: str = "manifest") -> None:
@@ -67,7 +87,7 @@ def check_uniform(entries: list[dict], keys=("codebooks", "bandwidth"), where: s
 
 # ---- writing (stage 3) ------------------------------------------------------------------------
 MANIFEST_KEYS = ("audio", "duration", "sample_rate", "frames", "codebooks", "bandwidth", "codec", "source",
-                 "track", "split", "median_scale")
+                 "track", "split", "median_scale")  # and `variants`, only in an entry that has some
 SPLITS = ("train", "valid")
 
 
