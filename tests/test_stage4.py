@@ -692,3 +692,17 @@ def test_init_from_a_model_name_trains_on_from_its_weights_and_records_it(stage4
     assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--resume", "--epochs", "2"]) == 0
     with pytest.raises(StageError, match="no best.pt or last.pt"):
         stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--init-from", "nothing_here", "--overwrite"])
+
+
+def test_plots_are_redrawn_at_most_every_interval_and_once_more_at_the_end(stage4, tmp_path, monkeypatch):
+    """Short epochs do not redraw loss.png each time (a drawing costs ~0.3 s); the last drawing shows every epoch."""
+    drawn = []
+    monkeypatch.setattr(trainer, "plot_losses", lambda records, path: drawn.append(len(runs.epoch_records(records))))
+    monkeypatch.setattr(trainer, "PLOT_INTERVAL_S", 3600.0)
+    write_dataset(tmp_path)
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "4"]) == 0
+    assert drawn == [1, 4]  # the first epoch at once, then the run's end
+    monkeypatch.setattr(trainer, "PLOT_INTERVAL_S", 0.0)
+    drawn.clear()
+    assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "6", "--patience", "0", "--resume"]) == 0
+    assert drawn == [5, 6]  # every epoch when the interval allows, nothing drawn twice

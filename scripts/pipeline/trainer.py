@@ -39,6 +39,8 @@ from .training import (Precision, StopRequest, TrainingDiverged, bits_by_positio
 
 CHECKPOINT_FORMAT = 1
 LOG = logging.getLogger("pipeline.stage4")
+PLOT_INTERVAL_S = 20.0  # loss.png and loss_by_position.png are redrawn at most this often (~0.3 s a drawing),
+# and once more when the run ends: short epochs no longer spend most of their time in matplotlib
 
 
 @dataclass
@@ -127,6 +129,8 @@ class Trainer:
         self.buckets = position_buckets(args["context_frames"])  # [start, stop) frames into a window
         self.offsets = codebook_offsets(args["pattern"], data.store.n_codebooks)  # [Q]: row of frame f = f + offset
         self.overfit_reported = False  # the log says once when valid rises while train falls
+        self.plotted_records: list[dict] | None = None  # metrics.jsonl as last written, not drawn yet
+        self.plotted_at = -float("inf")  # time.monotonic() of the last drawing
         self.speed = SpeedWatch("training", "frames", log)
         # --copy-path ngram: the in-context copy path is fitted at every validation that improves the best
         # valid NLL (rank 0, on at most copying.MAX_FIT_WINDOWS of its valid windows); checkpoints carry the
@@ -208,7 +212,15 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------
     def run(self) -> int:
-        """Train until --epochs; returns the exit status (130 when stopped by a signal)."""
+        """Train until --epochs; returns the exit status (130 when stopped by a signal). However it ends,
+        rank 0's plots show every epoch recorded."""
+        try:
+            return self._train()
+        finally:
+            if self.info.is_main:
+                self.draw_plots()
+
+    def _train(self) -> int:
         self.log.info("training %s: %d train / %d valid clips, %d micro-batches (%d optimizer steps) per epoch "
                       "per rank, %s on %s x%d, %.2f M parameters", self.artist, len(self.train_clips),
                       len(self.valid_clips), self.micro_per_epoch, self.steps_per_epoch, self.precision.name,
@@ -635,9 +647,17 @@ class Trainer:
         self._write_metrics(metrics)
 
     def _write_metrics(self, metrics: dict) -> None:
-        records = append_metrics(self.folder / METRICS_FILE, metrics)
-        plot_losses(records, self.folder / LOSS_PLOT)
-        plot_positions(records, self.folder / POSITIONS_PLOT)
+        self.plotted_records = append_metrics(self.folder / METRICS_FILE, metrics)
+        if time.monotonic() - self.plotted_at >= PLOT_INTERVAL_S:
+            self.draw_plots()
+
+    def draw_plots(self) -> None:
+        """Draw loss.png and loss_by_position.png from the metrics last written (nothing when drawn already)."""
+        if self.plotted_records is None:
+            return
+        plot_losses(self.plotted_records, self.folder / LOSS_PLOT)
+        plot_positions(self.plotted_records, self.folder / POSITIONS_PLOT)
+        self.plotted_records, self.plotted_at = None, time.monotonic()
 
     def save_last(self, metrics: dict | None = None) -> None:
         """A mid-epoch checkpoint (Ctrl-C, --max-steps): last.pt only, resumable exactly. Call it on
