@@ -2,16 +2,25 @@
 listed by stage 3 under their clip, and drawn among by stage 4's training windows only."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import os
 import re
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-from helpers import sine_tone
-from pipeline.contract import TokenFile, load_token_file, save_token_file, shift_offsets, variant_path
+from helpers import TINY, assert_same_weights, load, results, sine_tone, write_dataset
+from pipeline import runs, token_cache, train_data
+from pipeline.cli import StageError
+from pipeline.contract import (PAD, TokenFile, TokenFileError, load_token_file, save_token_file, shift_offsets,
+                               variant_path)
 from pipeline.manifest import manifest_path, read_manifest
 from pipeline.stages import load_stage
 
@@ -131,8 +140,6 @@ def test_the_shift_count_is_checked_on_the_command_line(stage2, value, capsys):
 
 @pytest.mark.parametrize("shift", [320, -1, "107", 1.5, True])
 def test_a_token_file_with_an_impossible_offset_is_refused(tmp_path, shift):
-    from pipeline.contract import TokenFile, TokenFileError, save_token_file
-
     path = tmp_path / "song_000.shift107.th"
     token = TokenFile(codes=torch.zeros(1, 4, 150, dtype=torch.int16), scales=torch.ones(1), num_samples=47_520,
                       bandwidth=6.0, extra={"shift_samples": shift})
@@ -145,7 +152,7 @@ def test_a_token_file_with_an_impossible_offset_is_refused(tmp_path, shift):
 def write_encoding(root: Path, relative: str, shift: int = 0, q: int = 4, n_chunks: int = 2,
                    num_samples: int = 2 * 47_520, seed: int | None = None) -> Path:
     """A clip's token file (shift 0) or one of its variants, as stage 2 writes them, without the codec."""
-    generator = torch.Generator().manual_seed(seed if seed is not None else hash((relative, shift)) % 2 ** 31)
+    generator = torch.Generator().manual_seed(seed if seed is not None else zlib.crc32(f"{relative}:{shift}".encode()))
     codes = torch.randint(0, 1024, (1, q, 150 * n_chunks), generator=generator, dtype=torch.int16)  # [1, Q, T]
     path = token_path(root, relative, shift)
     save_token_file(TokenFile(codes=codes, scales=torch.full((n_chunks,), 0.1), num_samples=num_samples,
@@ -166,9 +173,12 @@ def prepare(stage3, root, **options):
 
 
 def manifest_lines(root: Path) -> list[dict]:
-    import json
+    return manifest_lines_of(root, ARTIST)
 
-    return [json.loads(line) for line in manifest_path(root, ARTIST).read_text(encoding="utf-8").splitlines()]
+
+def manifest_lines_of(root: Path, artist: str) -> list[dict]:
+
+    return [json.loads(line) for line in manifest_path(root, artist).read_text(encoding="utf-8").splitlines()]
 
 
 def test_the_manifest_lists_each_clips_variants_under_it_and_splits_by_track_as_without(stage3, tmp_path):
@@ -250,9 +260,6 @@ def test_a_variant_added_or_removed_rebuilds_the_manifest(stage3, tmp_path):
 
 def test_the_fingerprint_without_variants_is_the_one_from_before_variants(stage3, tmp_path):
     """Manifests written before variants existed stay up to date: the formula is unchanged for them."""
-    import hashlib
-    import json
-
     write_shifted_artist(tmp_path, n_tracks=2, clips_per_track=1, shifts=1)
     paths = stage3.find_token_files(token_path(tmp_path, "x").parent)
     digest = hashlib.sha256(json.dumps([1, 0.05, 0]).encode())
@@ -261,3 +268,177 @@ def test_the_fingerprint_without_variants_is_the_one_from_before_variants(stage3
         digest.update(f"{path.relative_to(tmp_path).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     assert stage3.inputs_fingerprint(tmp_path, paths, 0.05, 0) == digest.hexdigest()
     assert stage3.inputs_fingerprint(tmp_path, paths, 0.05, 0, has_variants=True) != digest.hexdigest()
+
+
+# ---- stage 4 ------------------------------------------------------------------------------------
+def add_variants(root: Path, shifts=(107, 213), frames: dict | None = None, artist: str = "A") -> None:
+    """Shifted variants of every clip of `helpers.write_dataset`'s manifest, listed in it as stage 3 would.
+    `frames`: {(clip index, shift): frames} for a variant of another length than its clip."""
+    manifest = manifest_path(root, artist)
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for index, line in enumerate(lines):
+        line["variants"] = []
+        for shift in shifts:
+            n_frames = (frames or {}).get((index, shift), line["frames"])
+            rel = variant_path(Path(line["audio"]), shift).as_posix()
+            write_variant(root, rel, n_frames, seed=100 * index + shift, shift=shift)
+            line["variants"].append(rel)
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def write_variant(root: Path, rel: str, n_frames: int, seed: int, shift: int) -> None:
+    codes = torch.randint(0, 1024, (1, 4, n_frames), generator=torch.Generator().manual_seed(seed),
+                          dtype=torch.int16)  # [1, Q, T]
+    save_token_file(TokenFile(codes=codes, scales=torch.ones(1), num_samples=n_frames * 320, bandwidth=6.0,
+                              codec="random:0", chunk_frames=n_frames, shift_samples=shift), root / rel)
+
+
+def encoding_codes(root: Path, clip: int, encoding: int) -> torch.Tensor:
+    """Clip `clip`'s encoding (0: its own file, 1, 2: its shift 107, 213 variants) as frames `[T, Q]`."""
+    rel = variant_path(Path(f"encoded_tokens/A/clip_{clip}.th"), (0, 107, 213)[encoding])
+    return load_token_file(root / rel).codes[0].T  # [1, Q, T] -> [T, Q]
+
+
+def test_training_windows_draw_among_the_encodings_and_validation_reads_the_clip(tmp_path):
+    write_dataset(tmp_path, lengths=(70, 64, 40), valid=1)  # clip_2 is valid: its variants are never read
+    add_variants(tmp_path)
+    data, _ = train_data.load_artists(tmp_path, ["A"])
+    store, train = data.store, data.store.clips("train")
+    assert store.encoding_counts.tolist() == [3, 3, 1] and data.skipped == []
+    windows = train_data.epoch_windows(store, train, 32, seed=5, epoch=1)  # [N, 3]
+    plain = dataclasses.replace(store, encoding_rows=None, encoding_counts=None)
+    np.testing.assert_array_equal(windows[:, :2], train_data.epoch_windows(plain, train, 32, seed=5, epoch=1))
+    assert set(windows[:, 2].tolist()) == {0, 1, 2}
+    np.testing.assert_array_equal(windows, train_data.epoch_windows(store, train, 32, seed=5, epoch=1))
+    assert not np.array_equal(windows[:, 2], train_data.epoch_windows(store, train, 32, seed=5, epoch=2)[:, 2])
+    frames = train_data.gather_frames(store, windows, 32)  # [N, 32, Q]
+    for (clip, start, encoding), window in zip(windows, frames):
+        expected = encoding_codes(tmp_path, clip, encoding)[start:start + 32]  # [<=32, Q]
+        assert torch.equal(window[:len(expected)], expected) and (window[len(expected):] == PAD).all()
+    valid = train_data.valid_windows(store, store.clips("valid"), 32)  # [2, 2]: back to back, the clip itself
+    assert valid.shape == (2, 2)
+    gathered = train_data.gather_frames(store, valid, 32).reshape(-1, 4)[:40]  # [2, 32, Q] -> [40, Q]
+    assert torch.equal(gathered, encoding_codes(tmp_path, 2, 0))
+
+
+def test_without_variants_the_windows_are_those_of_before(tmp_path):
+    write_dataset(tmp_path, lengths=(70, 64, 40), valid=1)
+    store = train_data.load_artists(tmp_path, ["A"])[0].store
+    assert store.encoding_rows is None and store.encoding_counts is None
+    train = store.clips("train")
+    rng = np.random.default_rng([5, 1])  # what epoch_windows drew before variants existed
+    before = train_data.covering_windows(store, train, 32, rng)
+    np.testing.assert_array_equal(train_data.epoch_windows(store, train, 32, seed=5, epoch=1),
+                                  before[rng.permutation(len(before))])
+
+
+def test_a_joint_models_windows_draw_encodings_too(tmp_path):
+    write_dataset(tmp_path, "A", lengths=(70, 64, 40), valid=1)
+    add_variants(tmp_path, artist="A")
+    write_dataset(tmp_path, "B", lengths=(50, 30), valid=1)  # no variants
+    store = train_data.load_artists(tmp_path, ["A", "B"])[0].store
+    assert store.encoding_counts.tolist() == [3, 3, 1, 1, 1]
+    windows = np.concatenate([train_data.balanced_epoch_windows(store, store.clips("train"), 32, seed=0,
+                                                                epoch=epoch, alpha=0.5) for epoch in range(4)])
+    assert windows.shape[1] == 3 and set(windows[windows[:, 0] < 2, 2].tolist()) == {0, 1, 2}
+    assert (windows[windows[:, 0] == 3, 2] == 0).all()  # B's clip reads itself
+    frames = train_data.gather_frames(store, windows, 32)
+    for (clip, start, encoding), window in zip(windows, frames):
+        if clip < 2:
+            expected = encoding_codes(tmp_path, clip, encoding)[start:start + 32]
+            assert torch.equal(window[:len(expected)], expected)
+
+
+def test_a_variant_of_another_length_is_skipped_with_its_reason(tmp_path):
+    write_dataset(tmp_path, lengths=(70, 64, 40), valid=1)
+    add_variants(tmp_path, frames={(1, 107): 60})
+    data, _ = train_data.load_artists(tmp_path, ["A"])
+    assert data.store.encoding_counts.tolist() == [3, 2, 1]
+    [(audio, reason)] = data.skipped
+    assert audio == "encoded_tokens/A/clip_1.shift107.th" and "60 frames of audio, its clip" in reason
+
+
+def edit_touched_variant(root):
+    os.utime(root / "encoded_tokens/A/clip_0.shift107.th", ns=(1, 1))
+
+
+def edit_rewritten_variant(root):
+    write_variant(root, "encoded_tokens/A/clip_0.shift107.th", 70, seed=999, shift=107)
+
+
+def edit_added_variants(root):
+    add_variants(root, shifts=(107, 160, 213))
+
+
+def edit_removed_variants(root):
+    add_variants(root, shifts=(213,))
+
+
+@pytest.mark.parametrize("edit", [edit_touched_variant, edit_rewritten_variant, edit_added_variants,
+                                  edit_removed_variants])
+def test_the_packed_cache_is_rebuilt_when_a_variant_changes(tmp_path, monkeypatch, edit):
+    write_dataset(tmp_path, lengths=(70, 64, 40), valid=1)
+    add_variants(tmp_path)
+    train_data.load_artists(tmp_path, ["A"])
+    edit(tmp_path)
+    reads, real_load = [], train_data.load_token_file
+    monkeypatch.setattr(train_data, "load_token_file", lambda path: reads.append(path) or real_load(path))
+    store = train_data.load_artists(tmp_path, ["A"])[0].store
+    assert reads, "the cache was trusted after a variant changed"
+    variants = manifest_lines_of(tmp_path, "A")[0]["variants"]
+    assert store.encoding_counts[0] == 1 + len(variants)
+    for encoding, rel in enumerate(variants, start=1):
+        row = store.encoding_rows[0, encoding]
+        expected = load_token_file(tmp_path / rel).codes[0].T.numpy()  # [T, Q]
+        np.testing.assert_array_equal(np.asarray(store.codes)[row:row + 70], expected)
+
+
+def test_a_cache_without_variants_keeps_the_index_and_layout_of_before(tmp_path):
+    write_dataset(tmp_path, lengths=(70, 64, 40), valid=1)
+    store = train_data.load_artists(tmp_path, ["A"])[0].store
+    index = json.loads((token_cache.cache_folder(tmp_path, "A") / token_cache.INDEX_FILE).read_text())
+    assert all(set(stamp) == {"path", "size", "mtime_ns", "codebooks", "bandwidth"} for stamp in index["entries"])
+    assert all("variants" not in record for record in index["records"])
+    assert store.offsets.tolist() == [0, 70, 134] and len(store.codes) == 174
+    add_variants(tmp_path)
+    shifted = train_data.load_artists(tmp_path, ["A"])[0].store
+    assert shifted.offsets.tolist() == [0, 70, 134] and len(shifted.codes) == 3 * 174  # variants after the clips
+    np.testing.assert_array_equal(np.asarray(shifted.codes)[:174], np.asarray(store.codes))
+
+
+def trained(stage4, root: Path, *extra) -> dict:
+    """A tiny stage-4 run of 2 epochs (2 optimizer steps each) on `root`'s artist A; its last.pt."""
+    status = stage4.main(["--artist", "A", "--root", root, *TINY, "--grad-accum", "2", "--epochs", "2", *extra])
+    assert status == 0
+    return load(results(root) / "last.pt")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_training_on_variants_resumes_exactly_and_differs_from_training_without(stage4, tmp_path):
+    for name in ("plain", "straight", "resumed"):
+        write_dataset(tmp_path / name, lengths=(70, 64, 40, 30))
+        if name != "plain":
+            add_variants(tmp_path / name)
+    plain, straight = trained(stage4, tmp_path / "plain"), trained(stage4, tmp_path / "straight")
+    assert any(not torch.equal(plain["model"][key], straight["model"][key]) for key in plain["model"]), \
+        "training read no variant"
+    stopped = trained(stage4, tmp_path / "resumed", "--max-steps", "3")  # stops inside epoch 2
+    assert (stopped["epoch"], stopped["epoch_batches_done"]) == (1, 2)
+    resumed = trained(stage4, tmp_path / "resumed", "--resume")
+    assert_same_weights(resumed["model"], straight["model"])
+    # the count baselines read the clips alone: the same as without variants
+    baselines = [runs.baseline_record(runs.read_metrics(results(tmp_path / name) / "metrics.jsonl"))
+                 for name in ("plain", "resumed")]
+    assert baselines[0]["bigram_bits_per_frame"] == baselines[1]["bigram_bits_per_frame"]
+    assert baselines[0]["scored_frames"] == baselines[1]["scored_frames"]
+
+
+@pytest.mark.parametrize("variants, message", [
+    ("encoded_tokens/A/clip_0.shift107.th", "'variants' must be a list of token file paths"),
+    (["encoded_tokens/A/clip_0.shift5.th"], "variant token file encoded_tokens/A/clip_0.shift5.th does not exist"),
+    (["../outside.th"], "outside"),
+])
+def test_a_manifest_with_bad_variants_is_refused_at_start_up(tmp_path, variants, message):
+    write_dataset(tmp_path, lengths=(70, 64, 40), valid=1, entry_overrides={0: {"variants": variants}})
+    with pytest.raises(StageError, match=message):
+        train_data.load_artists(tmp_path, ["A"])

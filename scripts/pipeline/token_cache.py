@@ -1,18 +1,22 @@
 """Stage 4's packed token cache: each artist's token files packed once into one memory-mapped array.
 
     encoded_tokens/<artist>/.packed/tokens.npy   int16 [total_frames, Q]: every usable file's real frames,
-                                                 back to back in manifest order
+                                                 back to back in manifest order, then every usable shifted
+                                                 variant's (stage 2's --shifts), in the same order
     encoded_tokens/<artist>/.packed/index.json   the format, a stamp of every manifest entry (token file
-                                                 path, size, mtime, the manifest's Q and bandwidth), what
-                                                 each entry gave (its frames, or why it was skipped, and
-                                                 the file's codec fields), and the .npy's own size and mtime
+                                                 path, size, mtime, the manifest's Q and bandwidth, and
+                                                 its variants' paths, sizes and mtimes), what each entry
+                                                 gave (its frames, or why it was skipped, the file's codec
+                                                 fields, and each variant's frames or why it was skipped),
+                                                 and the .npy's own size and mtime
 
 The first stage-4 process that needs it builds it (others wait on a file lock in the same folder), then
 every run and every process of a node maps the same `.npy` read-only (`np.load(mmap_mode="r")`): the
 pages live once in the page cache, and a batch copies only the windows it gathers. The cache holds
 every entry of the manifest whatever its split: the split is read from the manifest at each start, so
 moving a clip between train and valid does not repack. It is rebuilt when a token file of the manifest
-changed (size or mtime), was added or removed, or the manifest's claims about it changed; a cache that
+(a variant too) changed (size or mtime), was added or removed, or the manifest's claims about it changed;
+without variants, the layout and the index are those of a cache from before variants existed. A cache that
 cannot be read, is truncated or does not match its index is rebuilt with a warning, never trusted.
 Deleting the folder is always safe: the next run rebuilds it.
 """
@@ -54,7 +58,8 @@ class PackedTokens:
     """One artist's packed tokens: `codes` (memory-mapped) and what each manifest entry gave."""
 
     codes: np.ndarray  # int16 [total_frames, Q], read-only memory map
-    records: list[dict]  # per manifest entry: {"frames": int} or {"skipped": reason}, plus "file" fields
+    records: list[dict]  # per manifest entry: {"frames": int} or {"skipped": reason}, plus "file" fields, and
+    # "variants": [{"frames": int} or {"skipped": reason}] for an entry that lists some (packed after every clip)
 
     @property
     def used(self) -> list[int]:
@@ -64,17 +69,31 @@ class PackedTokens:
 
 # ---- stamps: what a cache was built from ------------------------------------------------------
 def entry_stamps(entries: list[dict]) -> list[dict]:
-    """Each entry's token file (resolved path, size, mtime in ns) and the manifest's claims about it."""
+    """Each entry's token file (resolved path, size, mtime in ns) and the manifest's claims about it, and
+    its variants' stamps when it lists some (an entry without keeps the stamp it had before variants)."""
     stamps = []
     for entry in entries:
-        try:
-            status = os.stat(entry["path"])
-            size, mtime = int(status.st_size), int(status.st_mtime_ns)
-        except OSError:
-            size, mtime = -1, -1  # gone since the manifest was read: skipped at packing, rebuilt once it is back
-        stamps.append({"path": str(entry["path"]), "size": size, "mtime_ns": mtime,
-                       "codebooks": entry.get("codebooks"), "bandwidth": entry.get("bandwidth")})
+        stamp = {**path_stamp(entry["path"]), "codebooks": entry.get("codebooks"), "bandwidth": entry.get("bandwidth")}
+        if entry.get("variant_paths"):
+            stamp["variants"] = [path_stamp(path) for path in entry["variant_paths"]]
+        stamps.append(stamp)
     return stamps
+
+
+def path_stamp(path) -> dict:
+    """A token file's resolved path, size and mtime in ns (-1 when it is gone since the manifest was
+    read: skipped at packing, rebuilt once it is back)."""
+    try:
+        status = os.stat(path)
+        size, mtime = int(status.st_size), int(status.st_mtime_ns)
+    except OSError:
+        size, mtime = -1, -1
+    return {"path": str(path), "size": size, "mtime_ns": mtime}
+
+
+def packed_frames(record: dict) -> int:
+    """The frames an entry's record put in the cache: its own and its variants'."""
+    return record.get("frames", 0) + sum(variant.get("frames", 0) for variant in record.get("variants", []))
 
 
 def file_stamp(path: Path) -> dict:
@@ -99,6 +118,9 @@ def packed_tokens(root: str | Path, artist: str, entries: list[dict], read_token
     for record in packed.records:
         if "skipped" in record:
             log.error("skipping a token file: %s", record["skipped"])
+        for variant in record.get("variants", []):
+            if "skipped" in variant:
+                log.error("skipping a shifted variant: %s", variant["skipped"])
     return packed
 
 
@@ -141,7 +163,7 @@ def mapped_codes(codes_path: Path, index: dict) -> np.ndarray:
     if codes.dtype != CODES_DTYPE or codes.shape != expected:
         raise ValueError(f"{codes_path.name} holds {codes.dtype} {list(codes.shape)}, its index says int16 "
                          f"{list(expected)}")
-    if sum(record.get("frames", 0) for record in index["records"]) != expected[0]:
+    if sum(packed_frames(record) for record in index["records"]) != expected[0]:
         raise ValueError("the index's clip lengths do not add up to the packed frames")
     return codes
 
@@ -164,15 +186,44 @@ def build_cache(folder: Path, entries: list[dict], stamps: list[dict], read_toke
     return PackedTokens(codes=mapped_codes(codes_path, index), records=records)
 
 
+class PackWriter:
+    """The `.npy` being packed: frames appended after a header reserved up front and written last."""
+
+    def __init__(self, handle):
+        self.handle, self.total, self.n_codebooks = handle, 0, None
+        self.header_size = len(npy_header((0, 1)))  # a header's size does not depend on the frame count
+        handle.write(b"\0" * self.header_size)
+
+    def append(self, token_file) -> int:
+        """Write the file's real frames `[T, Q]` (past them: the codec's zero padding, dropped); -> T."""
+        real = token_file.real_frames
+        frames = token_file.codes[0, :, :real].T.numpy().astype(CODES_DTYPE)  # [1, Q, T] -> [real, Q]
+        if self.n_codebooks is not None and frames.shape[1] != self.n_codebooks:
+            raise StageError(f"token files mix codebook counts {sorted({self.n_codebooks, frames.shape[1]})}; "
+                             "re-tokenize the artist with one --bandwidth")
+        self.n_codebooks = int(frames.shape[1])
+        self.handle.write(np.ascontiguousarray(frames).tobytes())
+        self.total += real
+        return int(real)
+
+    def finish(self) -> None:
+        if self.n_codebooks is None:
+            raise StageError("no usable token file in the manifest (every one was skipped, see above)")
+        self.handle.seek(0)
+        header = npy_header((self.total, self.n_codebooks))
+        if len(header) != self.header_size:
+            raise ValueError(f"a .npy header of {len(header)} bytes where {self.header_size} were reserved")
+        self.handle.write(header)
+
+
 def write_packed_codes(path: Path, entries: list[dict], read_token_file: Callable, check_entry: Callable,
                        log: logging.Logger) -> tuple[list[dict], int, int]:
     """Stream every usable file's real frames `[T, Q]` into the `.npy` at `path`, one file in memory at a
-    time; the header (whose size does not depend on the frame count) is written last.
+    time, then every usable variant's: the clips lie where they would without variants.
     -> (a record per entry, total frames, Q)."""
-    records, total, n_codebooks = [], 0, None
-    header_size = len(npy_header((0, 1)))
+    records = []
     with open(path, "wb") as handle:
-        handle.write(b"\0" * header_size)
+        writer = PackWriter(handle)
         for entry in entries:
             try:
                 token_file = read_token_file(entry["path"])
@@ -181,23 +232,30 @@ def write_packed_codes(path: Path, entries: list[dict], read_token_file: Callabl
                 log.error("skipping a token file: %s", error)
                 records.append({"skipped": str(error)})
                 continue
-            real = token_file.real_frames  # frames past the audio encode the codec's zero padding: dropped
-            frames = token_file.codes[0, :, :real].T.numpy().astype(CODES_DTYPE)  # [1, Q, T] -> [real, Q]
-            if n_codebooks is not None and frames.shape[1] != n_codebooks:
-                raise StageError(f"token files mix codebook counts {sorted({n_codebooks, frames.shape[1]})}; "
-                                 "re-tokenize the artist with one --bandwidth")
-            n_codebooks = int(frames.shape[1])
-            handle.write(np.ascontiguousarray(frames).tobytes())
-            total += real
-            records.append({"frames": int(real), "file": file_fields(token_file)})
-        if n_codebooks is None:
-            raise StageError("no usable token file in the manifest (every one was skipped, see above)")
-        handle.seek(0)
-        header = npy_header((total, n_codebooks))
-        if len(header) != header_size:
-            raise ValueError(f"a .npy header of {len(header)} bytes where {header_size} were reserved")
-        handle.write(header)
-    return records, total, n_codebooks
+            records.append({"frames": writer.append(token_file), "file": file_fields(token_file)})
+        for entry, record in zip(entries, records):
+            if entry.get("variant_paths") and "frames" in record:
+                record["variants"] = [pack_variant(writer, entry, number, record["frames"], read_token_file,
+                                                   check_entry, log) for number in range(len(entry["variant_paths"]))]
+        writer.finish()
+    return records, writer.total, writer.n_codebooks
+
+
+def pack_variant(writer: PackWriter, entry: dict, number: int, clip_frames: int, read_token_file: Callable,
+                 check_entry: Callable, log: logging.Logger) -> dict:
+    """Pack the entry's variant `number` -> {"frames"}, or {"skipped": reason} when it cannot stand in for
+    its clip (unreadable, other Q or bandwidth than the manifest says, other frames of audio)."""
+    audio = entry["variants"][number]
+    try:
+        token_file = read_token_file(entry["variant_paths"][number])
+        check_entry({**entry, "audio": audio}, token_file)
+        if token_file.real_frames != clip_frames:
+            raise TokenFileError(f"{audio}: {token_file.real_frames} frames of audio, its clip {entry['audio']} "
+                                 f"has {clip_frames}; re-run scripts/2_Tokenization.py --overwrite")
+    except TokenFileError as error:
+        log.error("skipping a shifted variant: %s", error)
+        return {"skipped": str(error)}
+    return {"frames": writer.append(token_file)}
 
 
 def npy_header(shape: tuple[int, int]) -> bytes:

@@ -9,6 +9,11 @@ A training epoch's windows cover every frame of every train clip once, at random
 every epoch (`epoch_windows`); a joint model of several artists draws each artist's share by its
 frames ** alpha (`balanced_epoch_windows`). Validation windows are back to back from frame 0, so
 each validation frame is scored exactly once.
+
+Stage 2's shifted variants (`--shifts`) are other encodings of the same clip, not clips: the store keeps
+each train clip's encodings (`encoding_rows`), and a training window reads one of them drawn uniformly
+from the epoch's seed (`draw_encodings`: windows `[N, 3]` (clip, start, encoding)). Validation, the count
+baselines and everything else read the clip itself (encoding 0); without variants nothing changes.
 """
 from __future__ import annotations
 
@@ -42,6 +47,10 @@ class TokenStore:
     splits: list
     names: list
     labels: np.ndarray | None = None  # int64 [n_clips]: each clip's artist label (None: one artist, label 0)
+    # train clips' shifted variants (None: no clip has any): where each encoding of a clip starts in `codes`
+    # (column 0 = `offsets`, the clip itself; a clip with fewer encodings repeats its own row) and how many
+    encoding_rows: np.ndarray | None = None  # int64 [n_clips, E]
+    encoding_counts: np.ndarray | None = None  # int64 [n_clips], 1 for a clip without variants
 
     @property
     def n_codebooks(self) -> int:
@@ -59,6 +68,13 @@ class TokenStore:
     def clip_codes(self, clip: int) -> np.ndarray:
         """One clip's real frames `[T, Q]` (a view)."""
         return self.codes[self.offsets[clip]:self.offsets[clip] + self.lengths[clip]]
+
+    def first_rows(self, windows: np.ndarray) -> np.ndarray:
+        """Where each window's clip starts in `codes` `[B]`: the clip itself for windows `[B, 2]`, the
+        encoding drawn for windows `[B, 3]` (clip, start, encoding)."""
+        if windows.shape[1] == 2:
+            return self.offsets[windows[:, 0]]
+        return self.encoding_rows[windows[:, 0], windows[:, 2]]
 
 
 
@@ -133,33 +149,73 @@ def load_packed_dataset(root: Path, artists: list[str], entries: list[dict], ent
     its packed cache (pipeline.token_cache: packed on first use, rebuilt when a token file changes)."""
     from .token_cache import ConcatenatedCodes, packed_tokens
 
-    packs, used, skipped = [], [], []  # per artist's PackedTokens; pooled entries packed / skipped, in order
-    for label, artist in enumerate(artists):
+    packs, used, skipped, rows = [], [], [], []  # per artist's PackedTokens; pooled entries packed / skipped,
+    for label, artist in enumerate(artists):  # in order, and where each packed entry's encodings start
         numbers = [number for number, own in enumerate(entry_labels) if own == label]  # this artist's entries
         packs.append(packed_tokens(root, artist, [entries[n] for n in numbers], load_token_file,
                                    check_entry_matches, log))
-        for number, record in zip(numbers, packs[-1].records):
-            if "frames" in record:
-                used.append((number, record))
-            else:
-                skipped.append((entries[number]["audio"], record["skipped"]))
+        first_row = sum(len(pack.codes) for pack in packs[:-1])  # the artist's rows in the pooled codes
+        own_used, own_rows, own_skipped = pack_contents(packs[-1].records, entries, numbers, first_row)
+        used, rows, skipped = used + own_used, rows + own_rows, skipped + own_skipped
     codebook_counts = {int(pack.codes.shape[1]) for pack in packs}
     if len(codebook_counts) > 1:
         raise StageError(f"token files mix codebook counts {sorted(codebook_counts)}; "
                          "re-tokenize the artist with one --bandwidth")
-    lengths = np.array([record["frames"] for _, record in used], dtype=np.int64)  # [n_clips]
+    splits = [entries[n].get("split", "train") for n, _ in used]
+    encoding_rows, encoding_counts = encoding_table(rows, splits)
     store = TokenStore(codes=packs[0].codes if len(packs) == 1 else ConcatenatedCodes([p.codes for p in packs]),
-                       offsets=np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64), lengths=lengths,
-                       splits=[entries[n].get("split", "train") for n, _ in used],
+                       offsets=np.array([own[0] for own in rows], dtype=np.int64),
+                       lengths=np.array([record["frames"] for _, record in used], dtype=np.int64), splits=splits,
                        names=[entries[n]["audio"] for n, _ in used],
-                       labels=None if len(artists) == 1 else np.array([entry_labels[n] for n, _ in used], dtype=np.int64))
+                       labels=None if len(artists) == 1 else np.array([entry_labels[n] for n, _ in used], dtype=np.int64),
+                       encoding_rows=encoding_rows, encoding_counts=encoding_counts)
     files = [SimpleNamespace(**record["file"]) for _, record in used]  # what token_contract_of reads of a file
     return Dataset(store=store, token_contract=token_contract_of(files, entries), skipped=skipped)
 
 
+def pack_contents(records: list[dict], entries: list[dict], numbers: list[int], first_row: int
+                  ) -> tuple[list[tuple[int, dict]], list[list[int]], list[tuple[str, str]]]:
+    """One artist's cache records (of the pooled `entries` at `numbers`), its rows starting at `first_row`
+    -> (the packed entries (number, record), the rows where each one's encodings start (the clip's, then
+    its packed variants'), the (audio, reason) of every file skipped). The cache holds the clips back to
+    back, then the variants in the same order (pipeline.token_cache)."""
+    used, skipped = [], []
+    for number, record in zip(numbers, records):
+        if "frames" in record:
+            used.append((number, record))
+        else:
+            skipped.append((entries[number]["audio"], record["skipped"]))
+    next_row = first_row + sum(record["frames"] for _, record in used)  # the first variant's row
+    rows, clip_row = [], first_row
+    for number, record in used:
+        own = [clip_row]
+        clip_row += record["frames"]
+        for audio, variant in zip(entries[number].get("variants", []), record.get("variants", [])):
+            if "frames" in variant:
+                own.append(next_row)
+                next_row += variant["frames"]
+            else:
+                skipped.append((audio, variant["skipped"]))
+        rows.append(own)
+    return used, rows, skipped
+
+
+def encoding_table(rows: list[list[int]], splits: list[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Each clip's encoding rows `[n_clips, E]` and counts `[n_clips]` for the store; a valid clip keeps
+    only its own encoding (its variants are never read). (None, None) when no train clip has a variant."""
+    own = [clip_rows if split == "train" else clip_rows[:1] for clip_rows, split in zip(rows, splits)]
+    counts = np.array([len(clip_rows) for clip_rows in own], dtype=np.int64)  # [n_clips]
+    if not len(counts) or counts.max() == 1:
+        return None, None
+    table = np.array([clip_rows + clip_rows[:1] * (counts.max() - len(clip_rows)) for clip_rows in own],
+                     dtype=np.int64)  # [n_clips, E]
+    return table, counts
+
+
 def load_dataset(entries: list[dict], log: logging.Logger = LOG, entry_labels: list[int] | None = None) -> Dataset:
     """Read every token file once (int16) into an in-memory TokenStore; unusable files are named and skipped.
-    (Stage 4 maps each artist's packed cache instead: `load_packed_dataset`.)
+    (Stage 4 maps each artist's packed cache instead: `load_packed_dataset`.) Shifted variants are not read:
+    this store holds the clips only, as the packed store does without variants.
 
     `entry_labels`: the artist label of each entry (a joint model's pooled manifests)."""
     chunks, lengths, splits, names, skipped, files, labels = [], [], [], [], [], [], []
@@ -236,10 +292,27 @@ def windows_per_clip(length: int, context: int) -> int:
 
 
 def epoch_windows(store: TokenStore, clips: np.ndarray, context: int, seed: int, epoch: int) -> np.ndarray:
-    """This epoch's training windows `[N, 2]` (clip, start), shuffled; the same on every rank."""
+    """This epoch's training windows `[N, 2]` (clip, start), shuffled; the same on every rank. A store
+    with shifted variants gives `[N, 3]` (clip, start, encoding): the same windows, each reading one of its
+    clip's encodings (`draw_encodings`)."""
     rng = np.random.default_rng([seed, epoch])
     windows = covering_windows(store, clips, context, rng)  # [N, 2]
-    return windows[rng.permutation(len(windows))]
+    return draw_encodings(store, windows[rng.permutation(len(windows))], seed, epoch)
+
+
+ENCODING_DRAWS = 1  # third word of the seed of the encoding draws (the windows' own generator has two)
+
+
+def draw_encodings(store: TokenStore, windows: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """Training windows `[N, 2]` -> `[N, 3]` (clip, start, encoding): each window reads one of its clip's
+    encodings, uniformly (0 = the clip itself, then its shifted variants), drawn from the run's seed and the
+    epoch by a generator of its own, so the windows are those of a store without variants and a resumed
+    epoch draws the same. A store without variants: `windows` as they are."""
+    if store.encoding_counts is None:
+        return windows
+    rng = np.random.default_rng([seed, epoch, ENCODING_DRAWS])
+    encodings = rng.integers(0, store.encoding_counts[windows[:, 0]])  # [N], each in 0..count-1
+    return np.concatenate([windows, encodings[:, None]], axis=1)  # [N, 2] + [N, 1] -> [N, 3]
 
 
 def covering_windows(store: TokenStore, clips: np.ndarray, context: int, rng: np.random.Generator) -> np.ndarray:
@@ -288,7 +361,7 @@ def balanced_epoch_windows(store: TokenStore, clips: np.ndarray, context: int, s
     frames = [int(store.lengths[clips[labels == a]].sum()) for a in artists]
     counts = split_count(sum(len(w) for w in per_artist), artist_shares(np.array(frames), alpha))  # [A]
     windows = np.concatenate([draw_windows(w, int(c), rng) for w, c in zip(per_artist, counts)], axis=0)  # [N, 2]
-    return windows[rng.permutation(len(windows))]
+    return draw_encodings(store, windows[rng.permutation(len(windows))], seed, epoch)  # [N, 2] or [N, 3]
 
 
 def valid_windows(store: TokenStore, clips: np.ndarray, context: int) -> np.ndarray:
@@ -312,11 +385,12 @@ def train_windows_per_rank(store: TokenStore, clips: np.ndarray, context: int, w
 
 
 def gather_frames(store: TokenStore, windows: np.ndarray, context: int) -> torch.Tensor:
-    """Windows `[B, 2]` -> frames int16 `[B, context, Q]`, PAD past the end of a clip."""
+    """Windows `[B, 2]` (or `[B, 3]` with the encoding) -> frames int16 `[B, context, Q]`, PAD past the end
+    of a clip."""
     clip, start = windows[:, 0], windows[:, 1]
     available = np.minimum(context, store.lengths[clip] - start)  # [B]
     steps = np.arange(context)
-    index = store.offsets[clip, None] + start[:, None] + np.minimum(steps, available[:, None] - 1)  # [B, C]
+    index = store.first_rows(windows)[:, None] + start[:, None] + np.minimum(steps, available[:, None] - 1)  # [B, C]
     frames = store.codes[index]  # [B, C] -> [B, C, Q]
     frames[steps[None, :] >= available[:, None]] = PAD
     return torch.from_numpy(frames)
