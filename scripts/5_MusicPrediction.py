@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads for torch; 0 = automatic (measured, see docs/stage5.md): one thread for "
                              "generation steps on the CPU, the other cores for the overlapped decoding")
     source.add_argument("--dtype", choices=DTYPES, default=DEFAULTS.dtype,
-                        help="weights and KV cache of generation (bfloat16: for a GPU; decoding stays float32)")
+                        help="precision of generation's weights: auto = on a CPU bfloat16 with AMX, else int8 "
+                             "where it loads, on a GPU float32 (docs/stage5.md, 'Precision'); float32 forces full "
+                             "precision; int8 is for a CPU. Sampling and decoding stay float32")
     prompt = parser.add_argument_group("prompt")
     prompt_source = prompt.add_mutually_exclusive_group()
     prompt_source.add_argument("--prompt-tokens", type=Path,

@@ -26,6 +26,7 @@ from .contract import BOS, CODEBOOK_SIZE
 from .copying import CopyPath
 from .lean_decoder import LeanDecoder
 from .patterns import check_pattern, codebook_offsets, extra_steps
+from .precision import PRECISIONS, precision_model
 from .sampling import (CollapseDetector, CollapseSettings, SamplingSettings, apply_repetition_penalty, entropy_bits,
                        sample_tokens)
 from .threads import SpeedWatch, free_cores, threads_were_chosen, usable_cores
@@ -54,9 +55,14 @@ class GenerationSettings:
     # the checkpoint's fitted copy path (`LoadedModel.copy_path`, a `pipeline.copying.CopyPath` record):
     # every step's distribution is mixed with an in-context copy of the window's rows; None = off
     copy_path: dict | None = None
+    # the precision every engine runs the model in (`pipeline.precision`): float32 (the model itself),
+    # bfloat16 or int8 (a copy of the model in that precision); the logits are sampled in float32
+    precision: str = "float32"
 
     def __post_init__(self):
         check_pattern(self.pattern)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 class GenerationCancelled(RuntimeError):
@@ -272,15 +278,16 @@ class TokenGenerator:
         return torch.tensor(weights, dtype=torch.float32, device=self.device).expand(batch, -1)  # [n+1] -> [B, n+1]
 
     def _engine(self, rows: int, artist: torch.Tensor | None):
+        model = precision_model(self.model, self.generation.precision)  # the model itself for float32
         if not self.generation.use_cache:
-            return RecomputeSteps(self.model, artist)
+            return RecomputeSteps(model, artist)
         if self.generation.engine == "transformers":
-            if getattr(self.model.args, "positions", "learned") != "learned":
-                raise ValueError(f"the transformers engine has no cache for {self.model.args.positions} positions: "
+            if getattr(model.args, "positions", "learned") != "learned":
+                raise ValueError(f"the transformers engine has no cache for {model.args.positions} positions: "
                                  "use the lean engine")
-            return TransformersCacheSteps(self.model, artist)
-        capacity = min(self.generation.context_frames + self.extra_rows + 1, int(self.model.args.n_positions))
-        return LeanSteps(self.model, rows, capacity, self.generation.cuda_graph, artist)
+            return TransformersCacheSteps(model, artist)
+        capacity = min(self.generation.context_frames + self.extra_rows + 1, int(model.args.n_positions))
+        return LeanSteps(model, rows, capacity, self.generation.cuda_graph, artist)
 
     @torch.inference_mode()
     def generate(self, prompt: torch.Tensor | None, total_frames: int, progress=None, cancel=None) -> torch.Tensor:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .positions import alibi_bias, alibi_slopes, apply_rope, rope_tables
+from .precision import ReducedLinear
 
 LOG = logging.getLogger("pipeline.lean_decoder")
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
@@ -53,6 +54,12 @@ def row_major_weight(conv) -> torch.Tensor:
         cached = (version, conv.weight.detach().t().contiguous())  # [in, out] -> [out, in]
         _row_major_copies[conv] = cached
     return cached[1]
+
+
+def default_cache_dtype(position_table: torch.Tensor) -> torch.dtype:
+    """float32 on a CPU whatever the weights (its bf16 attention for one query row was slower than its
+    float32 one: `pipeline.precision`); elsewhere the weights' dtype."""
+    return torch.float32 if position_table.device.type == "cpu" else position_table.dtype
 
 
 class UnsupportedBackbone(ValueError):
@@ -82,7 +89,8 @@ class LeanDecoder:
     pair per layer, allocated once and written in place.
     """
 
-    def __init__(self, model, batch: int, capacity: int, artist: torch.Tensor | None = None):
+    def __init__(self, model, batch: int, capacity: int, artist: torch.Tensor | None = None,
+                 cache_dtype: torch.dtype | None = None):
         backbone = model.backbone
         config = backbone.config
         check_backbone(config)
@@ -99,16 +107,17 @@ class LeanDecoder:
         self.eps = float(config.layer_norm_epsilon)
         self.batch, self.capacity = batch, capacity
         like = self.position_table
+        self.cache_dtype = cache_dtype or default_cache_dtype(like)  # the KV cache's and attention's dtype
         shape = (batch, self.n_head, capacity, self.head_dim)
-        self.keys = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in self.blocks]
-        self.values = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in self.blocks]
+        self.keys = [torch.zeros(shape, dtype=self.cache_dtype, device=like.device) for _ in self.blocks]
+        self.values = [torch.zeros(shape, dtype=self.cache_dtype, device=like.device) for _ in self.blocks]
         self.slots = torch.arange(capacity, device=like.device)  # [C], for step_static's validity mask
         self.length = 0
         self.positions = getattr(model.args, "positions", "learned")
         if self.positions == "rope":
-            self.cos, self.sin = rope_tables(self.slots, self.head_dim, like.dtype)  # [C, hd] each
+            self.cos, self.sin = rope_tables(self.slots, self.head_dim, self.cache_dtype)  # [C, hd] each
         elif self.positions == "alibi":
-            self.slopes = alibi_slopes(self.n_head).to(device=like.device, dtype=like.dtype)  # [H]
+            self.slopes = alibi_slopes(self.n_head).to(device=like.device, dtype=self.cache_dtype)  # [H]
 
     # ---- building blocks --------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, layer_norm) -> torch.Tensor:
@@ -116,7 +125,10 @@ class LeanDecoder:
 
     @staticmethod
     def _conv1d(x: torch.Tensor, conv) -> torch.Tensor:
-        """GPT-2's Conv1D on rows `[N, in]` -> `[N, out]` (its weight is `[in, out]`)."""
+        """GPT-2's Conv1D on rows `[N, in]` -> `[N, out]` (its weight is `[in, out]`); a reduced-precision
+        projection (`pipeline.precision`) computes itself."""
+        if isinstance(conv, ReducedLinear):
+            return conv(x)
         if x.device.type == "cpu" and x.shape[0] in ROW_MAJOR_ROWS:
             return F.linear(x, row_major_weight(conv), conv.bias)  # [N, in] @ [out, in]^T + [out]
         return torch.addmm(conv.bias, x, conv.weight)
@@ -126,14 +138,15 @@ class LeanDecoder:
         return self._conv1d(hidden, block.mlp.c_proj)
 
     def _split_heads(self, qkv: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fused QKV `[B*T, 3d]` -> q, k, v, each `[B, H, T, head_dim]`."""
+        """Fused QKV `[B*T, 3d]` -> q, k, v, each `[B, H, T, head_dim]` in the cache's dtype."""
+        qkv = qkv.to(self.cache_dtype)  # a no-op unless the weights are bf16 and the cache float32
         grid = qkv.view(self.batch, rows, 3, self.n_head, self.head_dim)  # [B*T, 3d] -> [B, T, 3, H, hd]
         q, k, v = grid.permute(2, 0, 3, 1, 4).unbind(0)  # -> 3 x [B, H, T, hd]
         return q, k, v
 
-    def _merge_heads(self, attended: torch.Tensor) -> torch.Tensor:
-        """`[B, H, T, head_dim]` -> rows `[B*T, d]`."""
-        return attended.transpose(1, 2).reshape(-1, self.d_model)  # [B, H, T, hd] -> [B*T, d]
+    def _merge_heads(self, attended: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """`[B, H, T, head_dim]` -> rows `[B*T, d]` in the dtype of the rows `like`."""
+        return attended.transpose(1, 2).reshape(-1, self.d_model).to(like.dtype)  # [B, H, T, hd] -> [B*T, d]
 
     def _output(self, x: torch.Tensor) -> torch.Tensor:
         """Last hidden rows `[B, d]` -> logits `[B, Q, V]` through the model's own heads."""
@@ -166,7 +179,7 @@ class LeanDecoder:
         x = self._embed(tokens, slice(0, rows))  # [B*T, d]
         if self.positions == "alibi":
             where = self.slots[:rows]
-            bias = alibi_bias(where, where, self.slopes).to(x.dtype)  # [H, T, T]
+            bias = alibi_bias(where, where, self.slopes).to(self.cache_dtype)  # [H, T, T]
             bias = bias.masked_fill(where.view(1, -1) > where.view(-1, 1), float("-inf"))  # causal
         for block, keys, values in zip(self.blocks, self.keys, self.values):
             q, k, v = self._split_heads(self._conv1d(self._norm(x, block.ln_1), block.attn.c_attn), rows)
@@ -177,7 +190,7 @@ class LeanDecoder:
                 attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, H, T, hd]
             else:
                 attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, hd]
-            x = x + self._conv1d(self._merge_heads(attended), block.attn.c_proj)
+            x = x + self._conv1d(self._merge_heads(attended, x), block.attn.c_proj)
             x = x + self._mlp(block, x)
         self.length = rows
         last = x.view(self.batch, rows, self.d_model)[:, -1]  # [B*T, d] -> [B, T, d] -> [B, d]
@@ -193,9 +206,10 @@ class LeanDecoder:
         seen = position + 1
         bias = None
         if self.positions == "alibi":
-            bias = alibi_bias(self.slots[position:seen], self.slots[:seen], self.slopes).to(x.dtype)  # [H, 1, seen]
+            bias = alibi_bias(self.slots[position:seen], self.slots[:seen], self.slopes)  # [H, 1, seen]
+            bias = bias.to(self.cache_dtype)
         for block, keys, values in zip(self.blocks, self.keys, self.values):
-            qkv = self._conv1d(self._norm(x, block.ln_1), block.attn.c_attn)  # [B, 3d]
+            qkv = self._conv1d(self._norm(x, block.ln_1), block.attn.c_attn).to(self.cache_dtype)  # [B, 3d]
             q, k, v = qkv.view(self.batch, 3, self.n_head, 1, self.head_dim).unbind(1)  # -> 3 x [B, H, 1, hd]
             q, k = self._rotate(q, k, slice(position, seen))
             keys[:, :, position:seen] = k
@@ -203,7 +217,8 @@ class LeanDecoder:
             # the newest row may see every cached one: no mask (ALiBi: its distance bias only)
             attended = F.scaled_dot_product_attention(q, keys[:, :, :seen], values[:, :, :seen],
                                                       attn_mask=bias)  # [B, H, 1, hd]
-            x = x + self._conv1d(attended.view(self.batch, self.d_model), block.attn.c_proj)  # [B, H, 1, hd] -> [B, d]
+            merged = attended.view(self.batch, self.d_model).to(x.dtype)  # [B, H, 1, hd] -> [B, d]
+            x = x + self._conv1d(merged, block.attn.c_proj)
             x = x + self._mlp(block, x)
         self.length = seen
         return self._output(x)
@@ -219,7 +234,7 @@ class LeanDecoder:
             x = x + self.position_table.index_select(0, position)  # + [1, d]
         visible = (self.slots <= position).view(1, 1, 1, -1)  # [C] -> [1, 1, 1, C]
         if self.positions == "alibi":  # the distance bias on the visible slots, -inf elsewhere
-            bias = alibi_bias(position, self.slots, self.slopes).to(x.dtype)  # [H, 1, C]
+            bias = alibi_bias(position, self.slots, self.slopes).to(self.cache_dtype)  # [H, 1, C]
             visible = bias.masked_fill(~visible[0], float("-inf")).unsqueeze(0)  # [1, H, 1, C]
         for block, keys, values in zip(self.blocks, self.keys, self.values):
             q, k, v = self._split_heads(self._conv1d(self._norm(x, block.ln_1), block.attn.c_attn), 1)
@@ -227,7 +242,7 @@ class LeanDecoder:
             keys.index_copy_(2, position, k)
             values.index_copy_(2, position, v)
             attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)  # [B, H, 1, hd]
-            x = x + self._conv1d(self._merge_heads(attended), block.attn.c_proj)
+            x = x + self._conv1d(self._merge_heads(attended, x), block.attn.c_proj)
             x = x + self._mlp(block, x)
         return self._output(x)
 

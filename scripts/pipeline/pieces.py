@@ -36,6 +36,7 @@ from .loops import join_step_report
 from .manifest import ManifestError, manifest_path, read_manifest
 from .model_io import LoadedModel, load_model
 from .originality import TrainingIndex
+from .precision import PrecisionChoice, choose_precision
 from .publish import (INDEXES, LoopChoice, LoopPlan, choose_loop, describe_copy, longest_copy_seconds, loop_audio,
                       loop_plan, retry_seed, write_loop_wav)
 from .request import DEFAULT_CFG_COEF, GenerationRefused, GenerationRequest, check_artist_options
@@ -65,9 +66,7 @@ def load_model_and_codec(request: GenerationRequest, codec_loader=None) -> Prelo
     started = time.perf_counter()
     device = resolve_device(request.device)
     path = find_checkpoint(request.root, request.model_name, request.checkpoint, request.epoch)
-    loaded = load_model(path, device)
-    if request.dtype == "bfloat16":
-        loaded.model.to(torch.bfloat16)  # the engine reads the model's own weights in their dtype
+    loaded = load_model(path, device)  # float32: generation makes its reduced-precision copy (`pipeline.precision`)
     LOG.info("model from %s (epoch %s, step %s, %s pattern, Q = %d)", loaded.path, loaded.epoch, loaded.step,
              loaded.pattern, loaded.n_codebooks)
     try:
@@ -145,6 +144,18 @@ def resolve_window(request: GenerationRequest, loaded: LoadedModel) -> tuple[int
     if stride > context:
         raise GenerationRefused(f"--stride-frames {stride} is larger than the context ({context} frames)")
     return context, stride
+
+
+def resolve_precision(request: GenerationRequest, device: str) -> PrecisionChoice:
+    """The precision generation runs in (`--dtype`, auto: chosen for this machine), logged once per job."""
+    try:
+        choice = choose_precision(request.dtype, device)
+    except ValueError as error:
+        raise GenerationRefused(f"--dtype {request.dtype}: {error}") from None
+    LOG.info("generation in %s (%s; the KV cache in %s, sampling and decoding in float32)%s", choice.used,
+             choice.reason, choice.describe()["kv_cache"],
+             "" if choice.used == "float32" else ": --dtype float32 forces full precision")
+    return choice
 
 
 # ==== prompt ==================================================================================
@@ -239,6 +250,7 @@ class Run:
     scale_sources: list
     threads: ThreadPlan
     conditioning: Conditioning
+    precision: PrecisionChoice  # what generation runs in (the request's dtype, resolved)
     timings: dict = field(default_factory=dict)
     index: TrainingIndex | None = None  # the model's training index (pipeline.originality), None without one
     index_reason: str | None = None  # why there is no index
@@ -321,7 +333,8 @@ def prepare(request: GenerationRequest, preloaded: Preloaded, already_loaded: bo
     run = Run(request=request, loaded=loaded, codec=codec, prompt=prompt, seed=seed, device=preloaded.device,
               context=context, stride=stride, total_frames=total_frames, audio_samples=audio_samples, scales=scales,
               scale_sources=scale_sources, threads=thread_plan(preloaded.device, request.threads),
-              conditioning=conditioning, index=index, index_reason=index_reason, loop=plan)
+              conditioning=conditioning, precision=resolve_precision(request, preloaded.device), index=index,
+              index_reason=index_reason, loop=plan)
     run.timings.update(load_s=0.0 if already_loaded else preloaded.load_seconds,
                        prompt_s=time.perf_counter() - prompt_started)
     return run
@@ -368,7 +381,8 @@ def generation_settings(run: Run) -> tuple[GenerationSettings, SamplingSettings,
                                   use_cache=request.use_cache, num_samples=request.num_samples,
                                   engine=request.engine, cuda_graph=request.cuda_graph,
                                   artist_weights=run.conditioning.weights, cfg_coef=run.conditioning.cfg_coef,
-                                  copy_path=run.loaded.copy_path if request.copy_path else None)
+                                  copy_path=run.loaded.copy_path if request.copy_path else None,
+                                  precision=run.precision.used)
     return settings, sampling, collapse
 
 
@@ -584,7 +598,7 @@ def piece_samples(run: Run, take: Take) -> tuple[np.ndarray, float, dict | None]
 
 
 def describe(run: Run, take: Take, index: int, name: str, gain_db: float, notes: list, loop: dict | None) -> dict:
-    """The sidecar JSON: every parameter, the checkpoint, seeds, collapse events, timings, codec, the
+    """The sidecar JSON: every parameter, the checkpoint, the precision, seeds, collapse events, timings, codec, the
     originality report (null without a training index, `originality_reason` says why) and a loop's figures."""
     request = run.request
     kept_frames, kept_samples = take.kept_frames(run), take.kept_samples(run)
@@ -597,7 +611,7 @@ def describe(run: Run, take: Take, index: int, name: str, gain_db: float, notes:
         "checkpoint": {"path": str(run.loaded.path), "epoch": run.loaded.epoch, "step": run.loaded.step,
                        "model_args": run.loaded.model_args, "token_contract": run.loaded.contract},
         "seed": take.seed, "seeding": "one torch.Generator seeded with `seed` draws every piece of the batch",
-        "device": run.device,
+        "device": run.device, "precision": run.precision.describe(),
         "window": {"context_frames": run.context, "stride_frames": run.stride, "kv_cache": request.use_cache,
                    "engine": run.engine_name},
         "prompt": {"kind": run.prompt.kind, "source": run.prompt.source, "frames": run.prompt.n_frames},

@@ -18,11 +18,11 @@ from .cli import artist_name, bounded_number, non_negative_float, non_negative_i
 from .contract import FRAME_RATE, SAMPLE_RATE, VOCAB_SIZE
 from .generation import ENGINES
 from .patterns import extra_steps
+from .precision import DTYPES
 from .publish import LOOP_EXTRA_SECONDS
 from .sampling import CollapseSettings, SamplingSettings
 
 DEFAULT_CFG_COEF = 3.0  # audiocraft's default guidance for a conditioned model
-DTYPES = ("float32", "bfloat16")
 
 
 class GenerationRefused(ValueError):
@@ -52,7 +52,7 @@ class GenerationRequest:
     codec: str | None = None  # None: the checkpoint's
     device: str = "auto"
     threads: int = 0  # 0: the measured plan (`pipeline.generation.thread_plan`)
-    dtype: str = "float32"
+    dtype: str = "auto"  # generation's precision (`pipeline.precision`): auto, float32, bfloat16 or int8
     prompt_tokens: Path | None = None  # a .th token file to continue
     prompt_audio: Path | None = None  # an audio file to continue
     prompt_seconds: float | None = None  # None: the whole prompt
