@@ -11,6 +11,8 @@ Clips of equal length are encoded together in batches of `--batch-size`.
 variant at offset s drops the clip's first s samples and ends with s zeros (same length, same frames),
 so Encodec sees the same music on another grid and writes other tokens. Offset 0 is the clip's own
 `<path>.th`; offset s > 0 is `<path>.shift<s>.th`, recording `shift_samples` (docs/stage2.md).
+A run given `--shifts` removes the variants of the offsets it does not make; a run without it
+encodes the clips alone and leaves the variants there are alone.
 
 Under `torchrun --nproc_per_node=K` each rank encodes its round-robin share of the sorted clip
 list, so no file is written twice; no process group is needed. Every rank writes
@@ -87,11 +89,12 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=batch_size_arg, default="auto",
                         help=f"clips of equal length encoded together in one forward pass; auto: "
                              f"{GPU_BATCH_SIZE} on a GPU, 1 on a CPU (where batching is slower)")
-    parser.add_argument("--shifts", type=shifts_arg, default=1,
+    parser.add_argument("--shifts", type=shifts_arg, default=None, metavar="K",
                         help="encode each clip at K sub-frame offsets round(k x 320 / K) samples, k = 0..K-1 "
                              "(1..320): more token sequences of the same music for training; offset s > 0 "
-                             "is written to <clip>.shift<s>.th; variants of other offsets are removed. "
-                             "1 (the default): the clip alone")
+                             "is written to <clip>.shift<s>.th, and variants of offsets K does not make are "
+                             "removed (--shifts 1 removes them all). Not given: the clips alone are encoded "
+                             "and existing variants are left as they are")
     return parser.parse_args(argv)
 
 
@@ -123,9 +126,9 @@ def main(argv=None) -> int:
 def tokenize_artist(root, artist: str, codec_spec: str = DEFAULT_CODEC, bandwidth: float = DEFAULT_BANDWIDTH,
                     device: str = "auto", batch_size: int | str = "auto", overwrite: bool = False,
                     info: DistInfo | None = None, log: logging.Logger | None = None,
-                    codec: Codec | None = None, shifts: int = 1) -> StageReport:
+                    codec: Codec | None = None, shifts: int | None = None) -> StageReport:
     """Encode this rank's share of the artist's clips (each at `shifts` offsets); write the report(s);
-    return the report.
+    return the report. `shifts` None: offset 0 alone, and the variants there are kept (1: removed).
 
     `codec`: an already-loaded codec (tests); otherwise `codec_spec` is loaded only if some clip
     still needs encoding, so a finished artist never touches the hub.
@@ -135,16 +138,17 @@ def tokenize_artist(root, artist: str, codec_spec: str = DEFAULT_CODEC, bandwidt
     clip_dir, token_dir = root / "data_processed" / artist, root / "encoded_tokens" / artist
     report = StageReport(STAGE, artist)
     codec_name = codec.name if codec is not None else expected_codec_name(codec_spec)
-    offsets = shift_offsets(shifts)
+    offsets = shift_offsets(shifts or 1)
     report.details.update(codec=codec_name, bandwidth=float(bandwidth), rank=info.rank, world_size=info.world_size)
-    if shifts > 1:
+    if shifts is not None and shifts > 1:
         report.details.update(shifts=shifts, shift_samples=offsets)
 
     all_clips = find_clips(root, clip_dir, token_dir)
     clear_leftovers(token_dir, info, log)
     my_clips = shard(all_clips, info)  # a clip and its variants stay on one rank
     log.info("%d clip(s) for %s; this process takes %d", len(all_clips), artist, len(my_clips))
-    remove_other_variants(token_dir, my_clips, offsets, log)
+    if shifts is not None:
+        remove_other_variants(token_dir, my_clips, offsets, log)
 
     pending = select_pending(with_variants(my_clips, offsets), bandwidth, codec_name, overwrite, report, log)
     if pending:

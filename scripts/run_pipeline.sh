@@ -41,6 +41,10 @@ Options (defaults in brackets; demo defaults in braces):
   --context-frames N    training window in codec frames (150 = 1 s) [1500] {300}
   --pattern NAME        codebook pattern: parallel or delay [delay]
   --bandwidth KBPS      Encodec bandwidth 3, 6, 12 or 24 [6]
+  --shifts K            stage 2 encodes each clip at K sub-frame offsets (1..320): K token sequences
+                        of the same music, which training draws among; variants of other offsets
+                        are removed, --shifts 1 removes them all (docs/stage2.md) [not given: the
+                        clips alone, variants already there kept]
   --codec SPEC          hub id, local folder, random[:seed], or auto
                         [facebook/encodec_48khz] {auto: pretrained if cached or downloadable,
                         else the random codec with a warning banner}
@@ -69,7 +73,7 @@ log() { printf '%s run_pipeline %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$*" >&2; }
 die() { log "ERROR: $*"; exit 2; }
 
 ROOT="" BATCH="" STAGE=1 STOP_STAGE=5 DEMO=0 RESUME=0 OVERWRITE=0 PRESET="" EPOCHS="" CONTEXT="" PATTERN="delay" BANDWIDTH=6
-CODEC="" CLIP_SECONDS="" SECONDS_OUT="" DEVICE=auto NPROC=1 DEMO_TRACKS=3 DEMO_TRACK_SECONDS=20 JOINT=""
+CODEC="" CLIP_SECONDS="" SECONDS_OUT="" DEVICE=auto NPROC=1 DEMO_TRACKS=3 DEMO_TRACK_SECONDS=20 JOINT="" SHIFTS=""
 declare -a ARTISTS=() EXTRA1=() EXTRA2=() EXTRA3=() EXTRA4=() EXTRA5=()
 
 while [[ $# -gt 0 ]]; do
@@ -87,6 +91,7 @@ while [[ $# -gt 0 ]]; do
     --context-frames) CONTEXT="$2"; shift 2 ;;
     --pattern) PATTERN="$2"; shift 2 ;;
     --bandwidth) BANDWIDTH="$2"; shift 2 ;;
+    --shifts) [[ $# -ge 2 ]] || die "--shifts needs a number"; SHIFTS="$2"; shift 2 ;;
     --codec) CODEC="$2"; shift 2 ;;
     --clip-seconds) CLIP_SECONDS="$2"; shift 2 ;;
     --seconds) SECONDS_OUT="$2"; shift 2 ;;
@@ -105,6 +110,8 @@ done
 [[ "$STAGE" =~ ^[1-5]$ && "$STOP_STAGE" =~ ^[1-5]$ && "$STAGE" -le "$STOP_STAGE" ]] \
   || die "--stage and --stop-stage must be 1..5 with stage <= stop-stage"
 [[ "$RESUME" == 0 || "$OVERWRITE" == 0 ]] || die "--resume and --overwrite exclude each other"
+[[ -z "$SHIFTS" || ( "$SHIFTS" =~ ^[1-9][0-9]{0,2}$ && "$SHIFTS" -le 320 ) ]] \
+  || die "--shifts must be a whole number 1..320, got '$SHIFTS'"
 
 # ---- the interpreter: say which one, and stop now if it lacks the requirements -----------------
 command -v "$PYTHON" >/dev/null 2>&1 || die "no Python interpreter '$PYTHON' (set PYTHON=/path/to/python)"
@@ -179,7 +186,7 @@ run_stage() {  # run_stage N ARTIST -> the stage's exit status (0 ok, 1 partial,
   case "$n" in
     1) "$PYTHON" "$SCRIPTS/1_audio_preprocessing.py" "${common[@]}" --clip-seconds "$CLIP_SECONDS" "${extra[@]}" ;;
     2) $(launcher) "$SCRIPTS/2_Tokenization.py" "${common[@]}" --codec "$CODEC" --bandwidth "$BANDWIDTH" \
-         --device "$DEVICE" "${extra[@]}" ;;
+         ${SHIFTS:+--shifts "$SHIFTS"} --device "$DEVICE" "${extra[@]}" ;;
     3) "$PYTHON" "$SCRIPTS/3_data_preparation.py" "${common[@]}" "${extra[@]}" ;;
     4) $(launcher) "$SCRIPTS/4_Transformer.py" "${common[@]}" $(resume_flag "$artist") --preset "$PRESET" \
          --epochs "$EPOCHS" --context-frames "$CONTEXT" --batch-size "$BATCH" --pattern "$PATTERN" \

@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from helpers import TINY, assert_same_weights, load, results, sine_tone, write_dataset
+from helpers import SCRIPTS, TINY, assert_same_weights, load, results, sine_tone, write_dataset
 from pipeline import runs, token_cache, train_data
 from pipeline.cli import StageError
 from pipeline.contract import (PAD, TokenFile, TokenFileError, load_token_file, save_token_file, shift_offsets,
@@ -117,7 +119,9 @@ def test_another_shift_count_keeps_shared_offsets_and_removes_the_others(stage2,
     tokenize(stage2, tmp_path, random_codec, shifts=3)  # 0, 107, 213: 80, 160, 240 removed
     assert sorted(mtimes(tmp_path)) == ["other_000.shift107.th", "other_000.shift213.th", "other_000.th",
                                         "song_000.shift107.th", "song_000.shift213.th", "song_000.th"]
-    tokenize(stage2, tmp_path, random_codec)
+    tokenize(stage2, tmp_path, random_codec)  # without --shifts: the variants are left alone
+    assert len(mtimes(tmp_path)) == 6
+    tokenize(stage2, tmp_path, random_codec, shifts=1)
     assert sorted(mtimes(tmp_path)) == ["other_000.th", "song_000.th"]
 
 
@@ -442,3 +446,28 @@ def test_a_manifest_with_bad_variants_is_refused_at_start_up(tmp_path, variants,
     write_dataset(tmp_path, lengths=(70, 64, 40), valid=1, entry_overrides={0: {"variants": variants}})
     with pytest.raises(StageError, match=message):
         train_data.load_artists(tmp_path, ["A"])
+
+
+# ---- run_pipeline.sh ----------------------------------------------------------------------------
+@pytest.mark.parametrize("options, passed", [(["--shifts", "3"], ["--shifts", "3"]), ([], [])])
+def test_run_pipeline_passes_shifts_to_stage_2_only_when_given(tmp_path, options, passed):
+    """Stage 2 is a stand-in that records its arguments (the other calls go to this Python)."""
+    calls = tmp_path / "stage2_calls.txt"
+    python = tmp_path / "python"
+    python.write_text(f'#!/usr/bin/env bash\ncase "$1" in *2_Tokenization.py) printf "%s\\n" "$@" > "{calls}"; '
+                      f'exit 0 ;; esac\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    result = subprocess.run(["bash", str(SCRIPTS / "run_pipeline.sh"), "--root", str(tmp_path), "--stage", "2",
+                             "--stop-stage", "2", "--codec", "random:0", *options, ARTIST],
+                            capture_output=True, text=True, env={**os.environ, "PYTHON": str(python)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    arguments = calls.read_text().splitlines()
+    assert ("--shifts" in arguments) == bool(passed)
+    if passed:
+        assert arguments[arguments.index("--shifts") + 1] == passed[1]
+
+
+def test_run_pipeline_refuses_an_impossible_shift_count(tmp_path):
+    result = subprocess.run(["bash", str(SCRIPTS / "run_pipeline.sh"), "--root", str(tmp_path), "--shifts", "0",
+                             ARTIST], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--shifts must be a whole number 1..320, got '0'" in result.stderr
