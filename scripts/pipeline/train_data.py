@@ -146,28 +146,31 @@ def load_artists(root: Path, artists: list[str], allow_outside_root: bool = Fals
 def load_packed_dataset(root: Path, artists: list[str], entries: list[dict], entry_labels: list[int],
                         log: logging.Logger = LOG) -> Dataset:
     """The dataset of the pooled `entries` (artist `entry_labels`), each artist's frames memory-mapped from
-    its packed cache (pipeline.token_cache: packed on first use, rebuilt when a token file changes)."""
+    its packed cache (pipeline.token_cache: packed on first use, rebuilt when a token file changes), with
+    the train clips' shifted variants when the manifests list some."""
     from .token_cache import ConcatenatedCodes, packed_tokens
 
-    packs, used, skipped, rows = [], [], [], []  # per artist's PackedTokens; pooled entries packed / skipped,
-    for label, artist in enumerate(artists):  # in order, and where each packed entry's encodings start
+    packs, used, rows, skipped = [], [], [], []  # per artist's PackedTokens; then, over the pooled entries in
+    for label, artist in enumerate(artists):  # order: those packed, where their encodings start, those skipped
         numbers = [number for number, own in enumerate(entry_labels) if own == label]  # this artist's entries
         packs.append(packed_tokens(root, artist, [entries[n] for n in numbers], load_token_file,
                                    check_entry_matches, log))
         first_row = sum(len(pack.codes) for pack in packs[:-1])  # the artist's rows in the pooled codes
         own_used, own_rows, own_skipped = pack_contents(packs[-1].records, entries, numbers, first_row)
-        used, rows, skipped = used + own_used, rows + own_rows, skipped + own_skipped
+        used.extend(own_used)
+        rows.extend(own_rows)
+        skipped.extend(own_skipped)
     codebook_counts = {int(pack.codes.shape[1]) for pack in packs}
     if len(codebook_counts) > 1:
         raise StageError(f"token files mix codebook counts {sorted(codebook_counts)}; "
                          "re-tokenize the artist with one --bandwidth")
     splits = [entries[n].get("split", "train") for n, _ in used]
+    labels = None if len(artists) == 1 else np.array([entry_labels[n] for n, _ in used], dtype=np.int64)  # [n_clips]
     encoding_rows, encoding_counts = encoding_table(rows, splits)
     store = TokenStore(codes=packs[0].codes if len(packs) == 1 else ConcatenatedCodes([p.codes for p in packs]),
-                       offsets=np.array([own[0] for own in rows], dtype=np.int64),
-                       lengths=np.array([record["frames"] for _, record in used], dtype=np.int64), splits=splits,
-                       names=[entries[n]["audio"] for n, _ in used],
-                       labels=None if len(artists) == 1 else np.array([entry_labels[n] for n, _ in used], dtype=np.int64),
+                       offsets=np.array([own[0] for own in rows], dtype=np.int64),  # [n_clips]
+                       lengths=np.array([record["frames"] for _, record in used], dtype=np.int64),  # [n_clips]
+                       splits=splits, names=[entries[n]["audio"] for n, _ in used], labels=labels,
                        encoding_rows=encoding_rows, encoding_counts=encoding_counts)
     files = [SimpleNamespace(**record["file"]) for _, record in used]  # what token_contract_of reads of a file
     return Dataset(store=store, token_contract=token_contract_of(files, entries), skipped=skipped)
