@@ -282,7 +282,8 @@ def select_pending(clips: list[Clip], bandwidth: float, codec_name: str, overwri
         except ClipError as error:
             report.fail(clip.label, str(error), log)
     if report.skipped:
-        log.info("%d clip(s) already encoded: skipped (--overwrite redoes them)", len(report.skipped))
+        log.info("%d clip(s) or shifted variant(s) already encoded: skipped (--overwrite redoes them)",
+                 len(report.skipped))
     return pending
 
 

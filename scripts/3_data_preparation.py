@@ -68,6 +68,9 @@ def prepare_artist(root, artist: str, valid_fraction: float = DEFAULT_VALID_FRAC
     output, report_path = manifest_path(root, artist), token_dir / REPORT_NAME
     paths = find_token_files(token_dir)
     clip_paths, variant_paths = separate_variants(paths)
+    if not clip_paths:
+        raise StageError(f"token folder {token_dir} holds only shifted variants (<clip>.shift<s>.th), no clip's "
+                         "own .th: run scripts/2_Tokenization.py again")
     fingerprint = inputs_fingerprint(root, paths, valid_fraction, seed, has_variants=bool(variant_paths))
     if not overwrite:
         previous = up_to_date_report(output, report_path, fingerprint)

@@ -262,6 +262,14 @@ def test_a_variant_added_or_removed_rebuilds_the_manifest(stage3, tmp_path):
     assert all("variants" not in line for line in manifest_lines(tmp_path))
 
 
+def test_a_folder_of_variants_alone_is_refused(stage3, tmp_path):
+    write_shifted_artist(tmp_path, n_tracks=2, clips_per_track=1, shifts=2)
+    token_path(tmp_path, "album/song0_000").unlink()
+    token_path(tmp_path, "album/song1_000").unlink()
+    with pytest.raises(StageError, match="holds only shifted variants"):
+        prepare(stage3, tmp_path)
+
+
 def test_the_fingerprint_without_variants_is_the_one_from_before_variants(stage3, tmp_path):
     """Manifests written before variants existed stay up to date: the formula is unchanged for them."""
     write_shifted_artist(tmp_path, n_tracks=2, clips_per_track=1, shifts=1)
