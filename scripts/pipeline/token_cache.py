@@ -180,9 +180,10 @@ def build_cache(folder: Path, entries: list[dict], stamps: list[dict], read_toke
     index = {"format": PACK_FORMAT, "entries": stamps, "records": records, "total_frames": total,
              "n_codebooks": n_codebooks, "codes_file": file_stamp(codes_path)}
     atomic_write_json(index, folder / INDEX_FILE)
-    log.info("packed %d token files (%d frames x %d codebooks, %.1f MB) into %s in %.1f s",
-             sum("frames" in record for record in records), total, n_codebooks,
-             codes_path.stat().st_size / 1e6, folder, time.perf_counter() - started)
+    variants = sum("frames" in variant for record in records for variant in record.get("variants", []))
+    log.info("packed %d token files%s (%d frames x %d codebooks, %.1f MB) into %s in %.1f s",
+             sum("frames" in record for record in records), f" and {variants} shifted variants" if variants else "",
+             total, n_codebooks, codes_path.stat().st_size / 1e6, folder, time.perf_counter() - started)
     return PackedTokens(codes=mapped_codes(codes_path, index), records=records)
 
 
