@@ -167,6 +167,10 @@ def load_packed_dataset(root: Path, artists: list[str], entries: list[dict], ent
     splits = [entries[n].get("split", "train") for n, _ in used]
     labels = None if len(artists) == 1 else np.array([entry_labels[n] for n, _ in used], dtype=np.int64)  # [n_clips]
     encoding_rows, encoding_counts = encoding_table(rows, splits)
+    if encoding_counts is not None:
+        log.info("shifted variants: training windows draw among %d encodings of %d train clips (validation "
+                 "reads the clips alone)", int(encoding_counts[np.array(splits) == "train"].sum()),
+                 splits.count("train"))
     store = TokenStore(codes=packs[0].codes if len(packs) == 1 else ConcatenatedCodes([p.codes for p in packs]),
                        offsets=np.array([own[0] for own in rows], dtype=np.int64),  # [n_clips]
                        lengths=np.array([record["frames"] for _, record in used], dtype=np.int64),  # [n_clips]
