@@ -42,9 +42,10 @@ def build_model(preset: str, n_codebooks: int, context_frames: int) -> torch.nn.
     return stage4.MusicTransformer(stage4.model_args_for(preset, n_codebooks, context_frames)).eval()
 
 
-def settings_for(pattern: str, context: int, batch: int = 1, engine: str = "lean", use_cache: bool = True):
+def settings_for(pattern: str, context: int, batch: int = 1, engine: str = "lean", use_cache: bool = True,
+                 precision: str = "float32"):
     return generation.GenerationSettings(pattern=pattern, context_frames=context, stride_frames=context // 2,
-                                         use_cache=use_cache, num_samples=batch, engine=engine)
+                                         use_cache=use_cache, num_samples=batch, engine=engine, precision=precision)
 
 
 def timed_generation(model, settings, frames: int, sampled: bool, threads: int | None, prompt=None, progress=None):
@@ -128,8 +129,8 @@ def decode_chunk_ms(codec, threads: int) -> float:
 
 
 def piece_with_decoding(model, codec, pattern: str, context: int, seconds: float, overlapped: bool,
-                        batch: int = 1) -> dict:
-    """A sampled piece decoded to audio the way stage 5 does it -> timings and frames/s."""
+                        batch: int = 1, precision: str = "float32") -> dict:
+    """A sampled piece decoded to audio the way stage 5 does it (generation in `precision`) -> timings and frames/s."""
     audio_samples = round(seconds * SAMPLE_RATE)
     total = decoding.frames_for_samples(codec, audio_samples)
     plan = generation.thread_plan("cpu", 0)
@@ -138,8 +139,8 @@ def piece_with_decoding(model, codec, pattern: str, context: int, seconds: float
     decoder = (decoding.OverlappedDecoder(codec, scales, audio_samples, batch, chunks_per_pass, plan.decode)
                if overlapped else None)
     progress = None if decoder is None else decoder.frames_final
-    generate_s, frames = timed_generation(model, settings_for(pattern, context, batch), total, True, plan.generate,
-                                          progress=progress)
+    generate_s, frames = timed_generation(model, settings_for(pattern, context, batch, precision=precision), total,
+                                          True, plan.generate, progress=progress)
     started = time.perf_counter()
     if decoder is not None:
         decoder.finish(frames)
