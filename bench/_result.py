@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import traceback
+from pathlib import Path
 from typing import Callable, NoReturn
 
 SKIPPED = 77  # the exit status of a benchmark that lacks a resource (automake's "skipped")
@@ -171,3 +172,15 @@ def finish(main: Callable[[], float | dict | None], name: str, unit: str, goal: 
     sys.stderr.flush()
     print(result_line(name, value, unit, goal, **fields), flush=True)
     sys.exit(0)
+
+
+def link_songs(root: Path, artist: str, songs: Path, limit: int) -> int:
+    """raw_audio/<artist>/<song>.ogg -> each song folder's song.ogg (symlinks); returns the count."""
+    folder = root / "raw_audio" / artist
+    folder.mkdir(parents=True, exist_ok=True)
+    found = sorted((songs / artist).glob("*/song.ogg"))[:limit or None]
+    for song in found:
+        link = folder / f"{song.parent.name}.ogg"
+        if not link.exists():
+            link.symlink_to(song)
+    return len(found)  # require_resources checked that there are songs

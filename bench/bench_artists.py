@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _result import Missing, finish, require_codec, require_cuda
+from _result import Missing, finish, link_songs, require_codec, require_cuda
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -63,18 +63,6 @@ def run(script: str, *args) -> None:
     result = subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)], capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{script} {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr[-3000:]}")
-
-
-def link_songs(root: Path, artist: str, songs: Path, limit: int) -> int:
-    """raw_audio/<artist>/<song>.ogg -> each song folder's song.ogg (symlinks); returns the count."""
-    folder = root / "raw_audio" / artist
-    folder.mkdir(parents=True, exist_ok=True)
-    found = sorted((songs / artist).glob("*/song.ogg"))[:limit or None]
-    for song in found:
-        link = folder / f"{song.parent.name}.ogg"
-        if not link.exists():
-            link.symlink_to(song)
-    return len(found)  # require_resources checked that there are songs
 
 
 def prepare_artist(root: Path, artist: str, options) -> None:

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Real music, one artist: which recipe learns the held-out song best at equal training steps?
+
+    python bench/bench_real_music.py                          # previous recipe, defaults, defaults + shifts
+    python bench/bench_real_music.py --arms defaults,rope,alibi,dropout0.2 --reuse-data
+    python bench/bench_real_music.py --steps 200 --songs-limit 2     # minutes: checks that the script works
+
+Steps: the song.ogg of every song folder of Debian's fretsonfire-songs-sectoid go through stages 1-3
+(10 s clips, a random codec unless --codec names real weights, 6 kbps, a quarter of the tracks held
+out by stage 3's track hash). Stage 2 runs twice into two artist folders: `sectoid` with
+`--shifts K` (each clip also encoded at K-1 sub-frame offsets; the manifest lists them as variants)
+and `sectoid_plain` with the clips alone (the same clips, split and valid tokens). Every arm then
+trains `small` (delay pattern, context 300, batch 8) for the same --steps optimizer steps, two arms
+at a time with one thread each, so an arm's wall time is comparable with another's. For each arm the
+bench prints the best valid NLL (bits/frame; what best.pt holds), the valid NLL with the in-context
+copy path at that epoch, the last epoch's valid and train NLL (overfitting), the valid NLL by
+position bucket at the best epoch, and the run's training seconds. The last line's value is how far
+the best arm with today's defaults ends below the previous recipe (goal: at least 0.7 bit/frame).
+Without the song package it exits 77.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from _result import Missing, cpu_name, finish, link_songs, require_codec
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+from pipeline import runs  # noqa: E402
+
+SONGS = Path("/usr/share/games/fretsonfire/data/songs")
+ARTIST = "sectoid"
+PLAIN = f"{ARTIST}_plain"
+# name -> (artist folder: with or without shifted variants, stage-4 options beyond the common recipe)
+PREVIOUS = ["--positions", "learned", "--copy-path", "off", "--patience", "0"]  # before the copy path and the early stop
+ARMS = {
+    "previous": (PLAIN, PREVIOUS),
+    "defaults": (PLAIN, []),
+    "shifts": (ARTIST, []),
+    "rope": (PLAIN, ["--positions", "rope"]),
+    "alibi": (PLAIN, ["--positions", "alibi"]),
+    "dropout0.2": (PLAIN, ["--dropout", "0.2"]),
+    "dropout0.3": (PLAIN, ["--dropout", "0.3"]),
+    "wd0.3": (PLAIN, ["--weight-decay", "0.3"]),
+    "shifts_dropout0.2": (ARTIST, ["--dropout", "0.2"]),
+}
+
+
+def run(script: str, *args, env=None) -> float:
+    """One stage as a subprocess -> its seconds; its error output is shown when it fails."""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)], capture_output=True, text=True,
+                            env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"{script} {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def prepare(root: Path, options) -> None:
+    """Stages 1-3 for `sectoid` (with --shifts) and `sectoid_plain` (the same clips, without)."""
+    link_songs(root, ARTIST, options.songs, options.songs_limit)
+    common = ["--root", root, "--log-level", "WARNING"]
+    run("1_audio_preprocessing.py", "--artist", ARTIST, *common, "--clip-seconds", 10)
+    plain_clips = root / "data_processed" / PLAIN
+    if not plain_clips.exists():
+        shutil.copytree(root / "data_processed" / ARTIST, plain_clips)
+    for artist, shifts in ((PLAIN, 1), (ARTIST, options.shifts)):
+        seconds = run("2_Tokenization.py", "--artist", artist, *common, "--codec", options.codec,
+                      "--bandwidth", 6, "--shifts", shifts)
+        print(f"stage 2, {artist}, --shifts {shifts}: {seconds:.0f} s", flush=True)
+        run("3_data_preparation.py", "--artist", artist, *common, "--valid-fraction", 0.25)
+
+
+def train_arm(root: Path, name: str, options) -> dict:
+    artist, extra = ARMS[name]
+    folder = runs.model_dir(root, name)
+    if not (options.reuse_models and (folder / "last.pt").is_file()):
+        env = dict(os.environ, OMP_NUM_THREADS=str(options.threads))
+        run("4_Transformer.py", "--artist", artist, "--name", name, "--root", root, "--preset", "small",
+            "--pattern", "delay", "--context-frames", 300, "--batch-size", 8, "--epochs", 10_000,
+            "--max-steps", options.steps, "--device", "cpu", "--seed", options.seed, "--log-level", "WARNING",
+            "--overwrite", *extra, env=env)
+    return summarise(name, folder)
+
+
+def summarise(name: str, folder: Path) -> dict:
+    records = runs.read_metrics(folder / runs.METRICS_FILE)
+    epochs = [record for record in runs.epoch_records(records) if record.get("valid_nll_bits_per_frame") is not None]
+    best = min(epochs, key=lambda record: record["valid_nll_bits_per_frame"])
+    baselines, last = runs.baseline_record(records), epochs[-1]
+    return {"arm": name, "options": " ".join(ARMS[name][1]) or "(defaults)", "variants": ARMS[name][0] == ARTIST,
+            "best_valid": best["valid_nll_bits_per_frame"], "best_epoch": best["epoch"], "best_step": best["step"],
+            "copy_path_valid": best.get("valid_nll_copy_path_bits_per_frame"),
+            "last_valid": last["valid_nll_bits_per_frame"], "last_train": last["train_nll_bits_per_frame"],
+            "steps": last["step"], "train_seconds": last["elapsed_s"],
+            "best_count": baselines.get("best_count_bits_per_frame"),
+            "by_position": best.get("valid_nll_by_position")}
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| arm | options | variants | best valid (step) | with copy path | last valid / train | seconds | "
+          "by position at best |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        copy = "" if row["copy_path_valid"] is None else f"{row['copy_path_valid']:.2f}"
+        positions = ", ".join(f"{bucket} {bits:.2f}" for bucket, bits in (row["by_position"] or {}).items())
+        print(f"| {row['arm']} | {row['options']} | {'yes' if row['variants'] else 'no'} | "
+              f"{row['best_valid']:.2f} ({row['best_step']}) | {copy} | {row['last_valid']:.2f} / "
+              f"{row['last_train']:.2f} | {row['train_seconds']:.0f} | {positions} |")
+
+
+def parse_options(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--arms", default="previous,defaults,shifts",
+                        help=f"comma-separated arms, of: {', '.join(ARMS)}")
+    parser.add_argument("--steps", type=int, default=828, help="optimizer steps of every arm")
+    parser.add_argument("--shifts", type=int, default=2, help="stage 2's --shifts for the arms with variants")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each training process")
+    parser.add_argument("--parallel", type=int, default=2, help="arms trained at the same time")
+    parser.add_argument("--seed", type=int, default=0, help="stage 4's --seed")
+    parser.add_argument("--codec", default="random:0", help="codec spec of stage 2")
+    parser.add_argument("--songs", type=Path, default=SONGS, help="folder of the song folders (one per artist)")
+    parser.add_argument("--songs-limit", type=int, default=0, help="use only the first N songs (0: all)")
+    parser.add_argument("--root", type=Path, help="work folder (default: a temporary one, deleted afterwards)")
+    parser.add_argument("--reuse-data", action="store_true", help="keep the token files and manifests --root holds")
+    parser.add_argument("--reuse-models", action="store_true", help="summarise the arms --root already trained")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    options = parser.parse_args(argv)
+    unknown = set(options.arms.split(",")) - set(ARMS)
+    if unknown:
+        parser.error(f"--arms: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ARMS)}")
+    return options
+
+
+def benchmark(options, root: Path) -> dict:
+    if not options.reuse_data or not (root / f"metadata_clean_{PLAIN}.jsonl").is_file():
+        prepare(root, options)
+    names = options.arms.split(",")
+    with ThreadPoolExecutor(max_workers=options.parallel) as pool:
+        rows = list(pool.map(lambda name: train_arm(root, name, options), names))
+    print(f"{cpu_name()}; {options.steps} steps of `small` per arm, {options.parallel} arms at a time, "
+          f"{options.threads} thread(s) each; best count model {rows[0]['best_count']:.2f} bits/frame")
+    print_table(rows)
+    if options.json:
+        options.json.write_text(json.dumps(rows, indent=2))
+    by_name = {row["arm"]: row for row in rows}
+    if "previous" not in by_name or len(by_name) < 2:
+        return {"value": None, "rows": len(rows)}
+    challengers = [row for row in rows if row["arm"] != "previous"]
+    best = min(challengers, key=lambda row: row["best_valid"])
+    gain = by_name["previous"]["best_valid"] - best["best_valid"]
+    print(f"best arm {best['arm']}: {best['best_valid']:.2f} vs the previous recipe's "
+          f"{by_name['previous']['best_valid']:.2f} bits/frame: {gain:.2f} below (goal >= 0.7)")
+    return {"value": round(gain, 3), "best_arm": best["arm"], "cpu": cpu_name()}
+
+
+def main() -> dict:
+    options = parse_options()
+    if not any((options.songs / ARTIST).glob("*/song.ogg")):
+        raise Missing(f"no */song.ogg under {options.songs / ARTIST} (apt-get install fretsonfire-songs-sectoid)")
+    require_codec(options.codec)
+    if options.root:
+        options.root.mkdir(parents=True, exist_ok=True)
+        return benchmark(options, options.root)
+    with tempfile.TemporaryDirectory(prefix="bench_real_music_") as folder:
+        return benchmark(options, Path(folder))
+
+
+if __name__ == "__main__":
+    finish(main, "stage 4 real music: best recipe below the previous one at equal steps", "bits/frame", ">= 0.7")
