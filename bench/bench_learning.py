@@ -76,14 +76,17 @@ def quiet(function, *args, **kwargs):
 
 def run_goals(args) -> list[dict]:
     rows = []
-    plans = [("markov", "delay"), ("copy", "delay"), ("cross", "delay"), ("cross", "parallel")]
-    for process, pattern in [plan for plan in plans if plan[0] in args.processes.split(",")]:
+    # (name, stream, pattern, train clips): markov_small is the small-data stream, 10 clips of 1,500 frames
+    plans = [("markov", "markov", "delay", args.train_clips), ("markov_small", "markov", "delay", 10),
+             ("copy", "copy", "delay", args.train_clips), ("cross", "cross", "delay", args.train_clips),
+             ("cross", "cross", "parallel", args.train_clips)]
+    for name, process, pattern, clips in [plan for plan in plans if plan[0] in args.processes.split(",")]:
         with tempfile.TemporaryDirectory() as folder:
             result = quiet(train_on_stream, Path(folder), StreamSpec(process, n_codebooks=args.codebooks),
                            [*base_options(args), *args.options], args.steps, args.context_frames, args.batch_size,
-                           pattern, n_train=args.train_clips)
-        rows.append({"suite": "goals", **vars(result), "excess_bits": result.excess_bits})
-        print_row(rows[-1], f"{process} ({pattern})")
+                           pattern, n_train=clips)
+        rows.append({"suite": "goals", "stream": name, **vars(result), "excess_bits": result.excess_bits})
+        print_row(rows[-1], f"{name} ({pattern})")
     if args.overfit_steps:
         rows.append(overfit_fixed_batch(args))
     return rows
@@ -132,6 +135,10 @@ def print_row(row: dict, name: str) -> None:
     print(f"{name:34s} model {row['model_bits']:6.2f}  oracle {row['oracle_bits']:6.2f}  unigram "
           f"{row['unigram_bits']:6.2f}  bigram {row['bigram_bits']:6.2f}  excess {row['excess_bits']:+6.2f} "
           f"bits/frame  ({row['steps']} steps, {row['seconds']:.0f} s)", flush=True)
+    if row.get("best_bits") is not None:
+        print(f"{'':34s} best {row['best_bits']:6.2f}  best count model {row['best_count_bits']:6.2f}  "
+              f"last - best {row['model_bits'] - row['best_bits']:+.2f}  train (last) {row['train_bits']:6.2f}",
+              flush=True)
 
 
 def main(argv=None) -> dict:
@@ -142,7 +149,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--overfit-steps", type=int, default=200,
                         help="steps of the fixed-batch check (default: 200; 0 skips it)")
     parser.add_argument("--train-clips", type=int, default=40, help="train clips of 1,499 frames per stream (40)")
-    parser.add_argument("--processes", default="markov,copy,cross", help="streams of the goals suite")
+    parser.add_argument("--processes", default="markov,copy,cross",
+                        help="streams of the goals suite, of: markov, markov_small (10 train clips), copy, cross")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per step (default: 8)")
     parser.add_argument("--context-frames", type=int, default=300, help="frames per window (default: 300)")
     parser.add_argument("--codebooks", type=int, default=4, help="codebooks of the streams (default: 4)")
@@ -161,7 +169,7 @@ def main(argv=None) -> dict:
     rows = run_goals(args) if args.suite == "goals" else run_sweep(args)
     if args.json:
         args.json.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    markov = next((row for row in rows if row.get("process") == "markov" and "model_bits" in row), None)
+    markov = next((row for row in rows if row.get("stream") == "markov" and "model_bits" in row), None)
     if markov and args.suite == "goals":
         print(f"markov: model {markov['model_bits']:.2f} vs oracle {markov['oracle_bits']:.2f} bits/frame "
               f"(goal <= 9, unigram {markov['unigram_bits']:.1f})")

@@ -60,6 +60,30 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
+def stage1():
+    """scripts/1_audio_preprocessing.py imported as a module."""
+    from pipeline.stages import load_stage
+
+    return load_stage("1_audio_preprocessing")
+
+
+@pytest.fixture(scope="session")
+def stage2():
+    """scripts/2_Tokenization.py imported as a module."""
+    from pipeline.stages import load_stage
+
+    return load_stage("2_Tokenization")
+
+
+@pytest.fixture(scope="session")
+def stage3():
+    """scripts/3_data_preparation.py imported as a module."""
+    from pipeline.stages import load_stage
+
+    return load_stage("3_data_preparation")
+
+
+@pytest.fixture(scope="session")
 def stage5():
     """scripts/5_MusicPrediction.py imported as a module."""
     from pipeline.stages import load_stage

@@ -24,19 +24,8 @@ from pipeline.cli import StageError
 from pipeline.contract import (PAD, TokenFile, TokenFileError, load_token_file, save_token_file, shift_offsets,
                                variant_path)
 from pipeline.manifest import manifest_path, read_manifest
-from pipeline.stages import load_stage
 
 ARTIST = "Band"
-
-
-@pytest.fixture(scope="module")
-def stage2():
-    return load_stage("2_Tokenization")
-
-
-@pytest.fixture(scope="module")
-def stage3():
-    return load_stage("3_data_preparation")
 
 
 def write_clip(root: Path, relative: str, seconds: float = 0.4, freq: float = 330.0) -> Path:

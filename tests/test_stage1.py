@@ -36,13 +36,6 @@ BAD_INPUTS = {  # file -> a word its reason must contain
 ODD_NAME = "sub dir/My [live] * song é"  # spaces, brackets, '*', unicode
 
 
-@pytest.fixture(scope="module")
-def stage1():
-    from pipeline.stages import load_stage
-
-    return load_stage("1_audio_preprocessing")
-
-
 def noise(seconds, rate=48_000, channels=2, level=0.1, seed=0):
     rng = np.random.default_rng(seed)
     return (level * rng.standard_normal((int(seconds * rate), channels))).astype(np.float32)

@@ -27,27 +27,11 @@ from helpers import SCRIPTS, finished_files, sine_tone
 from pipeline.contract import TokenFile, load_token_file, save_token_file
 from pipeline.files import is_temporary
 from pipeline.manifest import manifest_path
-from pipeline.stages import load_stage
 
 ARTIST = "Odd Band"
 CEILING_PCM = round(10 ** (-1 / 20) * 32767) + 1  # the -1 dBFS cap in int16 steps, one step of rounding
 LONG_NAME = "a" * 196 + ".wav"  # 200 characters: its clips are 204, under the 255 of most file systems
 TOO_LONG_NAME = "b" * 250 + ".wav"  # 254 characters: the file exists, its clip names (258) cannot
-
-
-@pytest.fixture(scope="module")
-def stage1():
-    return load_stage("1_audio_preprocessing")
-
-
-@pytest.fixture(scope="module")
-def stage2():
-    return load_stage("2_Tokenization")
-
-
-@pytest.fixture(scope="module")
-def stage3():
-    return load_stage("3_data_preparation")
 
 
 def write(path: Path, data, rate: int, **kwargs) -> Path:

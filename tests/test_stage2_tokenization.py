@@ -16,16 +16,10 @@ import torch
 from helpers import SCRIPTS, finished_files, run_script, sine_tone
 from pipeline.contract import CHUNK_FRAMES, load_token_file
 from pipeline.dist import DistInfo
-from pipeline.stages import load_stage
 
 ARTIST = "Band"
 CONTRACT_KEYS = {"codes", "scales", "frame_rate", "chunk_frames", "sample_rate", "num_samples", "bandwidth",
                  "codec", "source", "format"}
-
-
-@pytest.fixture(scope="module")
-def stage2():
-    return load_stage("2_Tokenization")
 
 
 def write_clip(root: Path, relative: str, seconds: float = 1.0, rate: int = 48_000, channels: int = 2,

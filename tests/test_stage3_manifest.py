@@ -13,14 +13,8 @@ import torch
 from helpers import run_script, sine_tone
 from pipeline.contract import TokenFile, save_token_file
 from pipeline.manifest import MANIFEST_KEYS, manifest_path, read_manifest
-from pipeline.stages import load_stage
 
 ARTIST = "Band"
-
-
-@pytest.fixture(scope="module")
-def stage3():
-    return load_stage("3_data_preparation")
 
 
 @pytest.fixture
@@ -282,8 +276,7 @@ def test_script_runs_and_refuses_a_bad_fraction(tmp_path):
 
 
 # ---- with stage 2 -----------------------------------------------------------------------------
-def test_stage2_output_becomes_a_manifest(stage3, random_codec, tmp_path):
-    stage2 = load_stage("2_Tokenization")
+def test_stage2_output_becomes_a_manifest(stage2, stage3, random_codec, tmp_path):
     for relative in ("album/one_000", "album/one_001", "two_000"):
         path = tmp_path / "data_processed" / ARTIST / f"{relative}.wav"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -199,6 +199,8 @@ class LearnabilityResult:
     steps: int
     seconds: float
     copy_path_bits: float | None = None  # valid NLL with the in-context copy path at best.pt (cross-fitted), if fitted
+    best_bits: float | None = None  # the lowest valid NLL of any epoch (best.pt's); model_bits is the last epoch's
+    best_count_bits: float | None = None  # the run's best count model (unigram or interpolated bigram)
 
     @property
     def excess_bits(self) -> float:
@@ -232,11 +234,14 @@ def train_on_stream(root: Path, spec: StreamSpec, stage4_options: list[str], ste
     if status != 0:
         raise RuntimeError(f"stage 4 exited {status} on the {spec.process} stream")
     records = runs.read_metrics(runs.model_dir(root, artist) / runs.METRICS_FILE)
-    baselines, last = runs.baseline_record(records), runs.epoch_records(records)[-1]
+    baselines, epochs = runs.baseline_record(records), runs.epoch_records(records)
+    last = epochs[-1]
     return LearnabilityResult(process=spec.process, pattern=pattern, model_bits=last["valid_nll_bits_per_frame"],
                               oracle_bits=corpus.oracle_bits_per_frame, unigram_bits=baselines["unigram_bits_per_frame"],
                               bigram_bits=baselines["bigram_bits_per_frame"], train_bits=last["train_nll_bits_per_frame"],
-                              steps=last["step"], seconds=seconds, copy_path_bits=copy_path_bits(records))
+                              steps=last["step"], seconds=seconds, copy_path_bits=copy_path_bits(records),
+                              best_bits=min(record["valid_nll_bits_per_frame"] for record in epochs),
+                              best_count_bits=baselines.get("best_count_bits_per_frame"))
 
 
 def copy_path_bits(records: list[dict]) -> float | None:
