@@ -10,14 +10,17 @@ For float32, bfloat16 and int8 (`pipeline.precision`; stage 5's `--dtype`), in t
 - quality, on a trained `small` and a held-out clip: the valid NLL (bits per frame) teacher-forced
   through the lean decoder exactly as generation runs it (a prefill of the BOS row, then one step
   per row, over back-to-back windows of the training context), and its difference to float32
-  (goal: at most 0.05); greedy generation from the clip's first second, compared with float32's
-  tokens over the first 100 generated frames (all equal, or the first frame that differs).
+  (goal: at most 0.05), and how often its likeliest token is float32's in those teacher-forced
+  cells; greedy generation from the clip's first second, compared with float32's tokens over the
+  first 100 generated frames (all equal, or the first frame that differs: a model whose best
+  tokens nearly tie, like any model of noisy tokens, parts there however small the error).
   Without `--root`/`--model`, `small` is trained first through the normal stage 4 on the order-1
   Markov stream of `pipeline.synthetic` (peaked distributions: 2 bits per codebook per frame at
   best), for `--steps` steps, and scored on its held-out clips.
 - speed, on `small` (and `base`) with random weights and the 1,500-frame (10 s) context, as in
   bench_stage5.py (speed does not depend on the weights): the lean step at batch 1 on one thread
-  (rounds interleaved across the precisions; the median and the best round), and a 10 s piece
+  (rounds interleaved across the precisions; the median and the best round; also the bf16 path
+  before this choice existed: the model cast to bf16 with a bf16 KV cache), and a 10 s piece
   sampled with the defaults and decoded with the random Encodec, overlapped, on stage 5's thread
   plan: frames/s and the real-time factor (150 frames/s is real time).
 
@@ -27,6 +30,7 @@ The last line is `RESULT {json}`: the largest NLL difference of a reduced precis
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -56,6 +60,7 @@ from pipeline.synthetic import StreamSpec, train_on_stream  # noqa: E402
 LN2 = 0.6931471805599453
 FRAME_RATE = 150  # frames per second of audio: the real-time line
 MARKOV_ARTIST = "synthetic_markov"  # the artist `train_on_stream` writes the Markov stream under
+CAST_BF16 = "bfloat16 cast, bf16 cache (before)"  # stage 5's CPU bf16 path before `pipeline.precision`
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--step-rounds", type=int, default=9, help="interleaved rounds of the step timing")
     parser.add_argument("--skip-base", action="store_true", help="leave out `base` (26 M) from the step timing")
     parser.add_argument("--skip-pieces", action="store_true", help="leave out the 10 s pieces with decoding")
+    parser.add_argument("--piece-rounds", type=int, default=3, help="interleaved rounds of the 10 s pieces")
     return parser
 
 
@@ -111,8 +117,9 @@ def artist_rows(loaded: LoadedModel, batch: int) -> torch.Tensor | None:
 
 # ==== quality ===================================================================================
 @torch.inference_mode()
-def lean_nll_bits(loaded: LoadedModel, clips: list[torch.Tensor], precision: str) -> float:
-    """Bits per frame of the clips' back-to-back windows, teacher-forced through the lean decoder in `precision`."""
+def lean_nll_bits(loaded: LoadedModel, clips: list[torch.Tensor], precision: str) -> tuple[float, torch.Tensor]:
+    """(bits per frame, the likeliest token of every real cell `[N]`) of the clips' back-to-back windows,
+    teacher-forced through the lean decoder in `precision`."""
     context = loaded.max_context_frames
     windows = [clip[:, start:start + context] for clip in clips
                for start in range(0, clip.shape[1] - context + 1, context)]
@@ -125,7 +132,8 @@ def lean_nll_bits(loaded: LoadedModel, clips: list[torch.Tensor], precision: str
         logits.append(decoder.step(inputs[:, row:row + 1]))  # [W, Q, V] each
     stacked = torch.stack(logits, dim=1).float()  # [W, S, Q, V]
     nll = F.cross_entropy(stacked.flatten(0, 2), targets.flatten(), ignore_index=PAD, reduction="sum")
-    return float(nll) / LN2 / frames.shape[0] / frames.shape[1]
+    likeliest = stacked.argmax(dim=-1)[targets != PAD]  # [W, S, Q] -> [N] real cells
+    return float(nll) / LN2 / frames.shape[0] / frames.shape[1], likeliest
 
 
 def greedy_frames(loaded: LoadedModel, clip: torch.Tensor, frames: int, precision: str) -> torch.Tensor:
@@ -149,68 +157,86 @@ def first_difference(frames: torch.Tensor, reference: torch.Tensor) -> int | Non
 
 
 def quality(loaded: LoadedModel, clips: list[torch.Tensor], precisions: list[str], greedy: int) -> dict:
-    """{precision: {nll_bits, nll_delta_bits, greedy_first_difference}} against float32."""
-    figures, reference_nll, reference_frames = {}, None, None
+    """{precision: {nll_bits, nll_delta_bits, top1_agreement, greedy_first_difference}} against float32."""
+    figures, reference = {}, None
     for precision in precisions:
         started = time.perf_counter()
-        nll = lean_nll_bits(loaded, clips, precision)
+        nll, likeliest = lean_nll_bits(loaded, clips, precision)
         frames = greedy_frames(loaded, clips[0], greedy, precision)
-        if precision == "float32":
-            reference_nll, reference_frames = nll, frames
-        differs = first_difference(frames, reference_frames)
-        figures[precision] = {"nll_bits": round(nll, 4), "nll_delta_bits": round(nll - reference_nll, 4),
-                              "greedy_first_difference": differs}
+        reference = reference or (nll, likeliest, frames)  # float32 comes first
+        agreement = float((likeliest == reference[1]).float().mean())
+        differs = first_difference(frames, reference[2])
+        figures[precision] = {"nll_bits": round(nll, 4), "nll_delta_bits": round(nll - reference[0], 4),
+                              "top1_agreement": round(agreement, 5), "greedy_first_difference": differs}
         match = f"all {greedy} equal" if differs is None else f"first difference at generated frame {differs}"
-        print(f"quality {precision}: valid NLL {nll:.4f} bits/frame ({nll - reference_nll:+.4f} against float32, "
-              f"goal within 0.05); greedy tokens against float32: {match} ({time.perf_counter() - started:.0f} s)")
+        print(f"quality {precision}: valid NLL {nll:.4f} bits/frame ({nll - reference[0]:+.4f} against float32, "
+              f"goal within 0.05); teacher-forced likeliest token as float32's in {100 * agreement:.2f} % of the "
+              f"cells; greedy tokens against float32: {match} ({time.perf_counter() - started:.0f} s)")
     return figures
 
 
 # ==== speed =====================================================================================
 @torch.inference_mode()
 def step_ms(models: dict, rounds: int, position: int = 750, steps: int = 40) -> dict:
-    """{precision: (median, best) ms of one lean step at batch 1 and `position`}, rounds interleaved."""
+    """{label: (median, best) ms of one lean step at batch 1 and `position`}, rounds interleaved;
+    `models` maps a label to (model, KV cache dtype or None for the decoder's default)."""
     row = torch.randint(0, 1024, (1, 1, 4), generator=torch.Generator().manual_seed(0))  # [1, 1, Q]
     decoders = {}
     with generation.cpu_threads(1):
-        for precision, model in models.items():
-            decoders[precision] = LeanDecoder(model, 1, position + steps + 1)
-            decoders[precision].prefill(torch.zeros(1, position, 4, dtype=torch.long))
-        times = {precision: [] for precision in models}
+        for label, (model, cache_dtype) in models.items():
+            decoders[label] = LeanDecoder(model, 1, position + steps + 1, cache_dtype=cache_dtype)
+            decoders[label].prefill(torch.zeros(1, position, 4, dtype=torch.long))
+        times = {label: [] for label in models}
         for _ in range(rounds):
-            for precision, decoder in decoders.items():
+            for label, decoder in decoders.items():
                 decoder.length = position
                 started = time.perf_counter()
                 for _ in range(steps):
                     decoder.step(row)
-                times[precision].append(1000 * (time.perf_counter() - started) / steps)
-    return {precision: (statistics.median(values), min(values)) for precision, values in times.items()}
+                times[label].append(1000 * (time.perf_counter() - started) / steps)
+    return {label: (statistics.median(values), min(values)) for label, values in times.items()}
+
+
+def step_variants(model, precisions: list[str]) -> dict:
+    """Each precision's copy with the decoder's default cache, and the bf16 path before `pipeline.precision`
+    (the model cast to bf16, unpacked weights, a bf16 KV cache)."""
+    variants = {precision: (precision_model(model, precision), None) for precision in precisions}
+    variants[CAST_BF16] = (copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16)
+    return variants
 
 
 def speed(args, precisions: list[str]) -> dict:
     """Step times of `small` (and `base`) and a 10 s `small` piece with decoding, per precision."""
     figures = {precision: {} for precision in precisions}
     for preset in ("small",) if args.skip_base else ("small", "base"):
-        model = build_model(preset, 4, 1500)
-        timed = step_ms({precision: precision_model(model, precision) for precision in precisions}, args.step_rounds)
+        timed = step_ms(step_variants(build_model(preset, 4, 1500), precisions), args.step_rounds)
         reference = timed["float32"][0]
-        for precision, (median, best) in timed.items():
-            figures[precision][f"{preset}_step_ms"] = round(median, 3)
-            figures[precision][f"{preset}_step_vs_float32"] = round(reference / median, 2)
-            print(f"speed {preset} {precision}: lean step {median:.2f} ms (median of {args.step_rounds} rounds, best "
+        for label, (median, best) in timed.items():
+            figures.setdefault(label, {})[f"{preset}_step_ms"] = round(median, 3)
+            figures[label][f"{preset}_step_vs_float32"] = round(reference / median, 2)
+            print(f"speed {preset} {label}: lean step {median:.2f} ms (median of {args.step_rounds} rounds, best "
                   f"{best:.2f}) at position 750, batch 1, 1 thread: {reference / median:.2f}x float32")
     if not args.skip_pieces:
-        small, codec = build_model("small", 4, 1500), load_codec("random:0")
-        for precision in precisions:
-            runs = [piece_with_decoding(small, codec, "delay", 1500, 10.0, overlapped=True, precision=precision)
-                    for _ in range(2)]
-            piece = max(runs, key=lambda run: run["rtf"])  # the better of two: the machine is shared
+        for precision, piece in pieces(precisions, args.piece_rounds).items():
             figures[precision].update(piece_frames_per_s=round(piece["frames_per_s"], 1),
                                       piece_x_real_time=round(piece["rtf"], 2))
             print(f"speed small {precision}: 10 s piece, sampled, decoded overlapped: generation "
                   f"{piece['generate_s']:.2f} s + decoding tail {piece['tail_s']:.2f} s -> "
-                  f"{piece['frames_per_s']:.0f} frames/s, {piece['rtf']:.2f}x real time (better of 2; goal >= 5x)")
+                  f"{piece['frames_per_s']:.0f} frames/s, {piece['rtf']:.2f}x real time (best of "
+                  f"{args.piece_rounds} interleaved rounds; goal >= 5x)")
     return figures
+
+
+def pieces(precisions: list[str], rounds: int) -> dict:
+    """{precision: the fastest of `rounds` 10 s `small` pieces with overlapped decoding}, rounds interleaved
+    (on a shared machine the best round is the one least disturbed)."""
+    small, codec = build_model("small", 4, 1500), load_codec("random:0")
+    runs = {precision: [] for precision in precisions}
+    for _ in range(rounds):
+        for precision in precisions:
+            runs[precision].append(piece_with_decoding(small, codec, "delay", 1500, 10.0, overlapped=True,
+                                                       precision=precision))
+    return {precision: max(timed, key=lambda run: run["rtf"]) for precision, timed in runs.items()}
 
 
 # ==== the run ===================================================================================
@@ -230,7 +256,7 @@ def main() -> dict:
     timed = speed(args, precisions)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     worst = max(abs(judged[precision]["nll_delta_bits"]) for precision in precisions if precision != "float32")
-    figures = {precision: {**judged[precision], **timed[precision]} for precision in precisions}
+    figures = {label: {**judged.get(label, {}), **timed[label]} for label in timed}
     print(f"largest valid-NLL difference to float32: {worst:.4f} bits/frame (goal <= 0.05)")
     return {"value": round(worst, 4), "auto": auto.used, "model": str(loaded.path), "cpu": cpu_name(),
             "precisions": figures}
