@@ -6,7 +6,7 @@ Stage 5's `--dtype` (the request's `dtype`) is `auto`, `float32`, `bfloat16` or 
 - `float32`: the model's own weights, exactly the path of every release before this choice existed.
 - `bfloat16`: the weights (and on a GPU the KV cache) in bf16. On a CPU the projections run as
   oneDNN matrix products on weights packed once (`PackedBf16Linear`); the KV cache and attention
-  stay float32 there, because the CPU's bf16 attention for one query row was 2-6x slower than its
+  stay float32 there, because the CPU's bf16 attention for one query row was 4-9x slower than its
   float32 one (BENCHMARKS.md, "Reduced precision on a CPU").
 - `int8`: a CPU only. Every projection (GPT-2's fused QKV, its MLP, the input projection and the
   heads) multiplies by int8 weights, one scale per output channel, and quantises each input row on
@@ -15,10 +15,11 @@ Stage 5's `--dtype` (the request's `dtype`) is `auto`, `float32`, `bfloat16` or 
 
 `auto` on a CPU (`auto_cpu_precision`): bf16 on a CPU with AMX-BF16 tiles (the expected winner
 there, not measured: no such machine was at hand); else int8, which was measured faster than both
-bf16 and float32 on an AMD EPYC with AVX-512 BF16 and no AMX (`small` 1.7x float32, bf16 1.2x;
-`base` 1.9x and 1.4x) for the same held-out NLL within 0.01 bit/frame; float32 where this torch has
-no int8 kernels. On a GPU `auto` is float32 (reduced precision not measured there). Whatever the
-precision, the logits are sampled in float32 (the generator casts them) and decoding stays float32.
+bf16 and float32 on an AMD EPYC with AVX-512 BF16 and no AMX (a `small` step 1.7x float32's, bf16
+1.3x; `base` 2.3x and 1.2x) for held-out NLLs within 0.001 bits/frame of float32's; float32 where
+this torch has no int8 kernels. On a GPU `auto` is float32 (reduced precision not measured there).
+Whatever the precision, the logits are sampled in float32 (the generator casts them) and decoding
+stays float32.
 
 `precision_model(model, precision)` is the model generation then runs: the model itself for
 float32, else a copy in that precision, made once per model and weight version and kept while the
