@@ -6,8 +6,9 @@ batches, overlapped decoding, threads per phase, and `base` against its memory-b
     python bench/bench_stage5.py --recompute-full      # the original's path over all 1,500 frames (slow)
     python bench/bench_stage5.py --long-seconds 30     # a shorter "long piece" for a quick run
 
-Everything runs in this one process on randomly initialised models (speed does not depend on the
-weights) and the random 48 kHz Encodec (the pretrained codec's architecture and cost), through
+The 10 s piece runs in stage 5's default precision on this machine (`--dtype auto`), every other
+figure in float32. Everything runs in this one process on randomly initialised models (speed does
+not depend on the weights) and the random 48 kHz Encodec (the pretrained codec's architecture and cost), through
 the generation core stage 5 itself calls (`pipeline.generation`). Each ratio compares two figures
 measured in this run. The recompute path re-runs the whole history every step, so by default it
 is timed on a few short stretches centred in equal parts of the piece (continuing the cached run's
@@ -31,6 +32,7 @@ from pipeline.codec import load_codec  # noqa: E402
 from pipeline.contract import SAMPLE_RATE  # noqa: E402
 from pipeline.model_io import model_module  # noqa: E402
 from pipeline.patterns import extra_steps  # noqa: E402
+from pipeline.precision import choose_precision  # noqa: E402
 from pipeline.sampling import CollapseSettings, SamplingSettings  # noqa: E402
 
 stage4 = model_module()  # the model class and its presets
@@ -214,9 +216,12 @@ def engine_goals(args, small, base, codec) -> dict:
           f"batch {args.batch} {against_bound(small, args.batch, batch_s)}")
 
     # goal: small on 2 cores, 10 s piece including decoding
-    overlapped = piece_with_decoding(small, codec, pattern, context, 10.0, overlapped=True)
-    at_end = piece_with_decoding(small, codec, pattern, context, 10.0, overlapped=False)
-    print(f"small, 10 s piece incl. decoding, overlapped: generation {overlapped['generate_s']:.2f} s + decoding "
+    default = choose_precision("auto", "cpu").used  # stage 5's default precision on this machine
+    overlapped = piece_with_decoding(small, codec, pattern, context, 10.0, overlapped=True, precision=default)
+    at_end = piece_with_decoding(small, codec, pattern, context, 10.0, overlapped=False, precision=default)
+    print(f"small, 10 s piece incl. decoding (generation in {default}, stage 5's --dtype auto here; float32 and "
+          "the others: bench_cpu_precision.py), overlapped: generation "
+          f"{overlapped['generate_s']:.2f} s + decoding "
           f"tail {overlapped['tail_s']:.2f} s -> {overlapped['frames_per_s']:.0f} frames/s, "
           f"{overlapped['rtf']:.2f}x real time (goal >= 5x, 750 frames/s); decoding at the end: "
           f"{at_end['generate_s']:.2f} s + {at_end['tail_s']:.2f} s -> {at_end['rtf']:.2f}x")
