@@ -37,6 +37,7 @@ def test_script_writes_every_output_and_skips_finished_pieces(transformer_module
         assert sidecar["checkpoint"]["path"].endswith("best.pt") and sidecar["checkpoint"]["epoch"] == 2
         assert sidecar["frames"] == {"total": 182, "prompt": 0, "generated": 182}
         assert "UNTRAINED" in sidecar["warning"] and sidecar["codec"]["pretrained"] is False
+        assert sidecar["codec"]["decoder"] == "fast"  # the restructured decoder on the CPU (docs/stage5.md)
         timings = sidecar["timings"]  # the real-time factor is the batch's audio over its wall time, audio ready
         wall = timings["generate_s"] + timings["decode_wait_s"]
         assert sidecar["real_time_factor"] == pytest.approx(2 * 1.2 / wall, rel=1e-2, abs=2e-3)

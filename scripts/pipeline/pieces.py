@@ -627,7 +627,7 @@ def describe(run: Run, take: Take, index: int, name: str, gain_db: float, notes:
         "frames_per_second": round(generated * request.num_samples / max(run.timings["generate_s"], 1e-9), 2),
         "real_time_factor": round(kept_samples / SAMPLE_RATE * request.num_samples / max(wall_seconds, 1e-9), 3),
         "codec": {"name": run.codec.name, "pretrained": run.codec.pretrained,
-                  "bandwidth": float(run.loaded.contract["bandwidth"])},
+                  "bandwidth": float(run.loaded.contract["bandwidth"]), "decoder": run.codec.decoder_in_use},
         "warning": None if run.codec.pretrained else UNTRAINED_WARNING,
         "decode_notes": notes,
         "originality": take.originality, "originality_reason": run.index_reason,
