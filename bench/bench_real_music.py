@@ -38,6 +38,7 @@ from _result import Missing, cpu_name, finish, link_songs, require_codec
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 from pipeline import runs  # noqa: E402
+from pipeline.training import in_position_order  # noqa: E402
 
 SONGS = Path("/usr/share/games/fretsonfire/data/songs")
 ARTIST = "sectoid"
@@ -112,7 +113,7 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         copy = "" if row["copy_path_valid"] is None else f"{row['copy_path_valid']:.2f}"
-        positions = ", ".join(f"{bucket} {bits:.2f}" for bucket, bits in (row["by_position"] or {}).items())
+        positions = ", ".join(f"{bucket} {bits:.2f}" for bucket, bits in in_position_order(row["by_position"] or {}))
         print(f"| {row['arm']} | {row['options']} | {'yes' if row['variants'] else 'no'} | "
               f"{row['best_valid']:.2f} ({row['best_step']}) | {copy} | {row['last_valid']:.2f} / "
               f"{row['last_train']:.2f} | {row['train_seconds']:.0f} | {positions} |")

@@ -706,3 +706,17 @@ def test_plots_are_redrawn_at_most_every_interval_and_once_more_at_the_end(stage
     drawn.clear()
     assert stage4.main(["--artist", "A", "--root", tmp_path, *TINY, "--epochs", "6", "--patience", "0", "--resume"]) == 0
     assert drawn == [5, 6]  # every epoch when the interval allows, nothing drawn twice
+
+
+def test_the_positions_plot_and_log_keep_frame_order_after_metrics_jsonl_sorts_the_keys(tmp_path, monkeypatch):
+    """metrics.jsonl writes keys sorted as text ("150-300" before "50-150"); the plot must not follow that order."""
+    by_position = json.loads(json.dumps({"0-10": 3.0, "10-50": 2.5, "50-150": 2.0, "150-300": 1.5}, sort_keys=True))
+    assert list(by_position) == ["0-10", "10-50", "150-300", "50-150"]
+    assert [bucket for bucket, _ in training.in_position_order(by_position)] == ["0-10", "10-50", "50-150", "150-300"]
+    drawn = []
+    monkeypatch.setattr(training, "_save_figure", lambda figure, axis, *rest: drawn.extend(axis.lines))
+    training.plot_positions([{"epoch": 1, "train_nll_bits_per_frame": 2.0, "valid_nll_bits_per_frame": 2.0,
+                              "valid_nll_by_position": by_position}],
+                            tmp_path / "positions.png")
+    assert list(drawn[0].get_xdata()) == ["0-10", "10-50", "50-150", "150-300"]
+    assert list(drawn[0].get_ydata()) == [3.0, 2.5, 2.0, 1.5]

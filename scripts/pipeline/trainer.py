@@ -33,8 +33,8 @@ from .threads import SpeedWatch
 from .train_data import (Dataset, balanced_epoch_windows, epoch_windows, fit_baselines, make_batch, rank_share,
                          train_windows_per_rank, valid_windows)
 from .training import (Precision, StopRequest, TrainingDiverged, bits_by_position, bits_per_frame, bucket_sums,
-                       build_optimizer, copy_atomically, count_parameters, current_lr, micro_batch_seed, plain,
-                       plot_losses, plot_positions, position_buckets, restore_rng_states, rng_states,
+                       build_optimizer, copy_atomically, count_parameters, current_lr, in_position_order,
+                       micro_batch_seed, plain, plot_losses, plot_positions, position_buckets, restore_rng_states, rng_states,
                        sequence_losses, set_schedule, to_cpu, token_nll)
 
 CHECKPOINT_FORMAT = 1
@@ -486,7 +486,7 @@ class Trainer:
                           metrics["copy_path_fit_s"])
         if metrics.get("valid_nll_by_position"):
             self.log.info("  valid NLL by frames into the window: %s", ", ".join(
-                f"{bucket} {bits:.2f}" for bucket, bits in metrics["valid_nll_by_position"].items()))
+                f"{bucket} {bits:.2f}" for bucket, bits in in_position_order(metrics["valid_nll_by_position"])))
         for artist, bits in metrics.get("valid_nll_by_artist", {}).items():
             self.log.info("  %s: valid NLL %.3f bits/frame with its label, %.3f with 'no artist'", artist, bits,
                           metrics["valid_nll_no_artist_by_artist"][artist])

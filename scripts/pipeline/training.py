@@ -250,6 +250,12 @@ def _draw_baselines(axis, baselines: dict) -> None:
                      label=f"bigram ({where}): previous token only")
 
 
+def in_position_order(by_position: dict) -> list[tuple[str, float]]:
+    """A `valid_nll_by_position` mapping's (bucket, bits) in frame order ("0-10", "10-50", "50-150", ...):
+    metrics.jsonl stores keys sorted as text, which puts "150-300" before "50-150"."""
+    return sorted(by_position.items(), key=lambda item: int(str(item[0]).split("-")[0]))
+
+
 def plot_positions(records: list[dict], path: Path) -> None:
     """Valid NLL by the frame's position in its window (the first, best and last validations): a model
     that listens back gets better further into the window."""
@@ -260,9 +266,9 @@ def plot_positions(records: list[dict], path: Path) -> None:
     chosen = {id(r): r for r in (scored[0], best, scored[-1])}.values()
     figure, axis = _new_figure()
     for record in chosen:
-        labels = list(record["valid_nll_by_position"])
+        labels, bits = zip(*in_position_order(record["valid_nll_by_position"]))
         tag = " (best)" if record is best else ""
-        axis.plot(labels, list(record["valid_nll_by_position"].values()), "o-", label=f"epoch {record['epoch']}{tag}")
+        axis.plot(labels, bits, "o-", label=f"epoch {record['epoch']}{tag}")
     _save_figure(figure, axis, "frames into the window (position bucket)", "valid NLL, bits per frame", path)
 
 
