@@ -270,7 +270,8 @@ def split_tracks(tracks: list[str], valid_fraction: float, seed: int) -> dict[st
 
 
 # ---- output ---------------------------------------------------------------------------------
-def manifest_entry(audio: str, token: TokenFile, track: str, split: str, variants: list[str]) -> dict:
+def manifest_entry(audio: str, token: TokenFile, track: str, split: str, variants: tuple[str, ...] | list[str] = ()
+                   ) -> dict:
     """The clip's manifest line; `variants` (its shifted encodings' paths) only when it has some."""
     median_scale = float(token.scales.median()) if token.scales is not None else None
     entry = {
@@ -287,7 +288,7 @@ def manifest_entry(audio: str, token: TokenFile, track: str, split: str, variant
         "median_scale": median_scale,
     }
     if variants:
-        entry["variants"] = variants
+        entry["variants"] = list(variants)
     return entry
 
 
