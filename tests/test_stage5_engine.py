@@ -114,9 +114,10 @@ def greedy_run(model, pattern, use_cache, total_frames=1500, context=100, stride
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("positions", POSITIONS)
-@pytest.mark.parametrize("pattern", ["parallel", "delay"])
+@pytest.mark.parametrize("pattern, positions", [("parallel", "learned"), *(("delay", scheme) for scheme in POSITIONS)])
 def test_lean_greedy_equals_recompute_over_1500_frames(transformer_module, pattern, positions):
+    """The pattern decides which rows are generated, the position scheme how the lean decoder scores them:
+    both patterns (learned), and every scheme with the default pattern."""
     model = spread_model(transformer_module, context_frames=100, positions=positions)
     lean, lean_logits = greedy_run(model, pattern, use_cache=True)
     reference, reference_logits = greedy_run(model, pattern, use_cache=False)
