@@ -189,6 +189,20 @@ def report_threads(small, base, codec) -> None:
           f"{decode_chunk_ms(codec, 2):.0f} ms on 2 threads")
 
 
+def small_piece_goal(small, codec, pattern: str, context: int) -> dict:
+    """A 10 s `small` piece including decoding, overlapped and at the end, in stage 5's default precision."""
+    default = choose_precision("auto", "cpu").used  # stage 5's default precision on this machine
+    overlapped = piece_with_decoding(small, codec, pattern, context, 10.0, overlapped=True, precision=default)
+    at_end = piece_with_decoding(small, codec, pattern, context, 10.0, overlapped=False, precision=default)
+    print(f"small, 10 s piece incl. decoding (generation in {default}, stage 5's --dtype auto here; float32 and "
+          "the others: bench_cpu_precision.py), overlapped: generation "
+          f"{overlapped['generate_s']:.2f} s + decoding "
+          f"tail {overlapped['tail_s']:.2f} s -> {overlapped['frames_per_s']:.0f} frames/s, "
+          f"{overlapped['rtf']:.2f}x real time (goal >= 5x, 750 frames/s); decoding at the end: "
+          f"{at_end['generate_s']:.2f} s + {at_end['tail_s']:.2f} s -> {at_end['rtf']:.2f}x")
+    return overlapped
+
+
 def engine_goals(args, small, base, codec) -> dict:
     """The engine's goals against transformers' cache, batches, a 10 s piece, base and a long piece."""
     pattern, context, frames = args.pattern, args.context_frames, args.frames
@@ -215,16 +229,7 @@ def engine_goals(args, small, base, codec) -> dict:
           f"{frames / lean_s:.0f} frames/s summed over the pieces: {args.batch * lean_s / batch_s:.2f}x (goal >= 4x); "
           f"batch {args.batch} {against_bound(small, args.batch, batch_s)}")
 
-    # goal: small on 2 cores, 10 s piece including decoding
-    default = choose_precision("auto", "cpu").used  # stage 5's default precision on this machine
-    overlapped = piece_with_decoding(small, codec, pattern, context, 10.0, overlapped=True, precision=default)
-    at_end = piece_with_decoding(small, codec, pattern, context, 10.0, overlapped=False, precision=default)
-    print(f"small, 10 s piece incl. decoding (generation in {default}, stage 5's --dtype auto here; float32 and "
-          "the others: bench_cpu_precision.py), overlapped: generation "
-          f"{overlapped['generate_s']:.2f} s + decoding "
-          f"tail {overlapped['tail_s']:.2f} s -> {overlapped['frames_per_s']:.0f} frames/s, "
-          f"{overlapped['rtf']:.2f}x real time (goal >= 5x, 750 frames/s); decoding at the end: "
-          f"{at_end['generate_s']:.2f} s + {at_end['tail_s']:.2f} s -> {at_end['rtf']:.2f}x")
+    overlapped = small_piece_goal(small, codec, pattern, context)  # goal: small on 2 cores, 10 s with decoding
 
     # goal: base on 2 cores, batch 1, against the memory-bandwidth bound
     if base is not None:

@@ -59,36 +59,22 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(scope="session")
-def stage1():
-    """scripts/1_audio_preprocessing.py imported as a module."""
-    from pipeline.stages import load_stage
+def _stage_fixture(name: str, script_stem: str):
+    """The session fixture `name`: scripts/<script_stem>.py imported as a module."""
+    def fixture():
+        from pipeline.stages import load_stage
 
-    return load_stage("1_audio_preprocessing")
+        return load_stage(script_stem)
 
-
-@pytest.fixture(scope="session")
-def stage2():
-    """scripts/2_Tokenization.py imported as a module."""
-    from pipeline.stages import load_stage
-
-    return load_stage("2_Tokenization")
+    fixture.__doc__ = f"scripts/{script_stem}.py imported as a module."
+    return pytest.fixture(scope="session", name=name)(fixture)
 
 
-@pytest.fixture(scope="session")
-def stage3():
-    """scripts/3_data_preparation.py imported as a module."""
-    from pipeline.stages import load_stage
-
-    return load_stage("3_data_preparation")
-
-
-@pytest.fixture(scope="session")
-def stage5():
-    """scripts/5_MusicPrediction.py imported as a module."""
-    from pipeline.stages import load_stage
-
-    return load_stage("5_MusicPrediction")
+stage1 = _stage_fixture("stage1", "1_audio_preprocessing")
+stage2 = _stage_fixture("stage2", "2_Tokenization")
+stage3 = _stage_fixture("stage3", "3_data_preparation")
+stage5 = _stage_fixture("stage5", "5_MusicPrediction")
+transformer_module = _stage_fixture("transformer_module", "4_Transformer")
 
 
 @pytest.fixture
@@ -109,12 +95,3 @@ def in_process(stage5, random_codec, monkeypatch):
 def stage4(transformer_module):
     """scripts/4_Transformer.py (the name stage-4 tests use)."""
     return transformer_module
-
-
-@pytest.fixture(scope="session")
-def transformer_module():
-    """scripts/4_Transformer.py imported as a module."""
-    from pipeline.stages import load_stage
-
-    return load_stage("4_Transformer")
-
