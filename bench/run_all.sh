@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run every benchmark in bench/ and rewrite the generated table in BENCHMARKS.md.
-#   bash bench/run_all.sh            # all of them (tens of minutes on 2 CPU cores)
+#   bash bench/run_all.sh            # all of them (about two hours on 2 CPU cores: real_music ~50 min, token_memory ~15)
 #   bash bench/run_all.sh stage5     # only bench/bench_stage5.py (gpu_check: only bench/gpu_check.py)
 # Each benchmark prints its figures and, last, one line `RESULT {json}` (bench/_result.py). Its full
 # output goes to bench/out/<name>.txt. A benchmark that ran gets a new row in BENCHMARKS.md; one that
