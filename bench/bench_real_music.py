@@ -53,6 +53,7 @@ ARMS = {
     "dropout0.3": (PLAIN, ["--dropout", "0.3"]),
     "wd0.3": (PLAIN, ["--weight-decay", "0.3"]),
     "shifts_dropout0.2": (ARTIST, ["--dropout", "0.2"]),
+    "shifts_rope": (ARTIST, ["--positions", "rope"]),
 }
 
 
