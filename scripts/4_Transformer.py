@@ -256,7 +256,7 @@ TRAIN_DEFAULTS = dict(
     embed_init="match", pattern="delay", context_frames=1500, epochs=20, batch_size=8, grad_accum=1, lr=None,
     min_lr_frac=0.1, warmup_frac=0.05, weight_decay=0.1, max_grad_norm=1.0, label_smoothing=0.0,
     frame_dropout=0.0, seed=0, keep_last=1, max_steps=0, patience=4, device="auto", compile=False,
-    grad_checkpointing=False, artist_alpha=0.5, cond_dropout=0.3, init_from=None, positions="learned",
+    grad_checkpointing=False, artist_alpha=0.5, cond_dropout=0.3, init_from=None, positions="rope",
     copy_path="ngram",
 )
 # Peak learning rate of each preset when --lr is not given (docs/stage4.md, "The recipe").

@@ -546,7 +546,7 @@ RESUME_CASES = {
     "label_smoothing": ("0.2", 0.2), "frame_dropout": ("0.1", 0.1), "seed": ("3", 3), "keep_last": ("2", 2),
     "max_steps": ("2", 2), "patience": ("7", 7), "device": ("cpu", "cpu"), "grad_checkpointing": (None, True),
     "compile": (None, True), "artist_alpha": ("0.3", 0.3), "cond_dropout": ("0.1", 0.1),
-    "init_from": ("Other", "refused"), "positions": ("rope", "refused"), "copy_path": ("off", "off"),
+    "init_from": ("Other", "refused"), "positions": ("alibi", "refused"), "copy_path": ("off", "off"),
 }
 
 
