@@ -34,8 +34,8 @@ from .train_data import (Dataset, balanced_epoch_windows, epoch_windows, fit_bas
                          train_windows_per_rank, valid_windows)
 from .training import (Precision, StopRequest, TrainingDiverged, bits_by_position, bits_per_frame, bucket_sums,
                        build_optimizer, copy_atomically, count_parameters, current_lr, in_position_order,
-                       micro_batch_seed, plain, plot_losses, plot_positions, position_buckets, restore_rng_states, rng_states,
-                       sequence_losses, set_schedule, to_cpu, token_nll)
+                       micro_batch_seed, plain, plot_losses, plot_positions, position_buckets, restore_rng_states,
+                       rng_states, sequence_losses, set_schedule, to_cpu, token_nll)
 
 CHECKPOINT_FORMAT = 1
 LOG = logging.getLogger("pipeline.stage4")
@@ -129,7 +129,7 @@ class Trainer:
         self.buckets = position_buckets(args["context_frames"])  # [start, stop) frames into a window
         self.offsets = codebook_offsets(args["pattern"], data.store.n_codebooks)  # [Q]: row of frame f = f + offset
         self.overfit_reported = False  # the log says once when valid rises while train falls
-        self.plotted_records: list[dict] | None = None  # metrics.jsonl as last written, not drawn yet
+        self.undrawn_records: list[dict] | None = None  # metrics.jsonl as last written, when not drawn yet
         self.plotted_at = -float("inf")  # time.monotonic() of the last drawing
         self.speed = SpeedWatch("training", "frames", log)
         # --copy-path ngram: the in-context copy path is fitted at every validation that improves the best
@@ -647,17 +647,17 @@ class Trainer:
         self._write_metrics(metrics)
 
     def _write_metrics(self, metrics: dict) -> None:
-        self.plotted_records = append_metrics(self.folder / METRICS_FILE, metrics)
+        self.undrawn_records = append_metrics(self.folder / METRICS_FILE, metrics)
         if time.monotonic() - self.plotted_at >= PLOT_INTERVAL_S:
             self.draw_plots()
 
     def draw_plots(self) -> None:
         """Draw loss.png and loss_by_position.png from the metrics last written (nothing when drawn already)."""
-        if self.plotted_records is None:
+        if self.undrawn_records is None:
             return
-        plot_losses(self.plotted_records, self.folder / LOSS_PLOT)
-        plot_positions(self.plotted_records, self.folder / POSITIONS_PLOT)
-        self.plotted_records, self.plotted_at = None, time.monotonic()
+        plot_losses(self.undrawn_records, self.folder / LOSS_PLOT)
+        plot_positions(self.undrawn_records, self.folder / POSITIONS_PLOT)
+        self.undrawn_records, self.plotted_at = None, time.monotonic()
 
     def save_last(self, metrics: dict | None = None) -> None:
         """A mid-epoch checkpoint (Ctrl-C, --max-steps): last.pt only, resumable exactly. Call it on
