@@ -127,6 +127,29 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
+def _exit(code: int) -> NoReturn:
+    """Flush and leave at once: nothing (native threads' destructors, a worker's late output) may print
+    after the RESULT line. The benchmarks' temporary folders are `with` blocks, closed by then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    LEAVE(code)
+
+
+LEAVE = os._exit  # tests that call `finish` in their own process replace it with sys.exit
+
+
+def _interrupted_while_starting(signum, frame) -> None:
+    """SIGTERM before `finish` runs (while the benchmark imports its modules): a RESULT line all the same."""
+    name = Path(sys.argv[0]).stem.removeprefix("bench_") or "benchmark"
+    reason = f"interrupted (signal {signal.Signals(signum).name}) while starting"
+    print(reason, flush=True)
+    print(result_line(name, None, "", error=reason), flush=True)
+    _exit(130)
+
+
+signal.signal(signal.SIGTERM, _interrupted_while_starting)  # from the import of this module until `finish`
+
+
 def stop_on_sigterm() -> None:
     """SIGTERM (what `timeout` and CI runners send) raises KeyboardInterrupt like Ctrl-C, so an
     interrupted benchmark still ends its output with a RESULT line (subprocesses it runs are killed
@@ -148,30 +171,30 @@ def finish(main: Callable[[], float | dict | None], name: str, unit: str, goal: 
         reason = f"interrupted ({interrupt or 'Ctrl-C'}) before it finished"
         print(reason, flush=True)
         print(result_line(name, None, unit, goal, error=reason), flush=True)
-        sys.exit(130)
+        _exit(130)
     except Missing as missing:
         sys.stdout.flush()
         print(f"skipped: {missing}", flush=True)
         print(result_line(name, None, unit, goal, skipped=str(missing)), flush=True)
-        sys.exit(SKIPPED)
+        _exit(SKIPPED)
     except SystemExit as stop:
         if stop.code is None or isinstance(stop.code, int):
             raise  # argparse's --help (0) and usage errors (2): no benchmark ran
         print(stop.code, file=sys.stderr, flush=True)
         print(result_line(name, None, unit, goal, error=str(stop.code).splitlines()[0]), flush=True)
-        sys.exit(1)
+        _exit(1)
     except Exception as error:  # noqa: BLE001 - any failure still ends the output with a RESULT line
         traceback.print_exc()
         sys.stderr.flush()
         print(result_line(name, None, unit, goal, error=f"{type(error).__name__}: {error}".splitlines()[0]),
               flush=True)
-        sys.exit(1)
+        _exit(1)
     fields = dict(outcome) if isinstance(outcome, dict) else {"value": outcome}
     name, unit, goal = fields.pop("name", name), fields.pop("unit", unit), fields.pop("goal", goal)
     value = fields.pop("value", None)
     sys.stderr.flush()
     print(result_line(name, value, unit, goal, **fields), flush=True)
-    sys.exit(0)
+    _exit(0)
 
 
 def link_songs(root: Path, artist: str, songs: Path, limit: int) -> int:

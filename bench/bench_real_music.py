@@ -57,14 +57,28 @@ ARMS = {
 }
 
 
+RUNNING: set[subprocess.Popen] = set()  # the stages running now (the arms train in worker threads)
+
+
 def run(script: str, *args, env=None) -> float:
     """One stage as a subprocess -> its seconds; its error output is shown when it fails."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)], capture_output=True, text=True,
-                            env=env)
-    if result.returncode != 0:
-        raise SystemExit(f"{script} {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    process = subprocess.Popen([sys.executable, str(SCRIPTS / script), *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    RUNNING.add(process)
+    try:
+        _, stderr = process.communicate()
+    finally:
+        RUNNING.discard(process)
+    if process.returncode != 0:
+        raise SystemExit(f"{script} {' '.join(map(str, args))} exited {process.returncode}:\n{stderr[-3000:]}")
     return time.perf_counter() - started
+
+
+def stop_running() -> None:
+    """Ctrl-C or SIGTERM: end the stages the worker threads wait on (they would train on for many minutes)."""
+    for process in list(RUNNING):
+        process.terminate()
 
 
 def prepare(root: Path, options) -> None:
@@ -148,7 +162,12 @@ def benchmark(options, root: Path) -> dict:
         prepare(root, options)
     names = options.arms.split(",")
     with ThreadPoolExecutor(max_workers=options.parallel) as pool:
-        rows = list(pool.map(lambda name: train_arm(root, name, options), names))
+        try:
+            rows = list(pool.map(lambda name: train_arm(root, name, options), names))
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            stop_running()
+            raise
     print(f"{cpu_name()}; {options.epochs} epochs of `small` per arm, {options.parallel} arms at a time, "
           f"{options.threads} thread(s) each; best count model {rows[0]['best_count']:.2f} bits/frame")
     print_table(rows)

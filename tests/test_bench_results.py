@@ -56,7 +56,9 @@ def test_every_benchmark_ends_through_the_shared_helper(path):
 
 
 def run_finish(main, capsys, **kwargs) -> tuple[int, list[str]]:
-    with pytest.raises(SystemExit) as stop:
+    """`finish` in this process: its immediate exit (os._exit) replaced by sys.exit, so pytest survives it."""
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as stop:
+        patch.setattr(_result, "LEAVE", sys.exit)
         _result.finish(main, **kwargs)
     return stop.value.code, capsys.readouterr().out.strip().splitlines()
 
@@ -204,3 +206,36 @@ def test_run_all_keeps_the_row_of_a_skipped_benchmark(tmp_path):
 def test_run_all_needs_no_linux_only_probe():
     script = (BENCH / "run_all.sh").read_text()
     assert "/proc/cpuinfo" not in script and "nproc" not in script and "free -g" not in script
+
+
+def run_script(tmp_path, body: str, name: str = "bench_probe.py") -> subprocess.Popen:
+    script = tmp_path / name
+    script.write_text(f"import sys, threading, time\nsys.path.insert(0, {str(BENCH)!r})\nfrom _result import finish\n"
+                      + body)
+    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_nothing_a_lingering_thread_prints_comes_after_the_result_line(tmp_path):
+    """A worker still running when `main` returns (a decoding thread, a native pool) must not print after RESULT."""
+    process = run_script(tmp_path, "def late():\n    time.sleep(0.5)\n    print('late output', flush=True)\n\n"
+                                   "def main():\n    threading.Thread(target=late).start()\n    return 1.0\n\n"
+                                   "finish(main, name='probe', unit='x')\n")
+    output, _ = process.communicate(timeout=30)
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert process.returncode == 0 and _result.parse_result(lines[-1])["value"] == 1.0, output
+    assert "late output" not in output
+
+
+def test_sigterm_while_a_benchmark_still_imports_ends_with_a_result_line(tmp_path):
+    """Killed before `finish` runs (a slow import): the RESULT line names the script, exit 130."""
+    import signal
+
+    process = run_script(tmp_path, "print('importing', flush=True)\ntime.sleep(60)\n"
+                                   "finish(lambda: 1.0, name='never', unit='x')\n", name="bench_slow_start.py")
+    assert process.stdout.readline().strip() == "importing"
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    lines = [line for line in output.splitlines() if line.strip()]
+    fields = _result.parse_result(lines[-1])
+    assert process.returncode == 130
+    assert fields["name"] == "slow_start" and fields["value"] is None and "while starting" in fields["error"]
