@@ -18,7 +18,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from helpers import SCRIPTS, TINY, assert_same_weights, load, results, sine_tone, write_dataset
+from helpers import SCRIPTS, TINY, assert_same_weights, finished_files, load, results, sine_tone, write_dataset
 from pipeline import runs, token_cache, train_data
 from pipeline.cli import StageError
 from pipeline.contract import (PAD, TokenFile, TokenFileError, load_token_file, save_token_file, shift_offsets,
@@ -45,7 +45,7 @@ def token_path(root: Path, relative: str, shift: int = 0) -> Path:
 
 
 def mtimes(root: Path) -> dict:
-    return {path.name: path.stat().st_mtime_ns for path in (root / "encoded_tokens" / ARTIST).rglob("*.th")}
+    return {path.name: path.stat().st_mtime_ns for path in finished_files(root / "encoded_tokens" / ARTIST, ".th")}
 
 
 # ---- stage 2 ------------------------------------------------------------------------------------
