@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="frames a full window moves on; it keeps context - stride (default: half the context)")
     length.add_argument("--no-cuda-graph", action="store_true",
                         help="on CUDA, run each lean step eagerly instead of replaying a captured CUDA graph")
+    length.add_argument("--no-cpu-trace", action="store_true",
+                        help="on a CPU, run each lean step eagerly instead of replaying its TorchScript trace "
+                             "(the same tokens, slower at batch 1; docs/stage5.md)")
     length.add_argument("--no-copy-path", dest="copy_path", action="store_false",
                         help="sample from the model alone, without the checkpoint's fitted in-context copy path "
                              "(docs/stage4.md, 'Reusing what it just heard')")
@@ -160,7 +163,8 @@ def parse_blend(text: str) -> dict:
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     """The parsed options as a request (the deprecated `--seed-tokens` as `--prompt-tokens`, with a warning)."""
     values = {field.name: getattr(args, field.name) for field in fields(GenerationRequest) if hasattr(args, field.name)}
-    values.update(use_cache=not args.no_cache, cuda_graph=not args.no_cuda_graph)
+    values.update(use_cache=not args.no_cache, cuda_graph=not args.no_cuda_graph,
+                  cpu_trace=not args.no_cpu_trace)
     if args.deprecated_seed_tokens is not None:
         LOG.warning("--seed-tokens is deprecated and will be removed in the next release: use --prompt-tokens")
         values["prompt_tokens"] = args.deprecated_seed_tokens

@@ -178,6 +178,20 @@ def test_one_step_of_the_copy_path_equals_the_whole_sequences_row():
             assert torch.equal(last_bucket, bucket[:, position])
 
 
+def test_the_traced_mixing_equals_the_eager_one_at_every_window_length():
+    """Stage 5 on a CPU mixes from one TorchScript trace of the copy side, whatever the window's length."""
+    copy_path = CopyPath(n=4, beta=0.5, gate=[0.0] + [0.05 * b for b in range(1, 18)])
+    rows = torch.randint(0, 8, (2, 60, 4), generator=torch.Generator().manual_seed(3))  # [B, P, Q]: many matches
+    logits = torch.randn(2, 4, CODEBOOK_SIZE + 2, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        for length in (2, 3, 17, 60):
+            eager = copy_path.mix(logits, rows[:, :length])
+            traced = copy_path.mix(logits, rows[:, :length], traced=True)
+            assert float((traced - eager).abs().max()) <= 1e-6
+    assert len(copy_path.__dict__["_traced"]) == 1  # one trace for every length
+    assert float((eager - torch.log_softmax(logits[..., :CODEBOOK_SIZE], -1)).abs().max()) > 0.1  # it mixed
+
+
 def test_the_targets_probabilities_are_those_of_the_whole_distribution():
     """Fitting reads only each target's copy probability (no 1024-way distribution): the same numbers."""
     inputs = random_rows(3, 60)

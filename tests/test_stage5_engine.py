@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from pipeline import decoding, generation, sampling
-from pipeline.contract import CODEBOOK_SIZE, PAD
-from pipeline.lean_decoder import LeanDecoder
+from pipeline.contract import BOS, CODEBOOK_SIZE, PAD
+from pipeline.copying import CopyPath
+from pipeline.lean_decoder import LeanDecoder, TracedStep
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,20 +35,32 @@ def random_tokens(batch, length, n_codebooks=4, seed=1):
 
 
 # ---- the lean decoder against the training model's full forward ----------------------------------
+def one_step(decoder, traced, mode, row, position):
+    """One lean step of `row` `[B, 1, Q]` at `position` the way `mode` runs it -> logits `[B, Q, V]`."""
+    if mode == "step":
+        return decoder.step(row)
+    if mode == "traced":
+        return traced(row)
+    visible = decoder.slots[:position + 1] if mode == "visible" else None  # "static": the whole cache, masked
+    logits = decoder.step_static(row, torch.tensor([position]), visible)
+    decoder.length += 1
+    return logits
+
+
 @pytest.mark.parametrize("positions", POSITIONS)
-@pytest.mark.parametrize("static", [False, True])
-def test_lean_logits_equal_full_forward_at_every_step(transformer_module, static, positions):
+@pytest.mark.parametrize("mode", ["step", "static", "visible", "traced"])
+def test_lean_logits_equal_full_forward_at_every_step(transformer_module, mode, positions):
+    """Every way to step: eager, fixed shapes (CUDA graphs), the attended slice given (`visible`), and its
+    TorchScript trace (the CPU default), which must serve every position from one trace."""
     model = spread_model(transformer_module, positions=positions)
     tokens = random_tokens(3, 40)  # [B, T, Q], batch > 1
     with torch.inference_mode():
         full, _ = model(tokens)  # [B, T, Q, V]
         decoder = LeanDecoder(model, batch=3, capacity=44)
+        traced = TracedStep(decoder, 4, BOS) if mode == "traced" else None
         logits = [decoder.prefill(tokens[:, :5])]  # positions 0..4
         for position in range(5, 40):
-            row = tokens[:, position:position + 1]  # [B, 1, Q]
-            logits.append(decoder.step_static(row, torch.tensor([position])) if static else decoder.step(row))
-            if static:
-                decoder.length += 1
+            logits.append(one_step(decoder, traced, mode, tokens[:, position:position + 1], position))
     engine = torch.stack(logits, dim=1)  # 36 x [B, Q, V] -> [B, 36, Q, V]
     assert float((engine - full[:, 4:]).abs().max()) <= 1e-4
     assert float(full.std()) > 1.0  # the comparison is about real logits, not a flat zero
@@ -103,9 +116,10 @@ class RecordingSteps:
         return self.logits[-1]
 
 
-def greedy_run(model, pattern, use_cache, total_frames=1500, context=100, stride=37, batch=2, engine="lean"):
+def greedy_run(model, pattern, use_cache, total_frames=1500, context=100, stride=37, batch=2, engine="lean",
+               **settings_fields):
     settings = generation.GenerationSettings(pattern=pattern, context_frames=context, stride_frames=stride,
-                                             use_cache=use_cache, num_samples=batch, engine=engine)
+                                             use_cache=use_cache, num_samples=batch, engine=engine, **settings_fields)
     engine = generation.TokenGenerator(model, settings, sampling.SamplingSettings(temperature=0.0), None, None, "cpu")
     engine.steps, engine._steps_batch = RecordingSteps(engine.make_steps(batch)), batch
     prompt = random_tokens(1, 7, seed=5)  # [1, L, Q]
@@ -134,6 +148,39 @@ def test_the_transformers_cache_engine_equals_recompute_too(transformer_module):
     cached, _ = greedy_run(model, "delay", True, total_frames=80, context=30, stride=11, engine="transformers")
     reference, _ = greedy_run(model, "delay", False, total_frames=80, context=30, stride=11)
     assert torch.equal(cached, reference)
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_traced_steps_equal_eager_steps_across_window_slides(transformer_module, positions):
+    """The CPU default replays each step (and the copy path's mixing) from a TorchScript trace: the same
+    tokens and logits as the eager engine, through window slides (re-prefills of the cache the trace holds)."""
+    model = spread_model(transformer_module, context_frames=30, positions=positions)
+    copy_path = CopyPath(n=2, beta=1.0, gate=[0.0] + [0.3] * 9).as_record()  # active: every step mixes
+    runs = {trace: greedy_run(model, "delay", True, total_frames=90, context=30, stride=11, cpu_trace=trace,
+                              copy_path=copy_path) for trace in (False, True)}
+    (eager, eager_logits), (traced, traced_logits) = runs[False], runs[True]
+    assert torch.equal(traced, eager)
+    assert len(traced_logits) == len(eager_logits) > 80
+    assert max(float((a - b).abs().max()) for a, b in zip(traced_logits, eager_logits)) <= 1e-5
+
+
+def test_a_torch_that_cannot_trace_generates_eagerly(transformer_module, monkeypatch, caplog):
+    """TorchScript is deprecated: where `torch.jit.trace` fails, the step and the copy path's mixing run
+    eagerly (each logged once) and the tokens are those of the traced run."""
+    model = spread_model(transformer_module, context_frames=30)
+    copy_path = CopyPath(n=2, beta=1.0, gate=[0.0] + [0.3] * 9).as_record()
+    traced, _ = greedy_run(model, "delay", True, total_frames=60, context=30, stride=11, copy_path=copy_path)
+
+    def refuse(*_, **__):
+        raise RuntimeError("this torch cannot trace")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    with caplog.at_level("WARNING"):
+        steps = generation.LeanSteps(model, 1, 34, cuda_graph=False, cpu_trace=True)
+        fallback, _ = greedy_run(model, "delay", True, total_frames=60, context=30, stride=11, copy_path=copy_path)
+    assert steps.graphed is None and "tracing the lean step failed (this torch cannot trace)" in caplog.text
+    assert caplog.text.count("tracing the copy path's mixing failed (this torch cannot trace)") == 1
+    assert torch.equal(fallback, traced)
 
 
 @pytest.mark.parametrize("positions", POSITIONS)

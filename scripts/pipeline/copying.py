@@ -30,7 +30,9 @@ comparisons a step).
 """
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -43,6 +45,7 @@ GATE_GRID = np.concatenate([np.linspace(0.0, 0.99, 100), [0.995, 0.998, 0.999]])
 MIN_TOKENS_PER_BUCKET = 20  # fewer held-out tokens than this in a bucket: its gate stays 0 (no evidence)
 MAX_FIT_WINDOWS = 32  # held-out windows a fit uses at most, spread over the valid clips
 LN2 = math.log(2.0)
+LOG = logging.getLogger("pipeline.copying")
 
 
 def context_windows(inputs: torch.Tensor, n: int) -> torch.Tensor:
@@ -174,15 +177,52 @@ class CopyPath:
             self.__dict__["_table"] = cached
         return cached[bucket.clamp_max(len(self.gate) - 1)]
 
-    def mix(self, logits: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    def mix(self, logits: torch.Tensor, inputs: torch.Tensor, traced: bool = False) -> torch.Tensor:
         """One step: logits `[B, Q, >=1024]` at the newest position of rows `inputs` `[B, P+1, Q]` ->
-        the mixture's log-probabilities `[B, Q, 1024]` (used as logits: sampling normalises them)."""
+        the mixture's log-probabilities `[B, Q, 1024]` (used as logits: sampling normalises them).
+        `traced` (a CPU only): run the copy side from a TorchScript trace made at the first call (the
+        same kernels without the Python between them; one trace serves every window length)."""
         log_model = torch.log_softmax(logits[..., :CODEBOOK_SIZE].float(), dim=-1)
         if not self.active or inputs.shape[1] < 2:
             return log_model
+        mixer = self._traced_mixer(log_model, inputs) if traced and inputs.device.type == "cpu" else None
+        if mixer is not None:
+            return mixer(log_model, inputs)
+        return self.mix_log_model(log_model, inputs)
+
+    def mix_log_model(self, log_model: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """`mix` after the model's log-softmax: log-probabilities `[B, Q, 1024]`, rows `[B, P+1, Q]` (P >= 1)."""
         probs, bucket = copy_distribution_last(inputs, self.n, self.beta)  # [B, Q, V], [B]
         gate = self.gate_of(bucket).view(-1, 1, 1)  # [B, 1, 1]
         return mix_log_probs(log_model, probs, gate)
+
+    def _traced_mixer(self, log_model: torch.Tensor, inputs: torch.Tensor):
+        """`mix_log_model` traced for these batch and codebook sizes (made once, kept on this object), or
+        None (logged once) when this torch cannot trace it: the eager mixing then runs."""
+        key = (tuple(log_model.shape), inputs.shape[0], inputs.shape[2])
+        traced = self.__dict__.setdefault("_traced", {})
+        if key not in traced:
+            traced[key] = None
+            with warnings.catch_warnings():  # the tracer's notes on sizes read as ints: the sizes used are traced;
+                # TorchScript's deprecation: a torch without it makes tracing fail, and the eager path runs (logged)
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                try:
+                    traced[key] = torch.jit.trace(_Mixer(self), (log_model, inputs), check_trace=False)
+                except (RuntimeError, AttributeError) as error:
+                    LOG.warning("tracing the copy path's mixing failed (%s): mixing eagerly", error)
+        return traced[key]
+
+
+class _Mixer(torch.nn.Module):
+    """`CopyPath.mix_log_model` as a module, for `torch.jit.trace`."""
+
+    def __init__(self, copy_path: CopyPath):
+        super().__init__()
+        self.copy_path = copy_path
+
+    def forward(self, log_model: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        return self.copy_path.mix_log_model(log_model, inputs)
 
 
 def mix_log_probs(log_model: torch.Tensor, copy_probs: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ class GenerationSettings:
     num_samples: int = 1  # pieces generated together in one batch
     engine: str = "lean"  # the cached path: "lean" (LeanDecoder) or "transformers" (GPT-2's own cache)
     cuda_graph: bool = True  # on CUDA, replay each lean step from a captured graph
+    cpu_trace: bool = True  # on a CPU, replay each lean step from a TorchScript trace (no Python between its kernels)
     # a conditioned model's (n_artists > 0) artist: weights per label, n_artists + 1 of them ("no artist"
     # last; a label is one-hot, a blend sums to 1); None = "no artist". Unconditioned models ignore both.
     artist_weights: tuple | None = None
@@ -74,11 +75,14 @@ class LeanSteps:
 
     name = "lean"
 
-    def __init__(self, model, batch: int, capacity: int, cuda_graph: bool, artist: torch.Tensor | None = None):
+    def __init__(self, model, batch: int, capacity: int, cuda_graph: bool, artist: torch.Tensor | None = None,
+                 cpu_trace: bool = False):
         self.decoder = LeanDecoder(model, batch, capacity, artist)
-        self.graphed = None
+        self.graphed = None  # a replayed step: a CUDA graph on a GPU, a TorchScript trace on a CPU
         if cuda_graph and self.decoder.position_table.is_cuda:
             self.graphed = capture_step(self.decoder, int(model.args.n_codebooks))
+        elif cpu_trace and self.decoder.position_table.device.type == "cpu":
+            self.graphed = trace_step(self.decoder, int(model.args.n_codebooks))
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.decoder.prefill(tokens)
@@ -96,6 +100,17 @@ def capture_step(decoder, n_codebooks: int):
         return GraphedStep(decoder, n_codebooks, BOS)
     except RuntimeError as error:  # an unsupported kernel or driver: correctness first
         LOG.warning("CUDA graph capture of the lean step failed (%s): running it eagerly", error)
+        return None
+
+
+def trace_step(decoder, n_codebooks: int):
+    """A TorchScript trace of the lean step on a CPU, or None (logged) when tracing fails: the eager step then runs."""
+    from .lean_decoder import TracedStep
+
+    try:
+        return TracedStep(decoder, n_codebooks, BOS)
+    except (RuntimeError, AttributeError) as error:  # TorchScript is in maintenance: a future torch may refuse
+        LOG.warning("tracing the lean step failed (%s): running it eagerly", error)
         return None
 
 
@@ -287,7 +302,7 @@ class TokenGenerator:
                                  "use the lean engine")
             return TransformersCacheSteps(model, artist)
         capacity = min(self.generation.context_frames + self.extra_rows + 1, int(model.args.n_positions))
-        return LeanSteps(model, rows, capacity, self.generation.cuda_graph, artist)
+        return LeanSteps(model, rows, capacity, self.generation.cuda_graph, artist, self.generation.cpu_trace)
 
     @torch.inference_mode()
     def generate(self, prompt: torch.Tensor | None, total_frames: int, progress=None, cancel=None) -> torch.Tensor:
@@ -366,7 +381,7 @@ class TokenGenerator:
             return
         logits = logits[..., :CODEBOOK_SIZE].float()  # [B, Q, V] -> [B, Q, 1024]: BOS and PAD are never sampled
         if self.copy_path is not None:  # the model's distribution mixed with the copy of the window's rows
-            logits = self.copy_path.mix(logits, self.window_inputs[:, :row + 1])
+            logits = self.copy_path.mix(logits, self.window_inputs[:, :row + 1], traced=self.generation.cpu_trace)
         if self.sampling.repetition_penalty > 1.0:
             logits = apply_repetition_penalty(logits, self._recent(plan.frames[row]), self.sampling.repetition_penalty)
         base = self.sampling.temperature

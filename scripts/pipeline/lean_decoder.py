@@ -22,6 +22,9 @@ Two ways to step:
 - `step` (the CPU default) attends to the cache slice `[..., :length]`: no mask at all.
 - `step_static` keeps every shape fixed (the whole cache and a validity mask, the write position
   a device tensor), so a CUDA graph can capture it once and replay it every step (`GraphedStep`).
+  Given `visible` (the slots `[position + 1]` a row may see) it attends to that slice instead, with
+  no mask: the form a TorchScript trace replays on a CPU (`TracedStep`), the attended length
+  following the size of `visible`.
 
 Relative positions (`model.args.positions`, `pipeline.positions`): with `rope` no position row is
 added and queries and keys are rotated by their position before the keys enter the cache (the
@@ -31,6 +34,7 @@ rotation tables and slopes are made once per decoder.
 from __future__ import annotations
 
 import logging
+import warnings
 import weakref
 
 import torch
@@ -223,25 +227,31 @@ class LeanDecoder:
         self.length = seen
         return self._output(x)
 
-    def step_static(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """`step` with fixed shapes for CUDA graphs: `position` is a long tensor `[1]` on the device.
+    def step_static(self, tokens: torch.Tensor, position: torch.Tensor,
+                    visible: torch.Tensor | None = None) -> torch.Tensor:
+        """`step` with the position as a long tensor `[1]` on the device. The caller advances `length`.
 
-        Attends to the whole cache under a validity mask (slots beyond `position` hold zeros or an
-        older window's rows; the mask hides them). The caller advances `length`.
+        Without `visible` every shape is fixed (for CUDA graphs): it attends to the whole cache under
+        a validity mask (slots beyond `position` hold zeros or an older window's rows; the mask hides
+        them). With `visible`, the slots `[position + 1]` the row may see (`slots[:position + 1]`), it
+        attends to the cache slice of that size, unmasked, as `step` does (for a TorchScript trace).
         """
         x = self.model.embed(tokens, self.artist)[:, 0]  # [B, 1, d] -> [B, d]
         if self.positions == "learned":
             x = x + self.position_table.index_select(0, position)  # + [1, d]
-        visible = (self.slots <= position).view(1, 1, 1, -1)  # [C] -> [1, 1, 1, C]
-        if self.positions == "alibi":  # the distance bias on the visible slots, -inf elsewhere
-            bias = alibi_bias(position, self.slots, self.slopes).to(self.cache_dtype)  # [H, 1, C]
-            visible = bias.masked_fill(~visible[0], float("-inf")).unsqueeze(0)  # [1, H, 1, C]
+        seen = self.slots if visible is None else visible  # [C] or [P+1]
+        mask = None if visible is not None else (self.slots <= position).view(1, 1, 1, -1)  # [1, 1, 1, C]
+        if self.positions == "alibi":  # the distance bias on the attended slots (-inf on the hidden ones)
+            bias = alibi_bias(position, seen, self.slopes).to(self.cache_dtype)  # [H, 1, C or P+1]
+            mask = bias.unsqueeze(0) if mask is None else bias.masked_fill(~mask[0], float("-inf")).unsqueeze(0)
+        length = seen.shape[0]  # C, or P+1 (a traced size: one trace serves every position)
         for block, keys, values in zip(self.blocks, self.keys, self.values):
             q, k, v = self._split_heads(self._conv1d(self._norm(x, block.ln_1), block.attn.c_attn), 1)
             q, k = self._rotate(q, k, position)
             keys.index_copy_(2, position, k)
             values.index_copy_(2, position, v)
-            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)  # [B, H, 1, hd]
+            attended = F.scaled_dot_product_attention(q, keys[:, :, :length], values[:, :, :length],
+                                                      attn_mask=mask)  # [B, H, 1, hd]
             x = x + self._conv1d(self._merge_heads(attended, x), block.attn.c_proj)
             x = x + self._mlp(block, x)
         return self._output(x)
@@ -278,3 +288,47 @@ class GraphedStep:
         self.graph.replay()
         self.decoder.length = position + 1
         return self.logits
+
+
+class _StepModule(torch.nn.Module):
+    """`LeanDecoder.step_static` as a module whose submodule is the model, so a trace may call its weights."""
+
+    def __init__(self, decoder: LeanDecoder):
+        super().__init__()
+        self.model = decoder.model
+        self.decoder = decoder
+
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        return self.decoder.step_static(tokens, position, visible)
+
+
+class TracedStep:
+    """`LeanDecoder.step_static` traced once by TorchScript and replayed for every step on a CPU.
+
+    The CPU's counterpart of `GraphedStep`: at batch 1 a step's ~150 small kernels cost less than
+    the Python between them (BENCHMARKS.md, "A CPU step without Python"), and a trace runs them
+    from C++. The attended length is the size of the input `visible` (`slots[:position + 1]`), so
+    one trace serves every position; the KV cache, rotation tables and artist rows are the
+    decoder's own tensors, held by the trace and written in place as the eager step writes them.
+    Tracing runs one step at slot 0 (harmless: a prefill rewrites the cache before any step).
+    """
+
+    def __init__(self, decoder: LeanDecoder, n_codebooks: int, fill_token: int):
+        self.decoder = decoder
+        tokens = torch.full((decoder.batch, 1, n_codebooks), fill_token, dtype=torch.long)
+        first = decoder.slots[:1]
+        with warnings.catch_warnings():  # the tracer's notes on sizes read as ints: the sizes used are traced;
+            # TorchScript's deprecation: a torch without it makes tracing fail, and the eager path runs (logged)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.traced = torch.jit.trace(_StepModule(decoder), (tokens, first, first), check_trace=False)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one row: tokens `[B, 1, Q]` at position `length` -> logits `[B, Q, V]`."""
+        position = self.decoder.length
+        if position >= self.decoder.capacity:
+            raise ValueError(f"the cache holds {self.decoder.capacity} positions: prefill a new window first")
+        slots = self.decoder.slots
+        logits = self.traced(tokens, slots[position:position + 1], slots[:position + 1])
+        self.decoder.length = position + 1
+        return logits

@@ -380,6 +380,7 @@ def generation_settings(run: Run) -> tuple[GenerationSettings, SamplingSettings,
     settings = GenerationSettings(pattern=run.loaded.pattern, context_frames=run.context, stride_frames=run.stride,
                                   use_cache=request.use_cache, num_samples=request.num_samples,
                                   engine=request.engine, cuda_graph=request.cuda_graph,
+                                  cpu_trace=request.cpu_trace,
                                   artist_weights=run.conditioning.weights, cfg_coef=run.conditioning.cfg_coef,
                                   copy_path=run.loaded.copy_path if request.copy_path else None,
                                   precision=run.precision.used)

@@ -61,7 +61,8 @@ class GenerationRequest:
     stride_frames: int | None = None  # None: half the context
     use_cache: bool = True  # False: the reference path that recomputes the window every step
     engine: str = "lean"  # the cached engine; "transformers" is the reference it replaced
-    cuda_graph: bool = True
+    cuda_graph: bool = True  # on CUDA, replay each lean step from a captured CUDA graph
+    cpu_trace: bool = True  # on a CPU, replay each lean step (and the copy path's mixing) from a TorchScript trace
     copy_path: bool = True  # mix in the checkpoint's fitted in-context copy path (False: the model alone)
     temperature: float = SamplingSettings.temperature
     top_k: int = SamplingSettings.top_k
