@@ -54,6 +54,9 @@ ARMS = {
     "wd0.3": (PLAIN, ["--weight-decay", "0.3"]),
     "shifts_dropout0.2": (ARTIST, ["--dropout", "0.2"]),
     "shifts_rope": (ARTIST, ["--positions", "rope"]),
+    "lr2e-3": (PLAIN, ["--lr", "2e-3"]),
+    "shifts_lr2e-3": (ARTIST, ["--lr", "2e-3"]),
+    "learned": (PLAIN, ["--positions", "learned", "--copy-path", "off"]),
 }
 
 

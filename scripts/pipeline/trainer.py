@@ -451,9 +451,10 @@ class Trainer:
         if valid > self.progress.best_nll + 0.05 and self.progress.epoch > self.progress.best_epoch:
             self.overfit_reported = True
             self.log.warning("the model has started to overfit: valid NLL %.3f rose above its best %.3f (epoch %d) "
-                             "while the train NLL fell to %.3f; best.pt keeps epoch %d. More music, --dropout, "
-                             "--patience or a smaller --preset help (docs/stage4.md, 'Overfitting and the early stop')", valid,
-                             self.progress.best_nll, self.progress.best_epoch,
+                             "while the train NLL fell to %.3f; best.pt keeps epoch %d. More music (or stage 2's "
+                             "--shifts 2), or a smaller --preset with a higher --lr (on little music --preset tiny "
+                             "--lr 1e-2 generalised best) help (docs/stage4.md, 'Overfitting and the early stop')",
+                             valid, self.progress.best_nll, self.progress.best_epoch,
                              metrics["train_nll_bits_per_frame"], self.progress.best_epoch)
 
     def _track_best(self, metrics: dict) -> bool:
