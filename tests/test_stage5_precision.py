@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from helpers import make_root, outputs
 from pipeline import generation, precision
 from pipeline.contract import PAD, load_token_file
-from pipeline.lean_decoder import LeanDecoder
+from pipeline.lean_decoder import LeanDecoder, TracedStep
 from pipeline.patterns import build_sequence
 from pipeline.sampling import CollapseSettings, SamplingSettings
 
@@ -106,9 +106,10 @@ def lean_logits(model, inputs: torch.Tensor, prefill_rows: int = 5) -> torch.Ten
     return torch.stack(logits, dim=1).float()
 
 
-def greedy(model, prompt: torch.Tensor, total: int, precision_name: str, use_cache: bool = True) -> torch.Tensor:
+def greedy(model, prompt: torch.Tensor, total: int, precision_name: str, use_cache: bool = True,
+           cpu_trace: bool = True) -> torch.Tensor:
     settings = generation.GenerationSettings(pattern="delay", context_frames=36, stride_frames=18,
-                                             use_cache=use_cache, precision=precision_name)
+                                             use_cache=use_cache, precision=precision_name, cpu_trace=cpu_trace)
     frames, _ = generation.generate_frames(model, prompt, total, settings, SamplingSettings(temperature=0.0), None,
                                            0, "cpu")
     return frames  # [1, total, Q]
@@ -182,6 +183,23 @@ def test_float32_is_the_model_itself_and_reduced_copies_follow_the_weights(chain
     finally:
         with torch.no_grad():
             model.heads.bias.sub_(1.0)
+
+
+def test_the_cpu_trace_serves_float32_and_int8_and_leaves_packed_bf16_eager(chain_model, caplog):
+    """A trace cannot hold oneDNN's packed bf16 weights: that copy steps eagerly, without a warning; the others
+    replay a trace, and their greedy tokens are the eager engine's."""
+    model, frames = chain_model
+    names = ["float32", "bfloat16"] + (["int8"] if precision.int8_available() else [])
+    with caplog.at_level("WARNING"), torch.inference_mode():
+        for name in names:
+            steps = generation.LeanSteps(precision.precision_model(model, name), 1, 20, cuda_graph=False, cpu_trace=True)
+            packed = name == "bfloat16" and precision.onednn_bf16_available()
+            assert isinstance(steps.graphed, TracedStep) != packed, name
+            assert precision.traceable(precision.precision_model(model, name)) != packed
+    assert "tracing" not in caplog.text
+    prompt = frames[:1, :6]
+    for name in names:
+        assert torch.equal(greedy(model, prompt, 44, name), greedy(model, prompt, 44, name, cpu_trace=False)), name
 
 
 # ---- stage 5: float32 as before, the sidecar's record ------------------------------------------------

@@ -26,7 +26,7 @@ from .contract import BOS, CODEBOOK_SIZE
 from .copying import CopyPath
 from .lean_decoder import LeanDecoder
 from .patterns import check_pattern, codebook_offsets, extra_steps
-from .precision import PRECISIONS, precision_model
+from .precision import PRECISIONS, precision_model, traceable
 from .sampling import (CollapseDetector, CollapseSettings, SamplingSettings, apply_repetition_penalty, entropy_bits,
                        sample_tokens)
 from .threads import SpeedWatch, free_cores, threads_were_chosen, usable_cores
@@ -81,7 +81,7 @@ class LeanSteps:
         self.graphed = None  # a replayed step: a CUDA graph on a GPU, a TorchScript trace on a CPU
         if cuda_graph and self.decoder.position_table.is_cuda:
             self.graphed = capture_step(self.decoder, int(model.args.n_codebooks))
-        elif cpu_trace and self.decoder.position_table.device.type == "cpu":
+        elif cpu_trace and self.decoder.position_table.device.type == "cpu" and traceable(model):
             self.graphed = trace_step(self.decoder, int(model.args.n_codebooks))
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:

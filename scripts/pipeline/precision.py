@@ -172,6 +172,12 @@ class DynamicInt8Linear(ReducedLinear):
         return out.view(*x.shape[:-1], self.out_features)  # [N, out] -> [..., out]
 
 
+def traceable(model: nn.Module) -> bool:
+    """Whether TorchScript can trace a step of `model`: not with oneDNN's packed bf16 weights (opaque
+    tensors a trace cannot hold; such a bf16 copy steps eagerly, as before the trace existed)."""
+    return not any(isinstance(module, PackedBf16Linear) and module.packed is not None for module in model.modules())
+
+
 @functools.lru_cache(maxsize=1)
 def int8_reduce_range() -> bool:
     """Quantise activations to 7 bits instead of 8 on x86 CPUs without VNNI, whose int8 products sum
