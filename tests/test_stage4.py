@@ -436,6 +436,23 @@ def test_patience_stops_a_run_that_stopped_improving_and_best_pt_keeps_the_best(
     assert load(results(tmp_path) / "best.pt")["epoch"] == best["epoch"]
 
 
+@pytest.mark.parametrize("is_main", [True, False])
+def test_the_overfitting_warning_comes_once_and_from_rank_0_only(is_main, caplog):
+    """Under torchrun every rank validates; only rank 0 may say the model overfits (once)."""
+    import logging
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(overfit_reported=False, info=SimpleNamespace(is_main=is_main),
+                          progress=SimpleNamespace(best_split="valid", best_nll=10.0, best_epoch=2, epoch=4),
+                          log=logging.getLogger("test.overfit"))
+    with caplog.at_level("WARNING", logger="test.overfit"):
+        for valid in (10.2, 10.4):
+            trainer.Trainer._report_overfitting(run, {"valid_nll_bits_per_frame": valid,
+                                                      "train_nll_bits_per_frame": 7.0})
+    assert caplog.text.count("started to overfit") == (1 if is_main else 0)
+    assert "--preset tiny --lr 1e-2" in caplog.text or not is_main
+
+
 def test_max_steps_inside_an_epoch_validates_before_it_stops(stage4, stopped_run):
     records = [json.loads(line) for line in (results(stopped_run) / "metrics.jsonl").read_text().splitlines()]
     partial = records[-1]

@@ -444,9 +444,9 @@ class Trainer:
         return metrics
 
     def _report_overfitting(self, metrics: dict) -> None:
-        """Once per run: the valid NLL rose above its best while the train NLL went on falling."""
+        """Once per run (rank 0 only): the valid NLL rose above its best while the train NLL went on falling."""
         valid = metrics["valid_nll_bits_per_frame"]
-        if self.overfit_reported or valid is None or self.progress.best_split != "valid":
+        if self.overfit_reported or valid is None or self.progress.best_split != "valid" or not self.info.is_main:
             return
         if valid > self.progress.best_nll + 0.05 and self.progress.epoch > self.progress.best_epoch:
             self.overfit_reported = True
