@@ -97,3 +97,26 @@ def test_a_piece_shorter_than_a_window_and_an_empty_index():
     report = empty.report(np.zeros((10, 4), dtype=np.int64))
     assert report["windows"] == 0 and report["copied_share"] == 0.0
 
+
+
+def test_the_index_of_a_run_holds_the_shifted_variants_it_trained_on_under_their_clip(tmp_path):
+    """Training windows also read the clips' shifted variants (stage 2's --shifts): a piece that repeats a
+    variant's tokens is a copy too, reported under the clip's file; a valid clip is never indexed."""
+    import logging
+
+    from pipeline.train_data import TokenStore
+
+    rng = np.random.default_rng(7)
+    clip_a, clip_b, variant_a, valid = (rng.integers(0, 1024, (200, 4)) for _ in range(4))  # [T, Q] each
+    codes = np.concatenate([clip_a, clip_b, valid, variant_a]).astype(np.int16)  # the variants after the clips
+    store = TokenStore(codes=codes, offsets=np.array([0, 200, 400]), lengths=np.array([200, 200, 200]),
+                       splits=["train", "train", "valid"], names=["a.wav", "b.wav", "v.wav"],
+                       encoding_rows=np.array([[0, 600], [200, 200], [400, 400]]),
+                       encoding_counts=np.array([2, 1, 1]))
+    path = originality.write_training_index(store, tmp_path, 150.0, logging.getLogger("test"))
+    index = TrainingIndex.load(path)
+    assert len(index.full.hashes) == 3 * (200 - WINDOW_FRAMES + 1)  # a, its variant, b: not the valid clip
+    report = index.report(variant_a[20:120])
+    assert report["copied_share"] == 1.0 and report["training_file"] == "a.wav"
+    assert report["longest_copy_frames"] == 100
+    assert index.report(valid[:100])["copied_windows"] == 0

@@ -259,34 +259,45 @@ def _longest_run(flags: np.ndarray) -> tuple[int, int]:
 # ---- writing the index of a run ---------------------------------------------------------------
 def write_training_index(store, folder: Path, frame_rate: float, log: logging.Logger = LOG) -> Path:
     """Index the train split of a stage-4 `TokenStore` (its real frames, files as the manifests name
-    them) into `folder/training_index.npz`; logs its size and build time."""
+    them; a clip's shifted variants, which the model also trained on, under the clip's own file) into
+    `folder/training_index.npz`; logs its size and build time."""
     started = time.perf_counter()
-    clips = [int(clip) for clip in store.clips("train")]
+    view = _ClipView(store, [int(clip) for clip in store.clips("train")])
     path = Path(folder) / TRAINING_INDEX
     with atomic_path(path) as tmp:  # its tables are memory-mapped in the private folder of the temporary
-        index = TrainingIndex.build(_ClipView(store, clips), [store.names[clip] for clip in clips], frame_rate,
+        index = TrainingIndex.build(view, [store.names[clip] for clip, _ in view.encodings], frame_rate,
                                     work=tmp.parent)
         index.write(tmp)
         windows = len(index.full.hashes)
         del index  # unmap before the folder goes
+    clips = {clip for clip, _ in view.encodings}
     frames = sum(int(store.lengths[clip]) for clip in clips)
-    log.info("training index: %d windows of %d train clips (%.2f h of frames), %.1f MB, built in %.2f s -> %s",
-             windows, len(clips), frames / frame_rate / 3600, path.stat().st_size / 1e6,
+    variants = f" and {len(view) - len(clips)} shifted variants" if len(view) > len(clips) else ""
+    log.info("training index: %d windows of %d train clips%s (%.2f h of frames), %.1f MB, built in %.2f s -> %s",
+             windows, len(clips), variants, frames / frame_rate / 3600, path.stat().st_size / 1e6,
              time.perf_counter() - started, path)
     return path
 
 
 class _ClipView(Sequence):
-    """The train clips of a `TokenStore` as a sequence of `[T, Q]` arrays, read one at a time."""
+    """Every encoding of the train clips of a `TokenStore` (each clip, then its shifted variants) as a
+    sequence of `[T, Q]` arrays, read one at a time."""
 
     def __init__(self, store, clips: list[int]):
-        self.store, self.clips = store, clips
+        self.store = store
+        counts = store.encoding_counts
+        self.encodings = [(clip, encoding) for clip in clips
+                          for encoding in range(1 if counts is None else int(counts[clip]))]  # (clip, encoding)
 
     def __len__(self) -> int:
-        return len(self.clips)
+        return len(self.encodings)
 
     def __getitem__(self, position: int) -> np.ndarray:
-        return self.store.clip_codes(self.clips[position])
+        clip, encoding = self.encodings[position]
+        if encoding == 0:
+            return self.store.clip_codes(clip)
+        first = int(self.store.encoding_rows[clip, encoding])  # a variant has its clip's frame count
+        return self.store.codes[first:first + int(self.store.lengths[clip])]
 
 
 def main(argv=None) -> int:
