@@ -120,3 +120,16 @@ def test_the_index_of_a_run_holds_the_shifted_variants_it_trained_on_under_their
     assert report["copied_share"] == 1.0 and report["training_file"] == "a.wav"
     assert report["longest_copy_frames"] == 100
     assert index.report(valid[:100])["copied_windows"] == 0
+
+
+def test_a_loaded_index_maps_its_tables_from_the_file_and_finds_what_it_found_in_memory(index_and_clips):
+    loaded, clips, _ = index_and_clips  # saved, then loaded
+    index = TrainingIndex.build(clips, [f"song_{i}.th" for i in range(len(clips))], FRAME_RATE)  # in memory
+    for name in ("full", "codebook0"):
+        for part in ("hashes", "clips", "frames"):
+            array = getattr(getattr(loaded, name), part)
+            assert isinstance(array, np.memmap) and not array.flags.writeable
+            assert np.array_equal(array, getattr(getattr(index, name), part))
+    piece = np.concatenate([clips[1][10:90], np.random.default_rng(3).integers(0, 1024, (60, clips[1].shape[1]))])
+    assert loaded.report(piece) == index.report(piece)
+    assert loaded.report(piece)["longest_copy_frames"] == 80
