@@ -38,10 +38,12 @@ import tempfile
 import time
 from pathlib import Path
 
+# first: its SIGTERM handler gives a RESULT line even during the slow imports below
+from _result import Missing, finish, link_songs, require_codec, require_cuda
+
 import numpy as np
 import torch
 
-from _result import Missing, finish, link_songs, require_codec, require_cuda
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))

@@ -26,9 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# first: its SIGTERM handler gives a RESULT line even during the slow imports below
+from _result import cpu_name, finish
+
 import torch
 
-from _result import cpu_name, finish
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from pipeline import copying, runs  # noqa: E402

@@ -38,10 +38,12 @@ import tempfile
 import time
 from pathlib import Path
 
+# first: its SIGTERM handler gives a RESULT line even during the slow imports below
+from _result import cpu_name, finish
+
 import torch
 import torch.nn.functional as F
 
-from _result import cpu_name, finish
 from bench_stage5 import build_model, piece_with_decoding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))

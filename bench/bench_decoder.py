@@ -31,10 +31,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# first: its SIGTERM handler gives a RESULT line even during the slow imports below
+from _result import cpu_name, finish
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _result import cpu_name, finish  # noqa: E402
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from pipeline import decoding, generation  # noqa: E402

@@ -22,9 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# first: its SIGTERM handler gives a RESULT line even during the slow imports below
+from _result import finish, require_cuda
+
 import torch
 
-from _result import finish, require_cuda
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from pipeline.model_io import model_module  # noqa: E402

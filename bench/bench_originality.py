@@ -19,12 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
+# first: its SIGTERM handler gives a RESULT line even during the slow imports below
 from _result import cpu_name, finish
 
+import numpy as np
+
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from pipeline.originality import INDEX_FILE, TrainingIndex  # noqa: E402
+from pipeline.originality import TrainingIndex  # noqa: E402
+from pipeline.runs import TRAINING_INDEX  # noqa: E402
 
 FRAME_RATE = 150
 
@@ -63,7 +66,7 @@ def main() -> dict:
     index = TrainingIndex.build(clips, [f"clip_{number:04d}.th" for number in range(len(clips))], FRAME_RATE)
     build_s = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / INDEX_FILE
+        path = Path(folder) / TRAINING_INDEX
         started = time.perf_counter()
         index.save(path)
         save_s, size_mb = time.perf_counter() - started, path.stat().st_size / 1e6

@@ -24,10 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+# first: its SIGTERM handler gives a RESULT line even during the slow imports below
+from _result import finish, require_command, require_debian_package
+
 import numpy as np
 import soundfile as sf
 
-from _result import finish, require_command, require_debian_package
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE1 = REPO / "scripts" / "1_audio_preprocessing.py"

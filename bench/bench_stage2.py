@@ -17,11 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
+# first: its SIGTERM handler gives a RESULT line even during the slow imports below
+from _result import finish
+
 import numpy as np
 import soundfile as sf
 import torch
 
-from _result import finish
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from pipeline.codec import load_codec  # noqa: E402

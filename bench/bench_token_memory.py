@@ -27,10 +27,12 @@ import threading
 import time
 from pathlib import Path
 
+# first: its SIGTERM handler gives a RESULT line even during the slow imports below
+from _result import cpu_name, finish
+
 import numpy as np
 import torch
 
-from _result import cpu_name, finish
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))

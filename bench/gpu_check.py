@@ -23,9 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+# first: its SIGTERM handler gives a RESULT line even during the slow imports below
+from _result import Missing, finish
+
 import torch
 
-from _result import Missing, finish
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from pipeline import decoding, generation, sampling  # noqa: E402

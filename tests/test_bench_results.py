@@ -55,6 +55,32 @@ def test_every_benchmark_ends_through_the_shared_helper(path):
     assert 77 not in [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)], path.name
 
 
+def test_every_benchmark_imports(tmp_path):
+    """Each benchmark's module loads against today's package (one renamed constant once broke one unseen):
+    all of them imported in one fresh interpreter, none of their mains run."""
+    names = [path.stem for path in BENCHMARKS]
+    code = (f"import importlib, sys; sys.path.insert(0, {str(BENCH)!r}); "
+            f"[importlib.import_module(name) for name in {names!r}]; print('imported', len({names!r}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"imported {len(names)}" in result.stdout
+
+
+@pytest.mark.parametrize("path", BENCHMARKS, ids=lambda path: path.name)
+def test_every_benchmark_imports_its_result_helper_before_torch_or_numpy(path):
+    """`_result`'s SIGTERM handler prints the RESULT line of a benchmark stopped while it imports: it must be
+    in place before the slow imports (torch alone takes seconds)."""
+    tree = ast.parse(path.read_text())
+    lines = {}
+    for node in tree.body:
+        names = ([node.module] if isinstance(node, ast.ImportFrom) else
+                 [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+        for name in names:
+            lines.setdefault(name.split(".")[0], node.lineno)
+    heavy = [lines[name] for name in ("torch", "numpy", "pipeline", "soundfile", "soxr") if name in lines]
+    assert not heavy or lines["_result"] < min(heavy), f"{path.name} imports _result after a slow import"
+
+
 def run_finish(main, capsys, **kwargs) -> tuple[int, list[str]]:
     """`finish` in this process: its immediate exit (os._exit) replaced by sys.exit, so pytest survives it."""
     with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as stop:
