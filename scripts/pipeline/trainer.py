@@ -452,8 +452,8 @@ class Trainer:
             self.overfit_reported = True
             self.log.warning("the model has started to overfit: valid NLL %.3f rose above its best %.3f (epoch %d) "
                              "while the train NLL fell to %.3f; best.pt keeps epoch %d. More music (or stage 2's "
-                             "--shifts 2), or a smaller --preset with a higher --lr (on little music --preset tiny "
-                             "--lr 1e-2 generalised best) help (docs/stage4.md, 'Overfitting and the early stop')",
+                             "--shifts 2) helps; a smaller model that learns faster (--preset tiny --lr 1e-2) may "
+                             "(docs/stage4.md, 'Overfitting and the early stop')",
                              valid, self.progress.best_nll, self.progress.best_epoch,
                              metrics["train_nll_bits_per_frame"], self.progress.best_epoch)
 
