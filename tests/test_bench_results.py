@@ -81,6 +81,18 @@ def test_every_benchmark_imports_its_result_helper_before_torch_or_numpy(path):
     assert not heavy or lines["_result"] < min(heavy), f"{path.name} imports _result after a slow import"
 
 
+def terminate_and_read_result(process: subprocess.Popen) -> dict:
+    """SIGTERM a running benchmark -> the fields of its last output line, which must be its RESULT line
+    (and its exit status 130)."""
+    import signal
+
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert process.returncode == 130, output[-2000:]
+    return _result.parse_result(lines[-1])
+
+
 def run_finish(main, capsys, **kwargs) -> tuple[int, list[str]]:
     """`finish` in this process: its immediate exit (os._exit) replaced by sys.exit, so pytest survives it."""
     with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as stop:
@@ -123,7 +135,6 @@ def test_finish_reports_a_failure_with_exit_1(capsys):
 
 def test_a_benchmark_stopped_by_sigterm_still_ends_with_its_result_line(tmp_path):
     """What a time limit (`timeout`, a CI runner) does to a long benchmark: SIGTERM mid-run."""
-    import signal
     import time
 
     script = tmp_path / "bench_long.py"
@@ -133,11 +144,7 @@ def test_a_benchmark_stopped_by_sigterm_still_ends_with_its_result_line(tmp_path
     process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "started"
     time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    rest, _ = process.communicate(timeout=30)
-    lines = [line for line in rest.splitlines() if line.strip()]
-    fields = _result.parse_result(lines[-1])
-    assert process.returncode == 130
+    fields = terminate_and_read_result(process)
     assert fields["name"] == "long" and fields["value"] is None and "SIGTERM" in fields["error"]
 
 
@@ -254,14 +261,8 @@ def test_nothing_a_lingering_thread_prints_comes_after_the_result_line(tmp_path)
 
 def test_sigterm_while_a_benchmark_still_imports_ends_with_a_result_line(tmp_path):
     """Killed before `finish` runs (a slow import): the RESULT line names the script, exit 130."""
-    import signal
-
     process = run_script(tmp_path, "print('importing', flush=True)\ntime.sleep(60)\n"
                                    "finish(lambda: 1.0, name='never', unit='x')\n", name="bench_slow_start.py")
     assert process.stdout.readline().strip() == "importing"
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=30)
-    lines = [line for line in output.splitlines() if line.strip()]
-    fields = _result.parse_result(lines[-1])
-    assert process.returncode == 130
+    fields = terminate_and_read_result(process)
     assert fields["name"] == "slow_start" and fields["value"] is None and "while starting" in fields["error"]
