@@ -322,6 +322,31 @@ def test_a_job_over_the_memory_limit_is_refused_with_the_limit(studio):
         small.close()
 
 
+def test_the_memory_estimate_counts_generations_weight_copies(monkeypatch):
+    """A reduced-precision copy (half a float32 word a weight at most) unless float32, and the `[out, in]`
+    copies a CPU step of 2-3 rows uses (a guided piece, two pieces), on top of the float32 model."""
+    from pipeline import request
+    from pipeline.request import GenerationRequest, estimated_job_bytes
+
+    args = {"d_model": 256, "n_layer": 4, "n_head": 4, "n_codebooks": 4, "n_positions": 304, "n_artists": 2}
+    contract = {"context_frames": 300, "pattern": "delay"}
+    blocks = 12 * 4 * 256 ** 2  # the Conv1D weights
+    weights = blocks + 256 * 4 * 1026 + 304 * 256
+
+    def estimate(**fields):
+        return estimated_job_bytes(GenerationRequest(seconds=1.0, **fields), args, contract)
+
+    assert estimate(dtype="auto", cfg_coef=1.0) - estimate(dtype="float32", cfg_coef=1.0) == 4 * (weights // 2)
+    with_copies = {rows: estimate(dtype="float32", **fields) for rows, fields in
+                   ((1, {"cfg_coef": 1.0}), (2, {"cfg_coef": 3.0}), (3, {"cfg_coef": 1.0, "num_samples": 3}),
+                    (4, {"cfg_coef": 3.0, "num_samples": 2}))}
+    monkeypatch.setattr(request, "ROW_MAJOR_ROWS", ())
+    for rows, fields in ((1, {"cfg_coef": 1.0}), (2, {"cfg_coef": 3.0}), (3, {"cfg_coef": 1.0, "num_samples": 3}),
+                         (4, {"cfg_coef": 3.0, "num_samples": 2})):
+        copies = 4 * blocks if rows in (2, 3) else 0
+        assert with_copies[rows] - estimate(dtype="float32", **fields) == copies, rows
+
+
 def index_training_tokens(studio) -> None:
     """model_results/demo/training_index.npz over one random training clip."""
     from pipeline.originality import TrainingIndex

@@ -17,6 +17,7 @@ from .audio import DEFAULT_TARGET_LUFS
 from .cli import artist_name, bounded_number, non_negative_float, non_negative_int, positive_float, positive_int
 from .contract import FRAME_RATE, SAMPLE_RATE, VOCAB_SIZE
 from .generation import ENGINES
+from .lean_decoder import ROW_MAJOR_ROWS
 from .patterns import extra_steps
 from .precision import DTYPES
 from .publish import LOOP_EXTRA_SECONDS
@@ -169,8 +170,10 @@ def blend_label(blend: dict) -> str:
 
 # ==== memory ==================================================================================
 def estimated_job_bytes(request: GenerationRequest, model_args: dict, contract: dict) -> int:
-    """A generous estimate of the memory one job needs (float32), from the checkpoint's `model_args`
-    and `token_contract`: the model, the KV cache, a prefill's attention, the frame buffers and the waves."""
+    """A generous estimate of the memory one job needs, from the checkpoint's `model_args` and
+    `token_contract`: the model (and its reduced-precision copy unless `--dtype float32`, and the
+    `[out, in]` copies a CPU step of 2-3 rows uses), the KV cache, a prefill's attention, the frame
+    buffers and the waves."""
     d_model, layers, heads = int(model_args["d_model"]), int(model_args["n_layer"]), int(model_args["n_head"])
     n_codebooks, positions = int(model_args["n_codebooks"]), int(model_args["n_positions"])
     guided = int(model_args.get("n_artists", 0)) > 0 and request.cfg_coef != 1.0
@@ -178,6 +181,10 @@ def estimated_job_bytes(request: GenerationRequest, model_args: dict, contract: 
     context = min(request.context_frames or int(contract.get("context_frames") or positions), positions)
     capacity = min(context + extra_steps(contract.get("pattern", "delay"), n_codebooks) + 1, positions)
     weights = 12 * layers * d_model ** 2 + d_model * n_codebooks * VOCAB_SIZE + positions * d_model
+    if request.dtype != "float32":  # generation's copy: at most 2 bytes a weight (bf16; int8 is 1), half a word
+        weights += weights // 2
+    if rows in ROW_MAJOR_ROWS and not request.device.startswith("cuda"):  # 2-3-row CPU steps: Conv1D copies
+        weights += 12 * layers * d_model ** 2
     kv_cache = 2 * layers * rows * capacity * d_model
     prefill = rows * capacity * (heads * capacity + 8 * d_model) + 4 * rows * n_codebooks * VOCAB_SIZE
     seconds = request.seconds + (LOOP_EXTRA_SECONDS[1] if request.loop else 0.0)  # a loop is generated past its end
