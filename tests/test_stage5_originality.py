@@ -98,7 +98,6 @@ def test_a_piece_shorter_than_a_window_and_an_empty_index():
     assert report["windows"] == 0 and report["copied_share"] == 0.0
 
 
-
 def test_the_index_of_a_run_holds_the_shifted_variants_it_trained_on_under_their_clip(tmp_path):
     """Training windows also read the clips' shifted variants (stage 2's --shifts): a piece that repeats a
     variant's tokens is a copy too, reported under the clip's file; a valid clip is never indexed."""
