@@ -39,14 +39,14 @@ from _result import cpu_name, finish
 import torch
 import torch.nn.functional as F
 
-from bench_stage5 import build_model
+from bench_stage5 import build_model, timed_generation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from pipeline import generation  # noqa: E402
 from pipeline.copying import CopyPath, copy_distribution_last  # noqa: E402
 from pipeline.lean_decoder import LeanDecoder  # noqa: E402
 from pipeline.precision import PRECISIONS, ReducedLinear, precision_model, projection_weight  # noqa: E402
-from pipeline.sampling import CollapseSettings, SamplingSettings, sample_tokens  # noqa: E402
+from pipeline.sampling import SamplingSettings, sample_tokens  # noqa: E402
 
 FRAME_RATE = 150  # codec frames per second of audio: the real-time line
 GOAL_MS = 1000 / (5 * FRAME_RATE)  # a frame at 5x real time: 1.33 ms
@@ -85,15 +85,8 @@ def frame_ms(model, args) -> float:
     settings = generation.GenerationSettings(pattern="delay", context_frames=args.context_frames,
                                              stride_frames=args.context_frames // 2, precision=args.dtype,
                                              copy_path=active_copy_path(args.codebooks))
-    run = lambda frames: generation.generate_frames(model, None, frames, settings, SamplingSettings(),  # noqa: E731
-                                                    CollapseSettings(), 0, "cpu", threads=1)
-    run(16)  # the reduced copy and the first allocations
-    best = float("inf")
-    for _ in range(args.rounds):
-        started = time.perf_counter()
-        run(args.context_frames)
-        best = min(best, 1000 * (time.perf_counter() - started) / args.context_frames)
-    return best
+    seconds = [timed_generation(model, settings, args.context_frames, True, 1)[0] for _ in range(args.rounds)]
+    return 1000 * min(seconds) / args.context_frames
 
 
 def projections(model) -> list:
