@@ -197,6 +197,47 @@ def finish(main: Callable[[], float | dict | None], name: str, unit: str, goal: 
     _exit(0)
 
 
+RUNNING: set = set()  # the commands `run_command` waits on now (a benchmark may wait on several, from threads)
+
+
+def run_command(command: list, env: dict | None = None) -> float:
+    """Run `command` (a stage, the loop script) to its end -> its seconds. It runs in a process group of
+    its own with no output but its error output, which a failure shows (SystemExit: `finish` prints it
+    and the RESULT line). Interrupted (Ctrl-C, SIGTERM), the whole group is killed before the exception
+    goes on: no stage it started outlives the benchmark or writes after its RESULT line."""
+    import time
+
+    started = time.perf_counter()
+    process = subprocess.Popen([str(part) for part in command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, env=env, start_new_session=True)
+    RUNNING.add(process)
+    try:
+        _, stderr = process.communicate()
+    except BaseException:
+        kill_group(process)
+        raise
+    finally:
+        RUNNING.discard(process)
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, command))} exited {process.returncode}:\n{stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """End `process` and every process it started (its process group), and reap it."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def stop_running() -> None:
+    """Kill every command `run_command` waits on (a benchmark interrupted while threads wait on them)."""
+    for process in list(RUNNING):
+        kill_group(process)
+
+
 def link_songs(root: Path, artist: str, songs: Path, limit: int) -> int:
     """raw_audio/<artist>/<song>.ogg -> each song folder's song.ogg (symlinks); returns the count."""
     folder = root / "raw_audio" / artist

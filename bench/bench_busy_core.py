@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _result import cpu_name, finish  # noqa: E402
+from _result import cpu_name, finish, run_command  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,14 +36,14 @@ def run_demo(root: Path, options: list[str], env: dict) -> float:
     """Seconds for one demo run from scratch into `root`."""
     shutil.rmtree(root, ignore_errors=True)
     started = time.perf_counter()
-    subprocess.run(["bash", str(REPO / "scripts" / "run_pipeline.sh"), "--demo", "--root", str(root), *options],
-                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_command(["bash", REPO / "scripts" / "run_pipeline.sh", "--demo", "--root", root, *options], env=env)
     return time.perf_counter() - started
 
 
 def busy_core() -> subprocess.Popen:
     """Another process that keeps one core busy until it is killed."""
-    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 def main() -> dict:

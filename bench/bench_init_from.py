@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _result import cpu_name, finish  # noqa: E402
+from _result import cpu_name, finish, run_command  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
@@ -37,8 +36,8 @@ from pipeline import runs  # noqa: E402
 
 def build_demo_root(root: Path) -> None:
     """The README demo's corpus, tokenized with the random codec (stages 1-3 of the loop)."""
-    subprocess.run(["bash", str(SCRIPTS / "run_pipeline.sh"), "--demo", "--root", str(root), "--stop-stage", "3",
-                    "--codec", "random:0"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_command(["bash", SCRIPTS / "run_pipeline.sh", "--demo", "--root", root, "--stop-stage", "3", "--codec",
+                 "random:0"])
 
 
 def artists_of(root: Path) -> list[str]:
@@ -53,7 +52,7 @@ def train(root: Path, artists: list[str], name: str, options: list[str]) -> floa
         argv += ["--artist", artist]
     if len(artists) > 1 or name != artists[0]:
         argv += ["--name", name]
-    subprocess.run([*argv, *options], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_command([*argv, *options])
     records = runs.epoch_records(runs.read_metrics(runs.model_dir(root, name) / runs.METRICS_FILE))
     key = "valid_nll_bits_per_frame"
     if len(artists) > 1:

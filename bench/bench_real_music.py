@@ -26,14 +26,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _result import Missing, cpu_name, finish, link_songs, require_codec
+from _result import Missing, cpu_name, finish, link_songs, require_codec, run_command, stop_running
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -60,28 +58,9 @@ ARMS = {
 }
 
 
-RUNNING: set[subprocess.Popen] = set()  # the stages running now (the arms train in worker threads)
-
-
 def run(script: str, *args, env=None) -> float:
     """One stage as a subprocess -> its seconds; its error output is shown when it fails."""
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, str(SCRIPTS / script), *map(str, args)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
-    RUNNING.add(process)
-    try:
-        _, stderr = process.communicate()
-    finally:
-        RUNNING.discard(process)
-    if process.returncode != 0:
-        raise SystemExit(f"{script} {' '.join(map(str, args))} exited {process.returncode}:\n{stderr[-3000:]}")
-    return time.perf_counter() - started
-
-
-def stop_running() -> None:
-    """Ctrl-C or SIGTERM: end the stages the worker threads wait on (they would train on for many minutes)."""
-    for process in list(RUNNING):
-        process.terminate()
+    return run_command([sys.executable, SCRIPTS / script, *args], env=env)
 
 
 def prepare(root: Path, options) -> None:

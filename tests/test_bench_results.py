@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -266,3 +267,43 @@ def test_sigterm_while_a_benchmark_still_imports_ends_with_a_result_line(tmp_pat
     assert process.stdout.readline().strip() == "importing"
     fields = terminate_and_read_result(process)
     assert fields["name"] == "slow_start" and fields["value"] is None and "while starting" in fields["error"]
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie waiting for its reaper does not)."""
+    try:
+        return "\tZ" not in Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def test_run_command_shows_a_failures_error_output():
+    with pytest.raises(SystemExit) as stop:
+        _result.run_command(["bash", "-c", "echo the stage broke >&2; exit 3"])
+    assert "exited 3" in str(stop.value.code) and "the stage broke" in str(stop.value.code)
+    assert _result.run_command(["bash", "-c", "exit 0"]) >= 0.0 and not _result.RUNNING
+
+
+def test_an_interrupted_command_takes_every_process_it_started_with_it(tmp_path):
+    """Ctrl-C or SIGTERM while a benchmark waits on the loop script: the script's own children (the stages)
+    die too, so none writes after the RESULT line or trains on for minutes."""
+    import signal
+
+    pid_file = tmp_path / "grandchild"
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _result.run_command(["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(grandchild) and not _result.RUNNING
