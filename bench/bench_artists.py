@@ -32,14 +32,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 # first: its SIGTERM handler gives a RESULT line even during the slow imports below
-from _result import Missing, finish, link_songs, require_codec, require_cuda
+from _result import Missing, finish, link_songs, require_codec, require_cuda, run_command
 
 import numpy as np
 import torch
@@ -62,9 +61,7 @@ DEFAULT_ARTISTS = ("muldjord", "sectoid")
 
 def run(script: str, *args) -> None:
     """One stage as a subprocess; its error output is shown when it fails."""
-    result = subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{script} {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    run_command([sys.executable, SCRIPTS / script, *args])
 
 
 def prepare_artist(root: Path, artist: str, options) -> None:
