@@ -5,9 +5,10 @@
     python bench/bench_init_from.py --root demo_run    # reuse a root whose artists are tokenized (stages 1-3)
     python bench/bench_init_from.py --steps 150 --preset small
 
-For the target artist (the first, default demo_night_bells) and the other artists of the root:
+For the target artist (--target; by default the last in name order, the demo's demo_sunny_arps) and the
+other artists of the root:
 
-1. a joint model of every artist is trained (`--name All`) for --joint-epochs;
+1. a joint model of every artist is trained (`--name All`) for --joint-steps;
 2. the target's own model is trained from scratch for --steps optimizer steps;
 3. the same, starting from the joint model's weights (`--init-from All`), for the same steps;
 4. the same, from a joint model of the OTHER artists only (the target's music never seen), when there
