@@ -28,6 +28,41 @@ def test_the_sampled_load_is_a_count_of_cores():
     assert 0.0 <= busy <= (torch.get_num_threads() + 64)
 
 
+def test_a_sample_is_the_machines_busy_time_less_this_process(two_cores, monkeypatch):
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    start = threads.Mark(wall=0.0, cpu=(0, 0), own=0.0)
+    # 2 s on 2 CPUs: 400 jiffies, 300 of them busy (1.5 cores), 1 s of them this process's (0.5 core)
+    after_work = threads.Mark(wall=2.0, cpu=(300, 400), own=1.0)
+    assert threads.busy_between(start, after_work) == pytest.approx(1.0)
+    assert threads.readable_without_waiting(start, after_work, seconds=0.2)
+    filled_the_cores = threads.Mark(wall=2.0, cpu=(400, 400), own=3.2)  # 1.6 of 2 cores: others hardly visible
+    assert not threads.readable_without_waiting(start, filled_the_cores, seconds=0.2)
+    assert not threads.readable_without_waiting(start, threads.Mark(0.1, (10, 20), 0.0), seconds=0.2)  # too short
+    assert not threads.readable_without_waiting(start, threads.Mark(600.0, (10, 20), 0.0), seconds=0.2)  # too old
+
+
+def test_the_load_is_read_without_waiting_after_work_that_left_a_core(two_cores, monkeypatch):
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads, "_since", threads.Mark(wall=0.0, cpu=(0, 0), own=0.0))  # e.g. the import
+    after_loading = threads.Mark(wall=2.0, cpu=(300, 400), own=1.0)
+    monkeypatch.setattr(threads, "mark", lambda: after_loading)
+    monkeypatch.setattr(threads.time, "sleep", lambda seconds: pytest.fail("slept although it could read"))
+    assert threads.cores_busy_elsewhere() == pytest.approx(1.0)
+    assert threads._since == after_loading  # the next reading covers the time from here
+
+
+def test_a_process_that_filled_the_cores_samples_while_it_sleeps(two_cores, monkeypatch):
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads, "_since", threads.Mark(wall=0.0, cpu=(0, 0), own=0.0))
+    marks = iter([threads.Mark(wall=2.0, cpu=(400, 400), own=4.0),  # generation and decoding on both cores
+                  threads.Mark(wall=2.2, cpu=(420, 440), own=4.0)])  # the sleep: another process held one core
+    monkeypatch.setattr(threads, "mark", lambda: next(marks))
+    slept = []
+    monkeypatch.setattr(threads.time, "sleep", slept.append)
+    assert threads.cores_busy_elsewhere() == pytest.approx(1.0)
+    assert slept == [threads.SAMPLE_SECONDS]
+
+
 def test_configure_uses_the_free_cores_and_says_why(two_cores, caplog):
     torch.set_num_threads(2)
     with caplog.at_level(logging.INFO, logger="pipeline.threads"):

@@ -7,6 +7,12 @@ machine (BENCHMARKS.md, "A busy machine"). So a stage samples how busy the machi
 starts and uses only the cores that are free; a run that later slows down a lot (another program
 started) re-samples, drops to the free cores and says so once, with the reason and the fix.
 
+The sample is the machine's busy time less this process's own CPU time. It is read without waiting
+over the time since the previous reading (or since this module was imported: a stage's imports and
+model loading) when that time is long enough, recent enough, and this process left at least half
+a core to the others; otherwise the process sleeps `SAMPLE_SECONDS` to take it (each piece of stage 5
+used to wait those 0.2 s).
+
 `OMP_NUM_THREADS` (or a stage's `--threads`) always wins: then nothing is chosen for you.
 """
 from __future__ import annotations
@@ -14,11 +20,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 LOG = logging.getLogger("pipeline.threads")
 PROC_STAT = Path("/proc/stat")
-SAMPLE_SECONDS = 0.2
+SAMPLE_SECONDS = 0.2  # the shortest interval a sample covers
+MAX_SAMPLE_AGE = 60.0  # an interval since the previous reading longer than this is not used: sampled anew
 
 
 def usable_cores() -> int:
@@ -40,19 +48,58 @@ def _cpu_times() -> tuple[int, int] | None:
     return total - idle, total
 
 
+@dataclass(frozen=True)
+class Mark:
+    """One end of a sample: when, the machine's CPU counters, and this process's own CPU seconds."""
+    wall: float
+    cpu: tuple[int, int] | None
+    own: float
+
+
+def mark() -> Mark:
+    return Mark(wall=time.monotonic(), cpu=_cpu_times(), own=time.process_time())
+
+
+def busy_between(first: Mark, second: Mark) -> float:
+    """Cores other processes kept busy between two marks: all CPUs' busy time less this process's own."""
+    busy, total = second.cpu[0] - first.cpu[0], second.cpu[1] - first.cpu[1]
+    machine = (os.cpu_count() or 1) * busy / total if total > 0 else 0.0
+    wall = second.wall - first.wall
+    own = (second.own - first.own) / wall if wall > 0 else 0.0
+    return max(0.0, machine - own)
+
+
+def readable_without_waiting(first: Mark, second: Mark, seconds: float) -> bool:
+    """Whether the interval between two marks can stand for a fresh sample: at least `seconds` and at
+    most MAX_SAMPLE_AGE long, and this process left at least half a core to the others (a process
+    that filled every core would see the others only where they took time from it; one busy core
+    elsewhere still shows as more than the 0.6 of a core `free_cores` counts as busy)."""
+    if first.cpu is None or second.cpu is None:
+        return False
+    wall = second.wall - first.wall
+    return seconds <= wall <= MAX_SAMPLE_AGE and (second.own - first.own) / wall <= usable_cores() - 0.5
+
+
+_since = mark()  # the start of the interval the next reading may use: this import, then each reading
+
+
 def cores_busy_elsewhere(seconds: float = SAMPLE_SECONDS) -> float:
-    """How many cores other processes keep busy, sampled over `seconds` while this one sleeps.
-    Where /proc/stat is missing (macOS), the 1-minute load average stands in."""
-    first = _cpu_times()
-    if first is None:
+    """How many cores other processes keep busy: over the time since the previous reading when
+    `readable_without_waiting`, else sampled over `seconds` while this process sleeps. Where
+    /proc/stat is missing (macOS), the 1-minute load average stands in."""
+    global _since
+    first, now = _since, mark()
+    if now.cpu is None:
         try:
             return float(os.getloadavg()[0])
         except OSError:
             return 0.0
-    time.sleep(seconds)
-    second = _cpu_times()
-    busy, total = second[0] - first[0], second[1] - first[1]
-    return (os.cpu_count() or 1) * busy / total if total > 0 else 0.0
+    if not readable_without_waiting(first, now, seconds):
+        first = now
+        time.sleep(seconds)
+        now = mark()
+    _since = now
+    return busy_between(first, now)
 
 
 def free_cores(busy: float | None = None) -> int:
