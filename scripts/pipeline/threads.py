@@ -77,7 +77,8 @@ def readable_without_waiting(first: Mark, second: Mark, seconds: float) -> bool:
     if first.cpu is None or second.cpu is None:
         return False
     wall = second.wall - first.wall
-    return seconds <= wall <= MAX_SAMPLE_AGE and (second.own - first.own) / wall <= usable_cores() - 0.5
+    return 0 < wall and seconds <= wall <= MAX_SAMPLE_AGE and (
+        (second.own - first.own) / wall <= usable_cores() - 0.5)
 
 
 _since = mark()  # the start of the interval the next reading may use: this import, then each reading
