@@ -99,7 +99,7 @@ def train_arm(root: Path, name: str, options) -> dict:
             "--patience", options.patience, "--device", "cpu", "--seed", options.seed, "--log-level", "WARNING",
             "--overwrite", *extra, env=env)
     row = summarise(name, folder)
-    if ARMS[name][1][-2:] != ["--copy-path", "off"]:
+    if row["copy_path_valid"] is not None:  # the arm trained with the copy path: refit it on every valid window
         row["copy_path_all_windows"] = score_run(root, artist, folder / "best.pt")["copy_path_bits"]
     return row
 
